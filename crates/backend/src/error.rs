@@ -1,0 +1,49 @@
+//! Errors a backend reports instead of panicking.
+
+use crate::DType;
+
+/// Why a backend could not run an operation.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The backend cannot run on this machine or in this build.
+    #[error("the {backend} backend is unavailable: {reason}")]
+    Unavailable {
+        /// Backend name (`cuda`, ...).
+        backend: &'static str,
+        /// What is missing.
+        reason: String,
+    },
+    /// An operand's length does not match the shape of the operation.
+    #[error("{op}: operand `{operand}` holds {actual} elements but the shape needs {expected}")]
+    Shape {
+        /// Operation name.
+        op: &'static str,
+        /// Operand name.
+        operand: &'static str,
+        /// Elements the shape requires.
+        expected: usize,
+        /// Elements the view holds.
+        actual: usize,
+    },
+    /// An operand's element type is not supported for this operation.
+    #[error("{op}: operand `{operand}` is {actual} but {expected} is required")]
+    DType {
+        /// Operation name.
+        op: &'static str,
+        /// Operand name.
+        operand: &'static str,
+        /// What the operation needs.
+        expected: &'static str,
+        /// What was given.
+        actual: DType,
+    },
+    /// The shape's element counts overflow the address space.
+    #[error("{op}: shape {shape} is too large")]
+    Overflow {
+        /// Operation name.
+        op: &'static str,
+        /// The shape, as written by the caller.
+        shape: String,
+    },
+}
