@@ -1,0 +1,218 @@
+//! [`Actor`]: one instance in its own wasmtime store, with its region, limits, ledger and logs.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use driftwood_backend::Device;
+use driftwood_memory::{CopyKind, CopyLedger, LedgerSnapshot, SharedRegion};
+use wasmtime::{Instance, Memory, Module, Store, Trap, WasmParams, WasmResults};
+
+use crate::limits::{Limiter, MemoryCapExceeded};
+use crate::runtime::EPOCH_TICK;
+use crate::{ActorError, ActorLimits, LogMode, Runtime, abi};
+
+/// Newest log lines an actor keeps in [`LogMode::Capture`].
+const CAPTURED_LOG_LINES: usize = 1024;
+
+/// One line an actor logged.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LogLine {
+    /// 0 error, 1 warn, 2 info, 3 debug, 4 trace (larger values are kept as given).
+    pub level: u32,
+    /// The text, with invalid UTF-8 replaced.
+    pub text: String,
+}
+
+/// Host-side state of one actor, owned by its store.
+pub(crate) struct ActorState {
+    limiter: Limiter,
+    /// The actor's exported memory, set right after instantiation.
+    pub(crate) memory: Option<Memory>,
+    device: Arc<Device>,
+    /// This actor's copies.
+    ledger: CopyLedger,
+    /// Every actor's copies, shared with the runtime.
+    runtime_ledger: Arc<CopyLedger>,
+    log_mode: LogMode,
+    logs: VecDeque<LogLine>,
+}
+
+impl ActorState {
+    pub(crate) fn new(
+        limits: ActorLimits,
+        device: Arc<Device>,
+        runtime_ledger: Arc<CopyLedger>,
+        log_mode: LogMode,
+    ) -> Self {
+        ActorState {
+            limiter: Limiter { limits },
+            memory: None,
+            device,
+            ledger: CopyLedger::new(),
+            runtime_ledger,
+            log_mode,
+            logs: VecDeque::new(),
+        }
+    }
+
+    pub(crate) fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub(crate) fn record_copy(&self, kind: CopyKind, bytes: usize) {
+        self.ledger.record(kind, bytes);
+        self.runtime_ledger.record(kind, bytes);
+    }
+
+    pub(crate) fn push_log(&mut self, level: u32, text: String) {
+        match self.log_mode {
+            LogMode::Stderr => {
+                let tag = ["error", "warn", "info", "debug", "trace"].get(level as usize).copied().unwrap_or("log");
+                eprintln!("[actor {tag}] {text}");
+            }
+            LogMode::Capture => {
+                if self.logs.len() == CAPTURED_LOG_LINES {
+                    self.logs.pop_front();
+                }
+                self.logs.push_back(LogLine { level, text });
+            }
+        }
+    }
+}
+
+/// A running actor: a wasm instance in its own store, whose linear memory is a [`SharedRegion`].
+pub struct Actor {
+    store: Store<ActorState>,
+    instance: Instance,
+    memory: Memory,
+    region: SharedRegion,
+    limits: ActorLimits,
+}
+
+impl Actor {
+    pub(crate) fn instantiate(runtime: &Runtime, module: &Module, state: ActorState) -> Result<Actor, ActorError> {
+        let limits = state.limiter.limits;
+        let mut store = Store::new(runtime.engine(), state);
+        store.limiter(|s| &mut s.limiter);
+        store.set_epoch_deadline(deadline_ticks(limits.deadline));
+        store.epoch_deadline_trap();
+        let instance = runtime
+            .linker()
+            .instantiate(&mut store, module)
+            .map_err(|e| classify("(instantiation)", e, limits.deadline, true))?;
+        let memory = instance.get_memory(&mut store, "memory").ok_or_else(|| {
+            ActorError::Instantiate("the module exports no memory named `memory`; actors must export it".into())
+        })?;
+        let region = runtime.creator().region_at(memory.data_ptr(&store)).ok_or_else(|| {
+            ActorError::Instantiate(
+                "the actor's memory was not created by Driftwood's region creator (imported memories are not supported)"
+                    .into(),
+            )
+        })?;
+        store.data_mut().memory = Some(memory);
+        let mut actor = Actor { store, instance, memory, region, limits };
+        let version: u32 = actor.call("driftwood_abi_version", ()).map_err(|e| match e {
+            ActorError::NoSuchExport { .. } => ActorError::Instantiate(
+                "the module does not export `driftwood_abi_version: () -> i32`; build it with the driftwood guest SDK"
+                    .into(),
+            ),
+            other => other,
+        })?;
+        if version != abi::ABI_VERSION {
+            return Err(ActorError::AbiMismatch { guest: version, host: abi::ABI_VERSION });
+        }
+        Ok(actor)
+    }
+
+    /// Calls the export `name` with `params`, under the actor's deadline.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::NoSuchExport`] when there is no such export of that type; [`ActorError::Deadline`],
+    /// [`ActorError::MemoryCap`] or [`ActorError::Trap`] when the call does not complete. The actor stays
+    /// usable after a trap only as far as its own state allows; the host and other actors are unaffected.
+    pub fn call<P: WasmParams, R: WasmResults>(&mut self, name: &str, params: P) -> Result<R, ActorError> {
+        let func = self
+            .instance
+            .get_typed_func::<P, R>(&mut self.store, name)
+            .map_err(|e| ActorError::NoSuchExport { export: name.into(), message: format!("{e:#}") })?;
+        self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        func.call(&mut self.store, params).map_err(|e| classify(name, e, self.limits.deadline, false))
+    }
+
+    /// The region behind this actor's linear memory.
+    pub fn region(&self) -> &SharedRegion {
+        &self.region
+    }
+
+    /// The address wasmtime reports for this actor's memory (the guest's offset 0).
+    pub fn memory_base(&self) -> *const u8 {
+        self.memory.data_ptr(&self.store)
+    }
+
+    /// Current size of the actor's linear memory in bytes.
+    pub fn memory_size(&self) -> usize {
+        self.memory.data_size(&self.store)
+    }
+
+    /// The limits this actor runs under.
+    pub fn limits(&self) -> ActorLimits {
+        self.limits
+    }
+
+    /// Bytes this actor's host calls and host-side accesses have copied.
+    pub fn ledger(&self) -> LedgerSnapshot {
+        self.store.data().ledger.snapshot()
+    }
+
+    /// Removes and returns the captured log lines (empty unless the runtime uses [`LogMode::Capture`]).
+    pub fn take_logs(&mut self) -> Vec<LogLine> {
+        self.store.data_mut().logs.drain(..).collect()
+    }
+
+    /// Copies `dst.len()` bytes out of the actor's memory at `offset` (recorded in the ledger as tensor
+    /// bytes). This is the copy a copying runtime makes; the zero-copy path never calls it.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Host`] when the range is outside the memory.
+    pub fn read_memory(&self, offset: usize, dst: &mut [u8]) -> Result<(), ActorError> {
+        self.memory.read(&self.store, offset, dst).map_err(|e| {
+            ActorError::Host(format!("cannot read {} bytes at 0x{offset:x} of actor memory: {e}", dst.len()))
+        })?;
+        self.store.data().record_copy(CopyKind::Tensor, dst.len());
+        Ok(())
+    }
+
+    /// Copies `src` into the actor's memory at `offset` (recorded in the ledger as tensor bytes).
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Host`] when the range is outside the memory.
+    pub fn write_memory(&mut self, offset: usize, src: &[u8]) -> Result<(), ActorError> {
+        self.memory.write(&mut self.store, offset, src).map_err(|e| {
+            ActorError::Host(format!("cannot write {} bytes at 0x{offset:x} of actor memory: {e}", src.len()))
+        })?;
+        self.store.data().record_copy(CopyKind::Tensor, src.len());
+        Ok(())
+    }
+}
+
+fn deadline_ticks(deadline: Duration) -> u64 {
+    (deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1)
+}
+
+/// Turns a wasmtime error into the [`ActorError`] a user can act on.
+fn classify(export: &str, err: wasmtime::Error, deadline: Duration, instantiating: bool) -> ActorError {
+    if err.downcast_ref::<Trap>() == Some(&Trap::Interrupt) {
+        return ActorError::Deadline { export: export.into(), deadline };
+    }
+    if let Some(cap) = err.chain().find_map(|e| e.downcast_ref::<MemoryCapExceeded>()) {
+        return ActorError::MemoryCap { export: export.into(), message: cap.to_string() };
+    }
+    if instantiating && err.downcast_ref::<Trap>().is_none() {
+        return ActorError::Instantiate(format!("{err:#}"));
+    }
+    ActorError::Trap { export: export.into(), message: err.root_cause().to_string() }
+}

@@ -1,0 +1,59 @@
+//! [`ActorError`]: everything that can go wrong running an actor, each with a message a user can act on.
+
+use std::time::Duration;
+
+/// Why an actor could not be created or why a call into it failed. The runtime and other actors are
+/// unaffected by any of these.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ActorError {
+    /// The bytes are not a valid WebAssembly module.
+    #[error("cannot compile actor module: {0}")]
+    Compile(String),
+    /// The module is valid but does not fit the host (missing exports, unknown imports, ...).
+    #[error("cannot instantiate actor: {0}")]
+    Instantiate(String),
+    /// The module was built for another host ABI version.
+    #[error("actor was built for driftwood ABI v{guest}, but this host speaks v{host}; rebuild it with a matching guest SDK")]
+    AbiMismatch {
+        /// The version the module declares.
+        guest: u32,
+        /// The version this host implements.
+        host: u32,
+    },
+    /// The guest ran past its deadline and was interrupted.
+    #[error("actor call `{export}` ran longer than its {deadline:?} deadline and was interrupted")]
+    Deadline {
+        /// The export that was running.
+        export: String,
+        /// The deadline that was exceeded.
+        deadline: Duration,
+    },
+    /// The guest tried to grow its memory past its cap.
+    #[error("actor call `{export}` trapped: {message}")]
+    MemoryCap {
+        /// The export that was running.
+        export: String,
+        /// What was asked for and what the cap is.
+        message: String,
+    },
+    /// The guest trapped (including a host call that rejected its arguments).
+    #[error("actor call `{export}` trapped: {message}")]
+    Trap {
+        /// The export that was running.
+        export: String,
+        /// The trap's message; for a rejected host call it names the call and the range.
+        message: String,
+    },
+    /// The export does not exist or has another signature.
+    #[error("actor has no export `{export}` of the requested type: {message}")]
+    NoSuchExport {
+        /// The export asked for.
+        export: String,
+        /// wasmtime's explanation.
+        message: String,
+    },
+    /// The host itself failed (out of memory for a copy, ...).
+    #[error("{0}")]
+    Host(String),
+}

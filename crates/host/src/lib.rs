@@ -1,0 +1,44 @@
+//! The actor host: one wasmtime [`Store`](wasmtime::Store) per actor, whose linear memory is a
+//! [`SharedRegion`](driftwood_memory::SharedRegion) the compute backend reads and writes in place.
+//!
+//! # The call contract (why zero-copy is sound)
+//!
+//! wasmtime treats a memory as owned by its store: bytes may change only inside wasmtime-invoked code. The
+//! backend therefore touches an actor's memory only **inside a host call the actor is making**, and every host
+//! call returns only after the backend has finished with the guest's bytes. Between calls the host neither
+//! reads nor writes guest memory except through [`Actor`] methods that take `&mut self` (and record the
+//! bytes they copy in the actor's [`CopyLedger`](driftwood_memory::CopyLedger)).
+//!
+//! # Example
+//!
+//! ```
+//! use driftwood_host::{Backend, Runtime, RuntimeConfig};
+//!
+//! // 1. A runtime: one wasmtime engine whose memories are Driftwood regions, and a CPU backend.
+//! let runtime = Runtime::new(RuntimeConfig::default())?;
+//! // 2. An actor from the bundled example module; instantiation checks its ABI version.
+//! let mut actor = runtime.instantiate(driftwood_actors::MATMUL_CHECK)?;
+//! // 3. The actor fills two 128×128 matrices in its memory and the backend multiplies them in place.
+//! let errors: u32 = actor.call("run_check", (7u32, 0u32))?;
+//! assert_eq!(errors, 0);
+//! // 4. The backend computed on the actor's own bytes: C's address is the region's base plus C's offset.
+//! let c_offset: u32 = actor.call("check_offset", 2u32)?;
+//! assert_eq!(runtime.device().last_operands().c, actor.region().base() as usize + c_offset as usize);
+//! // 5. Nothing was copied.
+//! assert_eq!(actor.ledger().tensor_bytes, 0);
+//! # Ok::<(), anyhow::Error>(())
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod abi;
+mod actor;
+mod error;
+mod limits;
+mod runtime;
+
+pub use actor::{Actor, LogLine};
+pub use driftwood_backend::Backend;
+pub use error::ActorError;
+pub use limits::ActorLimits;
+pub use runtime::{LogMode, Runtime, RuntimeConfig};

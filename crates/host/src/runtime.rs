@@ -1,0 +1,170 @@
+//! [`Runtime`]: the wasmtime engine whose memories are Driftwood regions, the backend, and the epoch ticker
+//! that enforces deadlines.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use driftwood_backend::{BackendKind, Device};
+use driftwood_memory::{CopyLedger, LedgerSnapshot, Placement, RegionCreator};
+use wasmtime::{Config, Engine, Linker, Module};
+
+use crate::actor::{Actor, ActorState};
+use crate::{ActorError, ActorLimits, abi};
+
+/// How often the epoch advances; deadlines are rounded up to whole ticks.
+pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Where actors' log lines go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum LogMode {
+    /// Printed to standard error as they arrive.
+    #[default]
+    Stderr,
+    /// Kept in the actor (the newest 1,024 lines) for [`Actor::take_logs`].
+    Capture,
+}
+
+/// How to build a [`Runtime`].
+#[derive(Clone, Debug, Default)]
+pub struct RuntimeConfig {
+    /// How the backend sees actor memory.
+    pub placement: Placement,
+    /// Which backend computes.
+    pub backend: BackendKind,
+    /// Limits applied to every actor.
+    pub limits: ActorLimits,
+    /// Where actor log lines go.
+    pub log: LogMode,
+}
+
+struct Ticker {
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Drop for Ticker {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// One wasmtime engine (compiled code is shared by every actor), its region creator, the backend and the
+/// host ABI linker. Create one per placement; create actors with [`instantiate`](Self::instantiate).
+pub struct Runtime {
+    engine: Engine,
+    linker: Linker<ActorState>,
+    creator: Arc<RegionCreator>,
+    device: Arc<Device>,
+    ledger: Arc<CopyLedger>,
+    config: RuntimeConfig,
+    _ticker: Ticker,
+}
+
+impl Runtime {
+    /// Builds the engine, opens the backend and starts the deadline ticker.
+    ///
+    /// # Errors
+    ///
+    /// When the backend asked for is unavailable or wasmtime rejects the configuration.
+    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+        let device = Arc::new(Device::open(config.backend)?);
+        let creator = Arc::new(RegionCreator::new(config.placement));
+        let mut wasm = Config::new();
+        wasm.with_host_memory(creator.clone())
+            // Required with a custom MemoryCreator: copy-on-write images assume wasmtime mapped the memory.
+            .memory_init_cow(false)
+            // Regions never move; telling wasmtime lets it rely on a fixed base.
+            .memory_may_move(false)
+            .epoch_interruption(true);
+        let engine = Engine::new(&wasm)?;
+        let mut linker = Linker::new(&engine);
+        abi::link(&mut linker)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = {
+            let (engine, stop) = (engine.clone(), stop.clone());
+            std::thread::Builder::new().name("driftwood-epoch".into()).spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    std::thread::sleep(EPOCH_TICK);
+                    engine.increment_epoch();
+                }
+            })?
+        };
+        Ok(Runtime {
+            engine,
+            linker,
+            creator,
+            device,
+            ledger: Arc::new(CopyLedger::new()),
+            config,
+            _ticker: Ticker { stop, thread: Some(thread) },
+        })
+    }
+
+    /// Compiles a module (binary or text format) once, for any number of actors.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Compile`] when the bytes are not a valid module.
+    pub fn compile(&self, wasm: &[u8]) -> Result<Module, ActorError> {
+        Module::new(&self.engine, wasm).map_err(|e| ActorError::Compile(format!("{e:#}")))
+    }
+
+    /// Compiles and instantiates an actor with the runtime's default limits.
+    ///
+    /// # Errors
+    ///
+    /// See [`instantiate_module`](Self::instantiate_module).
+    pub fn instantiate(&self, wasm: &[u8]) -> Result<Actor, ActorError> {
+        let module = self.compile(wasm)?;
+        self.instantiate_module(&module, self.config.limits)
+    }
+
+    /// Instantiates an actor from a compiled module with the given limits, checking its ABI version.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Instantiate`] for a missing import/export or an imported memory,
+    /// [`ActorError::AbiMismatch`] for another ABI version, [`ActorError::MemoryCap`] when the module's
+    /// initial memory is already over the cap, [`ActorError::Trap`] if its start function traps.
+    pub fn instantiate_module(&self, module: &Module, limits: ActorLimits) -> Result<Actor, ActorError> {
+        let state = ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log);
+        Actor::instantiate(self, module, state)
+    }
+
+    /// The backend every actor of this runtime computes on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// The configuration this runtime was built with.
+    pub fn config(&self) -> &RuntimeConfig {
+        &self.config
+    }
+
+    /// Bytes copied between any actor's memory and anything else since the runtime started.
+    pub fn ledger(&self) -> LedgerSnapshot {
+        self.ledger.snapshot()
+    }
+
+    /// Regions currently backing a live actor memory.
+    pub fn live_regions(&self) -> usize {
+        self.creator.live_regions()
+    }
+
+    pub(crate) fn engine(&self) -> &Engine {
+        &self.engine
+    }
+
+    pub(crate) fn linker(&self) -> &Linker<ActorState> {
+        &self.linker
+    }
+
+    pub(crate) fn creator(&self) -> &RegionCreator {
+        &self.creator
+    }
+}
