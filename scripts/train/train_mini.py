@@ -65,14 +65,38 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--max-steps", type=int, default=3000)
     ap.add_argument("--time-budget", type=float, default=300.0, help="seconds of training")
-    ap.add_argument("--eval-every", type=int, default=100)
+    ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=8)
+    ap.add_argument("--dropout", type=float, default=0.0,
+                    help="training-only dropout on embeddings and on each attention/MLP output")
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--seed", type=int, default=1337)
     ap.add_argument("--dtype", choices=["bf16", "f32"], default="bf16", help="saved weight dtype")
     ap.add_argument("--no-tokenizer", action="store_true", help="do not copy tokenizer files to out")
     ap.add_argument("--sample-tokens", type=int, default=60)
     return ap.parse_args()
+
+
+def add_dropout_hooks(model: LlamaForCausalLM, p: float):
+    """Residual dropout without changing the architecture or the saved config.
+
+    Forward hooks drop out the token embeddings and the outputs of every
+    attention and MLP block while module.training is True; in eval mode (and in
+    the saved model, which carries no hooks) they do nothing.
+    """
+    drop = torch.nn.functional.dropout
+
+    def hook(module, inputs, output):
+        if not module.training:
+            return output
+        if isinstance(output, tuple):
+            return (drop(output[0], p, True),) + tuple(output[1:])
+        return drop(output, p, True)
+
+    model.model.embed_tokens.register_forward_hook(hook)
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(hook)
+        layer.mlp.register_forward_hook(hook)
 
 
 def main():
@@ -122,6 +146,8 @@ def main():
         use_cache=True,
     )
     model = LlamaForCausalLM(config).to(dev)
+    if args.dropout > 0:
+        add_dropout_hooks(model, args.dropout)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"parameters: {n_params:,} ({n_params/1e6:.2f}M, tied embeddings)", flush=True)
 
@@ -214,7 +240,7 @@ def main():
     model.eval()
     save_dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     gen_cfg = GenerationConfig(
-        bos_token_id=eot, eos_token_id=[eot, im_end], pad_token_id=eot,
+        bos_token_id=eot, eos_token_id=[eot, im_start, im_end], pad_token_id=eot,
         do_sample=True, temperature=0.8, top_k=40, top_p=0.95, repetition_penalty=1.1,
         max_new_tokens=256,
     )
