@@ -68,8 +68,13 @@ pub trait Backend {
     ///
     /// [`BackendError::Shape`] when a view's length does not match `dims`, [`BackendError::DType`] when the
     /// dtypes are mixed or `c` is not `f32`, [`BackendError::Overflow`] for absurd shapes.
-    fn matmul(&self, a: TensorRef<'_>, b: TensorRef<'_>, c: TensorMut<'_>, dims: MatmulDims)
-    -> Result<(), BackendError>;
+    fn matmul(
+        &self,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        c: TensorMut<'_>,
+        dims: MatmulDims,
+    ) -> Result<(), BackendError>;
 
     /// The operand addresses of the last completed operation.
     fn last_operands(&self) -> OperandTrace;

@@ -14,7 +14,9 @@ pub enum ActorError {
     #[error("cannot instantiate actor: {0}")]
     Instantiate(String),
     /// The module was built for another host ABI version.
-    #[error("actor was built for driftwood ABI v{guest}, but this host speaks v{host}; rebuild it with a matching guest SDK")]
+    #[error(
+        "actor was built for driftwood ABI v{guest}, but this host speaks v{host}; rebuild it with a matching guest SDK"
+    )]
     AbiMismatch {
         /// The version the module declares.
         guest: u32,

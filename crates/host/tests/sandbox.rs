@@ -111,9 +111,11 @@ fn log_with_bad_range_traps_and_good_log_is_captured() {
 fn a_trapping_actor_leaves_the_host_and_other_actors_running() {
     let rt = runtime(ActorLimits::default());
     let mut good = rt.instantiate(driftwood_actors::MATMUL_CHECK).unwrap();
-    let wat = guest(r#"(func (export "go") (call $matmul (i32.const 65500) (i32.const 0) (i32.const 1024)
+    let wat = guest(
+        r#"(func (export "go") (call $matmul (i32.const 65500) (i32.const 0) (i32.const 1024)
                          (i32.const 4) (i32.const 4) (i32.const 4) (i32.const 0)))
-                       (func (export "fine") (result i32) i32.const 42)"#);
+                       (func (export "fine") (result i32) i32.const 42)"#,
+    );
     let mut bad = rt.instantiate(wat.as_bytes()).unwrap();
     assert!(bad.call::<(), ()>("go", ()).is_err());
     // The trapped actor can still be called, and the other actor computes correctly.
@@ -125,9 +127,7 @@ fn a_trapping_actor_leaves_the_host_and_other_actors_running() {
 fn memory_cap_stops_growth_with_a_clear_error() {
     let cap = 4 << 20;
     let rt = runtime(ActorLimits { memory_bytes: cap, ..ActorLimits::default() });
-    let wat = guest(
-        r#"(func (export "grow") (param i32) (result i32) (memory.grow (local.get 0)))"#,
-    );
+    let wat = guest(r#"(func (export "grow") (param i32) (result i32) (memory.grow (local.get 0)))"#);
     let mut actor = rt.instantiate(wat.as_bytes()).unwrap();
     assert_eq!(actor.call::<u32, i32>("grow", 63).unwrap(), 1); // 64 pages = 4 MiB: exactly the cap
     match actor.call::<u32, i32>("grow", 1) {
@@ -192,7 +192,8 @@ fn memory_growth_keeps_the_base_pointer_and_contents() {
 #[test]
 fn abi_version_mismatch_and_missing_exports_are_refused() {
     let rt = runtime(ActorLimits::default());
-    let v7 = r#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 7))"#;
+    let v7 =
+        r#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 7))"#;
     assert!(matches!(rt.instantiate(v7.as_bytes()), Err(ActorError::AbiMismatch { guest: 7, host: 0 })));
     let unversioned = r#"(module (memory (export "memory") 1))"#;
     let err = rt.instantiate(unversioned.as_bytes()).err().unwrap();

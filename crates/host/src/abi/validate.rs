@@ -52,8 +52,10 @@ pub(crate) fn check_range(
     if end > mem_len as u64 {
         return fail(format!("range {span} is outside the actor's {mem_len}-byte memory"));
     }
-    if offset as usize % elem_size != 0 {
-        return fail(format!("range {span} is misaligned: elements of {elem_size} bytes need {elem_size}-byte alignment"));
+    if !(offset as usize).is_multiple_of(elem_size) {
+        return fail(format!(
+            "range {span} is misaligned: elements of {elem_size} bytes need {elem_size}-byte alignment"
+        ));
     }
     Ok(offset as usize..end as usize)
 }

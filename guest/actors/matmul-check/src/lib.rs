@@ -171,6 +171,17 @@ pub extern "C" fn bench_setup(n: u32, dtype: u32) {
     STATE.with(|s| s.borrow_mut().bench = Some((a, b, vec![0f32; len], n, dtype)));
 }
 
+/// Offset of benchmark operand A (0), B (1) or C (2), or 0 before [`bench_setup`].
+#[unsafe(no_mangle)]
+pub extern "C" fn bench_offset(i: u32) -> u32 {
+    STATE.with(|s| match (&s.borrow().bench, i) {
+        (Some((a, _, _, _, _)), 0) => offset(a),
+        (Some((_, b, _, _, _)), 1) => offset(b),
+        (Some((_, _, c, _, _)), 2) => offset(c),
+        _ => 0,
+    })
+}
+
 /// Runs the benchmark matmul `iters` times. Returns 1 if nothing was set up.
 #[unsafe(no_mangle)]
 pub extern "C" fn bench_matmul(iters: u32) -> u32 {

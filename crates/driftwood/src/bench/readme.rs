@@ -1,0 +1,97 @@
+//! `driftwood bench readme`: rewrites the README's benchmark tables from `bench/results/*.json`.
+//!
+//! Each table lives between `<!-- bench:NAME -->` and `<!-- /bench:NAME -->`; everything else in the
+//! README is left alone.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use serde_json::Value;
+
+/// Arguments of `driftwood bench readme`.
+#[derive(clap::Args, Debug)]
+pub struct ReadmeArgs {
+    /// Folder holding the result files.
+    #[arg(long, default_value = "bench/results")]
+    results: PathBuf,
+    /// README to rewrite.
+    #[arg(long, default_value = "README.md")]
+    readme: PathBuf,
+}
+
+fn load(args: &ReadmeArgs, name: &str) -> anyhow::Result<Value> {
+    let path = args.results.join(format!("{name}.json"));
+    let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {}", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{} is not valid JSON", path.display()))
+}
+
+fn num(v: &Value, key: &str) -> f64 {
+    v.get(key).and_then(Value::as_f64).unwrap_or(f64::NAN)
+}
+
+fn provenance(v: &Value) -> String {
+    let s = |k: &str| v.get(k).and_then(Value::as_str).unwrap_or("?").to_string();
+    let cpu = v.pointer("/machine/cpu").and_then(Value::as_str).unwrap_or("?");
+    let threads = v.pointer("/machine/threads").and_then(Value::as_u64).unwrap_or(0);
+    format!("\n_{cpu}, {threads} threads; commit `{}`; `{}`_\n", s("commit"), s("command"))
+}
+
+fn abi_table(v: &Value) -> String {
+    let r = &v["results"];
+    let mut t =
+        String::from("| call | from wasm | native | boundary cost | boundary share |\n|---|---:|---:|---:|---:|\n");
+    t += &format!(
+        "| no-op host call | {:.1} ns | — | {:.1} ns | — |\n",
+        num(&r["noop"], "wasm_ns_per_call"),
+        num(&r["noop"], "wasm_ns_per_call")
+    );
+    for row in r["matmul_f32"].as_array().into_iter().flatten() {
+        t += &format!(
+            "| matmul {n}³ f32 | {:.3} ms | {:.3} ms | {:.2} µs | {:.4} % |\n",
+            num(row, "wasm_ms"),
+            num(row, "native_ms"),
+            num(row, "call_cost_us"),
+            num(row, "overhead_share_pct"),
+            n = num(row, "n"),
+        );
+    }
+    t + &provenance(v)
+}
+
+fn matmul_table(v: &Value) -> String {
+    let mut t = String::from(
+        "| n | driftwood f32 | driftwood bf16 | `gemm` crate f32 | `matrixmultiply` f32 |\n|---:|---:|---:|---:|---:|\n",
+    );
+    for row in v["results"]["rows"].as_array().into_iter().flatten() {
+        t += &format!(
+            "| {} | {:.1} | {:.1} | {:.1} | {:.1} |\n",
+            num(row, "n"),
+            num(row, "driftwood_f32_gflops"),
+            num(row, "driftwood_bf16_gflops"),
+            num(row, "gemm_crate_f32_gflops"),
+            num(row, "matrixmultiply_f32_gflops"),
+        );
+    }
+    t + "\nGFLOP/s, median of interleaved repetitions.\n" + &provenance(v)
+}
+
+fn replace_between(doc: &str, name: &str, body: &str) -> anyhow::Result<String> {
+    let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
+    let (Some(start), Some(end)) = (doc.find(&open), doc.find(&close)) else {
+        bail!("the README has no `{open}` … `{close}` markers");
+    };
+    if end < start {
+        bail!("`{close}` comes before `{open}` in the README");
+    }
+    Ok(format!("{}{open}\n{body}{}", &doc[..start], &doc[end..]))
+}
+
+pub fn run(args: &ReadmeArgs) -> anyhow::Result<()> {
+    let mut doc =
+        std::fs::read_to_string(&args.readme).with_context(|| format!("cannot read {}", args.readme.display()))?;
+    doc = replace_between(&doc, "abi", &abi_table(&load(args, "abi-cpu")?))?;
+    doc = replace_between(&doc, "matmul", &matmul_table(&load(args, "matmul-cpu")?))?;
+    std::fs::write(&args.readme, doc).with_context(|| format!("cannot write {}", args.readme.display()))?;
+    eprintln!("updated {}", args.readme.display());
+    Ok(())
+}

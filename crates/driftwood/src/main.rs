@@ -1,0 +1,46 @@
+//! `driftwood`: the command-line front end.
+//!
+//! * `driftwood verify [--json]` — proves the zero-copy chain (region → guest → backend) by measurement.
+//! * `driftwood bench abi|matmul|readme` — benchmarks written as JSON under `bench/results/`, and the README
+//!   tables regenerated from them.
+
+mod bench;
+mod verify;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Stateful WebAssembly actors whose linear memory the compute backend reads and writes in place.
+#[derive(Parser, Debug)]
+#[command(name = "driftwood", version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Prove the zero-copy chain: page alignment, pointer identity, RSS of sharing vs copying, matmul
+    /// errors, compute time and copy-ledger bytes.
+    Verify(verify::VerifyArgs),
+    /// Run a benchmark and write its JSON under bench/results/.
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Verify(args) => verify::run(&args),
+        Command::Bench(cmd) => bench::run(cmd).map(|()| true),
+    };
+    match result {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(1),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
