@@ -87,7 +87,9 @@ struct Envelope<'a, T: Serialize> {
 
 fn commit() -> String {
     let rev = std::process::Command::new("git").args(["rev-parse", "--short=12", "HEAD"]).output();
-    let dirty = std::process::Command::new("git").args(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!README.md"]).output();
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no", "--", ".", ":!bench/results", ":!README.md"])
+        .output();
     match (rev, dirty) {
         (Ok(rev), Ok(dirty)) if rev.status.success() => {
             let sha = String::from_utf8_lossy(&rev.stdout).trim().to_string();
