@@ -43,6 +43,34 @@ impl fmt::Display for MatmulDims {
     }
 }
 
+/// Shape of `y (t, output) = x (t, input) · w (output, input)ᵀ + bias (output)`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LinearDims {
+    /// Tokens (rows of x and y).
+    pub t: usize,
+    /// Input features (columns of x and w).
+    pub input: usize,
+    /// Output features (rows of w, columns of y).
+    pub output: usize,
+}
+
+/// Shape of causal attention for `t` new tokens after `pos` cached ones.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AttentionDims {
+    /// New tokens (queries).
+    pub t: usize,
+    /// Tokens already in the cache before these.
+    pub pos: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads (`heads` is a multiple of it: grouped-query attention).
+    pub kv_heads: usize,
+    /// Width of one head.
+    pub head_dim: usize,
+    /// Sliding window: a query sees only the last `window` positions (itself included).
+    pub window: Option<usize>,
+}
+
 /// Addresses of the operands of the most recent operation, as the backend saw them. Used by
 /// `driftwood verify` to prove the backend computed on the guest's own bytes.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -76,8 +104,113 @@ pub trait Backend {
         dims: MatmulDims,
     ) -> Result<(), BackendError>;
 
-    /// The operand addresses of the last completed operation.
+    /// The operand addresses of the last completed matmul.
     fn last_operands(&self) -> OperandTrace;
+
+    /// `y (t, output) = x (t, input) · w (output, input)ᵀ (+ bias)`. `x`, `y`, `bias` are f32; `w` is f32,
+    /// bf16 or f16 and is read as stored (no converted copy of the weights is ever made).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Shape`] / [`BackendError::DType`] when the views do not match `dims`.
+    fn linear(
+        &self,
+        x: TensorRef<'_>,
+        w: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        y: TensorMut<'_>,
+        dims: LinearDims,
+    ) -> Result<(), BackendError> {
+        let _ = (x, w, bias, y, dims);
+        Err(unsupported(self.name(), "linear"))
+    }
+
+    /// Row-wise RMS normalization: `y = x / sqrt(mean(x²) + eps) · weight`, rows of `weight.len()`.
+    ///
+    /// # Errors
+    ///
+    /// Shape or dtype mismatch (all operands f32).
+    fn rms_norm(
+        &self,
+        x: TensorRef<'_>,
+        weight: TensorRef<'_>,
+        eps: f32,
+        y: TensorMut<'_>,
+    ) -> Result<(), BackendError> {
+        let _ = (x, weight, eps, y);
+        Err(unsupported(self.name(), "rms_norm"))
+    }
+
+    /// Rotate-half rotary embedding in place on `x (t, heads, head_dim)` at positions `pos..pos+t`, from
+    /// `cos`/`sin` tables of shape `(positions, head_dim/2)`.
+    ///
+    /// # Errors
+    ///
+    /// Shape or dtype mismatch, or positions past the tables.
+    fn rope(
+        &self,
+        x: TensorMut<'_>,
+        cos: TensorRef<'_>,
+        sin: TensorRef<'_>,
+        pos: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), BackendError> {
+        let _ = (x, cos, sin, pos, heads, head_dim);
+        Err(unsupported(self.name(), "rope"))
+    }
+
+    /// Causal (grouped-query) attention of `q (t, heads, hd)` over cached `k`, `v` `(pos + t, kv_heads·hd)`
+    /// into `out (t, heads, hd)`.
+    ///
+    /// # Errors
+    ///
+    /// Shape or dtype mismatch.
+    fn attention(
+        &self,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+        out: TensorMut<'_>,
+        dims: AttentionDims,
+    ) -> Result<(), BackendError> {
+        let _ = (q, k, v, out, dims);
+        Err(unsupported(self.name(), "attention"))
+    }
+
+    /// `gate = silu(gate) · up`, elementwise (the SwiGLU activation).
+    ///
+    /// # Errors
+    ///
+    /// Shape or dtype mismatch.
+    fn silu_mul(&self, gate: TensorMut<'_>, up: TensorRef<'_>) -> Result<(), BackendError> {
+        let _ = (gate, up);
+        Err(unsupported(self.name(), "silu_mul"))
+    }
+
+    /// `x += y`, elementwise (the residual connection).
+    ///
+    /// # Errors
+    ///
+    /// Shape or dtype mismatch.
+    fn add_assign(&self, x: TensorMut<'_>, y: TensorRef<'_>) -> Result<(), BackendError> {
+        let _ = (x, y);
+        Err(unsupported(self.name(), "add_assign"))
+    }
+
+    /// Copies rows `tokens` of the embedding `table (vocab, hidden)` into `out (tokens.len(), hidden)` as f32.
+    ///
+    /// # Errors
+    ///
+    /// Shape or dtype mismatch, or a token outside the table.
+    fn embed(&self, table: TensorRef<'_>, tokens: &[u32], out: TensorMut<'_>) -> Result<(), BackendError> {
+        let _ = (table, tokens, out);
+        Err(unsupported(self.name(), "embed"))
+    }
+}
+
+fn unsupported(backend: &'static str, op: &'static str) -> BackendError {
+    BackendError::Unsupported { backend, op }
 }
 
 /// Which backend to use, as chosen on the command line.
@@ -161,5 +294,61 @@ impl Backend for Device {
 
     fn last_operands(&self) -> OperandTrace {
         self.inner().last_operands()
+    }
+
+    fn linear(
+        &self,
+        x: TensorRef<'_>,
+        w: TensorRef<'_>,
+        bias: Option<TensorRef<'_>>,
+        y: TensorMut<'_>,
+        dims: LinearDims,
+    ) -> Result<(), BackendError> {
+        self.inner().linear(x, w, bias, y, dims)
+    }
+
+    fn rms_norm(
+        &self,
+        x: TensorRef<'_>,
+        weight: TensorRef<'_>,
+        eps: f32,
+        y: TensorMut<'_>,
+    ) -> Result<(), BackendError> {
+        self.inner().rms_norm(x, weight, eps, y)
+    }
+
+    fn rope(
+        &self,
+        x: TensorMut<'_>,
+        cos: TensorRef<'_>,
+        sin: TensorRef<'_>,
+        pos: usize,
+        heads: usize,
+        head_dim: usize,
+    ) -> Result<(), BackendError> {
+        self.inner().rope(x, cos, sin, pos, heads, head_dim)
+    }
+
+    fn attention(
+        &self,
+        q: TensorRef<'_>,
+        k: TensorRef<'_>,
+        v: TensorRef<'_>,
+        out: TensorMut<'_>,
+        dims: AttentionDims,
+    ) -> Result<(), BackendError> {
+        self.inner().attention(q, k, v, out, dims)
+    }
+
+    fn silu_mul(&self, gate: TensorMut<'_>, up: TensorRef<'_>) -> Result<(), BackendError> {
+        self.inner().silu_mul(gate, up)
+    }
+
+    fn add_assign(&self, x: TensorMut<'_>, y: TensorRef<'_>) -> Result<(), BackendError> {
+        self.inner().add_assign(x, y)
+    }
+
+    fn embed(&self, table: TensorRef<'_>, tokens: &[u32], out: TensorMut<'_>) -> Result<(), BackendError> {
+        self.inner().embed(table, tokens, out)
     }
 }

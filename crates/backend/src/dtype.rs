@@ -10,6 +10,8 @@ pub enum DType {
     F32 = 0,
     /// bfloat16: the top half of a binary32.
     BF16 = 1,
+    /// IEEE 754 binary16.
+    F16 = 2,
 }
 
 impl DType {
@@ -17,7 +19,7 @@ impl DType {
     pub const fn size(self) -> usize {
         match self {
             DType::F32 => 4,
-            DType::BF16 => 2,
+            DType::BF16 | DType::F16 => 2,
         }
     }
 
@@ -31,6 +33,7 @@ impl DType {
         match code {
             0 => Some(DType::F32),
             1 => Some(DType::BF16),
+            2 => Some(DType::F16),
             _ => None,
         }
     }
@@ -40,6 +43,7 @@ impl DType {
         match self {
             DType::F32 => "f32",
             DType::BF16 => "bf16",
+            DType::F16 => "f16",
         }
     }
 }

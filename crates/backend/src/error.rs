@@ -38,6 +38,22 @@ pub enum BackendError {
         /// What was given.
         actual: DType,
     },
+    /// The backend does not implement this operation.
+    #[error("the {backend} backend does not implement `{op}`")]
+    Unsupported {
+        /// Backend name.
+        backend: &'static str,
+        /// Operation name.
+        op: &'static str,
+    },
+    /// An index operand (token id, position) is out of range.
+    #[error("{op}: {detail}")]
+    OutOfRange {
+        /// Operation name.
+        op: &'static str,
+        /// What was out of range.
+        detail: String,
+    },
     /// The shape's element counts overflow the address space.
     #[error("{op}: shape {shape} is too large")]
     Overflow {

@@ -36,7 +36,7 @@ mod dtype;
 mod error;
 mod view;
 
-pub use device::{Backend, BackendKind, Device, MatmulDims, OperandTrace};
+pub use device::{AttentionDims, Backend, BackendKind, Device, LinearDims, MatmulDims, OperandTrace};
 pub use dtype::DType;
 pub use error::BackendError;
 pub use view::{TensorMut, TensorRef};

@@ -7,7 +7,7 @@
 use std::marker::PhantomData;
 use std::ptr::NonNull;
 
-use half::bf16;
+use half::{bf16, f16};
 
 use crate::DType;
 
@@ -60,6 +60,12 @@ impl<'a> TensorRef<'a> {
         unsafe { Self::from_raw_parts(data.as_ptr().cast(), data.len(), DType::BF16) }
     }
 
+    /// Views an `f16` slice.
+    pub fn from_f16(data: &'a [f16]) -> Self {
+        // SAFETY: as for `from_f32`.
+        unsafe { Self::from_raw_parts(data.as_ptr().cast(), data.len(), DType::F16) }
+    }
+
     /// Element count.
     pub fn len(&self) -> usize {
         self.len
@@ -78,6 +84,26 @@ impl<'a> TensorRef<'a> {
     /// Address of the first byte; the backend computes on exactly this address.
     pub fn addr(&self) -> usize {
         self.ptr.as_ptr() as usize
+    }
+
+    /// The elements as `f16`, if the view is `f16`.
+    pub fn as_f16(&self) -> Option<&'a [f16]> {
+        (self.dtype == DType::F16)
+            // SAFETY: as in `as_f32`.
+            .then(|| unsafe { std::slice::from_raw_parts(self.ptr.as_ptr().cast(), self.len) })
+    }
+
+    /// Narrows the view to elements `start..start + len`.
+    ///
+    /// # Panics
+    ///
+    /// If the range is not inside the view (a caller bug, never guest-controlled: ranges from guests are
+    /// validated before views are made).
+    pub fn slice(&self, start: usize, len: usize) -> TensorRef<'a> {
+        assert!(start.checked_add(len).is_some_and(|end| end <= self.len), "view slice out of range");
+        // SAFETY: a sub-range of a valid view is valid under the same conditions; alignment is kept because
+        // `start` counts whole elements.
+        unsafe { TensorRef::from_raw_parts(self.ptr.as_ptr().add(start * self.dtype.size()), len, self.dtype) }
     }
 
     /// The elements as `f32`, if the view is `f32`.
@@ -139,6 +165,16 @@ impl<'a> TensorMut<'a> {
     /// Address of the first byte; the backend computes on exactly this address.
     pub fn addr(&self) -> usize {
         self.ptr.as_ptr() as usize
+    }
+
+    /// Reborrows the view for a shorter time, so it can be passed on and used again afterwards.
+    pub fn reborrow(&mut self) -> TensorMut<'_> {
+        TensorMut { ptr: self.ptr, len: self.len, dtype: self.dtype, _borrow: PhantomData }
+    }
+
+    /// A read-only view of the same elements for as long as this borrow lasts.
+    pub fn as_ref(&self) -> TensorRef<'_> {
+        TensorRef { ptr: self.ptr, len: self.len, dtype: self.dtype, _borrow: PhantomData }
     }
 
     /// The elements as a mutable `f32` slice, if the view is `f32`.

@@ -33,6 +33,9 @@ pub(super) fn matmul(
     check_len("a", a_len, a.len())?;
     check_len("b", b_len, b.len())?;
     check_len("c", c_len, c.len())?;
+    if a.dtype() == DType::F16 {
+        return Err(BackendError::DType { op: "matmul", operand: "a", expected: "f32 or bf16", actual: a.dtype() });
+    }
     if b.dtype() != a.dtype() {
         return Err(BackendError::DType { op: "matmul", operand: "b", expected: a.dtype().name(), actual: b.dtype() });
     }
@@ -51,7 +54,7 @@ pub(super) fn matmul(
             let (a, b) = (a.as_f32().unwrap_or_default(), b.as_f32().unwrap_or_default());
             f32_product(c, a, dims.k, b, dims, false);
         }
-        DType::BF16 => {
+        DType::BF16 | DType::F16 => {
             let (a, b) = (a.as_bf16().unwrap_or_default(), b.as_bf16().unwrap_or_default());
             bf16_product(c, a, b, dims);
         }
@@ -162,11 +165,11 @@ mod tests {
             // The reference sees exactly the inputs the kernel sees (after rounding to the dtype).
             let (ar, br): (Vec<f64>, Vec<f64>) = match dtype {
                 DType::F32 => (a32.iter().map(|&x| x as f64).collect(), b32.iter().map(|&x| x as f64).collect()),
-                DType::BF16 => (ab.iter().map(|x| x.to_f64()).collect(), bb.iter().map(|x| x.to_f64()).collect()),
+                _ => (ab.iter().map(|x| x.to_f64()).collect(), bb.iter().map(|x| x.to_f64()).collect()),
             };
             let (av, bv) = match dtype {
                 DType::F32 => (TensorRef::from_f32(&a32), TensorRef::from_f32(&b32)),
-                DType::BF16 => (TensorRef::from_bf16(&ab), TensorRef::from_bf16(&bb)),
+                _ => (TensorRef::from_bf16(&ab), TensorRef::from_bf16(&bb)),
             };
             matmul(av, bv, TensorMut::from_f32(&mut c), d).unwrap();
             let want = reference(&ar, &br, d);
