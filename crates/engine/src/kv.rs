@@ -1,0 +1,106 @@
+//! [`KvCache`]: a view of one sequence's keys and values, preallocated and written in place.
+//!
+//! Layout, f32: `(layer, {k, v}, max_seq, kv_dim)` with `kv_dim = kv_heads · head_dim`. A token's K (or V)
+//! for a layer is one contiguous row, so the K and V projections of new tokens write straight into their
+//! rows, and the first `n` tokens of a layer's K are one contiguous `(n, kv_dim)` block (what a session
+//! snapshot stores).
+
+use std::marker::PhantomData;
+
+use driftwood_backend::{DType, TensorMut, TensorRef};
+
+use crate::Model;
+
+/// A KV cache for up to `max_seq` tokens of one model, over memory the caller owns (in Driftwood: the
+/// actor's linear memory).
+#[derive(Debug)]
+pub struct KvCache<'a> {
+    base: *mut f32,
+    layers: usize,
+    max_seq: usize,
+    kv_dim: usize,
+    _memory: PhantomData<&'a mut [f32]>,
+}
+
+impl<'a> KvCache<'a> {
+    /// Views `model.kv_floats(max_seq)` f32s at `base` as a KV cache.
+    ///
+    /// # Safety
+    ///
+    /// For `'a`: 1. `base` is non-null and 4-byte aligned; 2. the `model.kv_floats(max_seq)` f32s from `base`
+    /// are readable and writable; 3. nothing else accesses them.
+    pub unsafe fn from_raw_parts(base: *mut f32, model: &Model, max_seq: usize) -> Self {
+        let c = model.config();
+        KvCache { base, layers: c.num_layers, max_seq, kv_dim: c.kv_dim(), _memory: PhantomData }
+    }
+
+    /// Tokens the cache can hold.
+    pub fn max_seq(&self) -> usize {
+        self.max_seq
+    }
+
+    fn offset(&self, layer: usize, which: usize, row: usize) -> usize {
+        ((layer * 2 + which) * self.max_seq + row) * self.kv_dim
+    }
+
+    fn rows(&self, layer: usize, which: usize, start: usize, n: usize) -> TensorRef<'_> {
+        assert!(layer < self.layers && start + n <= self.max_seq, "KV rows out of range");
+        // SAFETY: in bounds by the assert and the constructor's condition 2; shared borrow of self means no
+        // TensorMut of this cache is alive.
+        unsafe {
+            TensorRef::from_raw_parts(
+                self.base.add(self.offset(layer, which, start)).cast(),
+                n * self.kv_dim,
+                DType::F32,
+            )
+        }
+    }
+
+    fn rows_mut(&mut self, layer: usize, which: usize, start: usize, n: usize) -> TensorMut<'_> {
+        assert!(layer < self.layers && start + n <= self.max_seq, "KV rows out of range");
+        // SAFETY: as in `rows`, and `&mut self` makes this the only view.
+        unsafe {
+            TensorMut::from_raw_parts(
+                self.base.add(self.offset(layer, which, start)).cast(),
+                n * self.kv_dim,
+                DType::F32,
+            )
+        }
+    }
+
+    /// Keys of `layer`, rows `start..start + n` (writable).
+    ///
+    /// # Panics
+    ///
+    /// If the rows are outside the cache (callers check sequence lengths first).
+    pub fn k_mut(&mut self, layer: usize, start: usize, n: usize) -> TensorMut<'_> {
+        self.rows_mut(layer, 0, start, n)
+    }
+
+    /// Values of `layer`, rows `start..start + n` (writable).
+    ///
+    /// # Panics
+    ///
+    /// As [`k_mut`](Self::k_mut).
+    pub fn v_mut(&mut self, layer: usize, start: usize, n: usize) -> TensorMut<'_> {
+        self.rows_mut(layer, 1, start, n)
+    }
+
+    /// Keys of `layer`, the first `n` rows.
+    ///
+    /// # Panics
+    ///
+    /// As [`k_mut`](Self::k_mut).
+    pub fn k(&self, layer: usize, n: usize) -> TensorRef<'_> {
+        self.rows(layer, 0, 0, n)
+    }
+
+    /// Values of `layer`, the first `n` rows.
+    ///
+    /// # Panics
+    ///
+    /// As [`k_mut`](Self::k_mut).
+    pub fn v(&self, layer: usize, n: usize) -> TensorRef<'_> {
+        self.rows(layer, 1, 0, n)
+    }
+}
