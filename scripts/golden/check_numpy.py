@@ -8,6 +8,10 @@ It doubles as a compact, readable statement of what the engine has to compute.
 Needs only numpy and safetensors:
 
     python scripts/golden/check_numpy.py [case ...]
+
+Cases made from an existing model directory (`make_golden.py --model-dir`) hold
+only the golden files; their golden.json names the model directory
+(`model_dir`, relative to the repository root), which is read instead.
 """
 
 from __future__ import annotations
@@ -20,7 +24,8 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import load_file
 
-ROOT = Path(__file__).resolve().parents[2] / "testdata" / "golden"
+REPO_ROOT = Path(__file__).resolve().parents[2]
+ROOT = REPO_ROOT / "testdata" / "golden"
 
 
 def load_weights(path: Path) -> dict[str, np.ndarray]:
@@ -147,7 +152,7 @@ def check(case: str) -> bool:
     d = ROOT / case
     info = json.loads((d / "golden.json").read_text())
     g = load_file(str(d / "golden.safetensors"))
-    m = Model(d)
+    m = Model(REPO_ROOT / info["model_dir"] if "model_dir" in info else d)
     prefill = m.forward(g["prompt_ids"].tolist())
     rows, greedy = [prefill[-1]], []
     for _ in range(len(g["greedy_ids"])):
@@ -160,7 +165,7 @@ def check(case: str) -> bool:
             for k, ours in (("prefill_logits", prefill), ("step_logits", steps))}
     same = greedy == g["greedy_ids"].tolist()
     ok = same and all(e <= tol for e in errs.values())
-    print(f"{case:14s} {'ok' if ok else 'FAIL'}  rel err prefill {errs['prefill_logits']:.2e} "
+    print(f"{case:16s} {'ok' if ok else 'FAIL'}  rel err prefill {errs['prefill_logits']:.2e} "
           f"steps {errs['step_logits']:.2e} (tol {tol:g})  greedy {'same' if same else greedy}")
     return ok
 

@@ -25,6 +25,14 @@ Run from the repository root inside the virtualenv described in README.md:
                                                     # model dirs and compare
 
 Output: testdata/golden/<case>/.
+
+A second mode takes an existing (e.g. trained) Hugging Face model directory
+instead of building a random one, tokenizes a text prompt with its
+tokenizer.json, and writes only golden.safetensors + golden.json (which records
+the model directory relative to the repository root) to testdata/golden/<name>/:
+
+    python scripts/golden/make_golden.py --model-dir models/driftwood-mini --prompt "Once upon a time" --steps 16
+    python scripts/golden/make_golden.py --verify --model-dir models/driftwood-mini
 """
 
 from __future__ import annotations
@@ -660,8 +668,8 @@ def verify(out_root: Path, names: list[str]) -> None:
         d = out_root / name
         g = load_file(str(d / "golden.safetensors"))
         info = json.loads((d / "golden.json").read_text())
-        model = load_dir(d)
-        prefill, steps, greedy = run_reference(model, g["prompt_ids"], DECODE_STEPS)
+        model = load_dir(REPO_ROOT / info["model_dir"] if "model_dir" in info else d)
+        prefill, steps, greedy = run_reference(model, g["prompt_ids"], len(g["greedy_ids"]))
         tol = info["tolerance"]["rel"]
         worst = 0.0
         for key, ours in (("prefill_logits", prefill), ("step_logits", steps)):
@@ -669,10 +677,254 @@ def verify(out_root: Path, names: list[str]) -> None:
             worst = max(worst, ((ours - ref).abs().max() / ref.abs().max()).item())
         ok = torch.equal(greedy, g["greedy_ids"]) and worst <= tol
         failed |= not ok
-        print(f"{name:14s} {'ok' if ok else 'FAIL'}  max rel diff {worst:.3e} (tol {tol:g}), "
+        print(f"{name:16s} {'ok' if ok else 'FAIL'}  max rel diff {worst:.3e} (tol {tol:g}), "
               f"greedy {'same' if torch.equal(greedy, g['greedy_ids']) else 'DIFFERENT'}")
     if failed:
         sys.exit(1)
+
+
+# ---------------------------------------------------------------------------
+# Existing model directory (--model-dir)
+# ---------------------------------------------------------------------------
+def read_safetensors_header(path: Path) -> dict:
+    raw = path.open("rb")
+    with raw:
+        n = int.from_bytes(raw.read(8), "little")
+        header = json.loads(raw.read(n))
+    header.pop("__metadata__", None)
+    return header
+
+
+def repo_relative(path: Path) -> str:
+    try:
+        return path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        raise SystemExit(f"{path} is not inside the repository ({REPO_ROOT}); golden.json records the "
+                         "model directory relative to the repository root")
+
+
+def make_from_dir(model_dir: Path, name: str, prompt_text: str, prepend_bos: bool, n_steps: int,
+                  out_root: Path, versions: dict) -> dict:
+    """Golden logits for an existing model directory. Nothing in `model_dir` is
+    written; only golden.safetensors and golden.json go to out_root/name."""
+    model_dir = model_dir if model_dir.is_absolute() else (Path.cwd() / model_dir)
+    rel_dir = repo_relative(model_dir)
+    out = out_root / name
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in ("golden.safetensors", "golden.json"):
+        (out / stale).unlink(missing_ok=True)
+    extra = sorted(p.name for p in out.iterdir())
+    assert not extra, f"{out} holds other files: {extra}"
+
+    # Stored weights: record their dtype(s); the reference upcasts them to f32.
+    header = read_safetensors_header(model_dir / "model.safetensors")
+    stored_dtypes = sorted({meta["dtype"] for meta in header.values()})
+    weights_dtype = {"BF16": "bfloat16", "F32": "float32", "F16": "float16"}.get(
+        stored_dtypes[0], stored_dtypes[0]) if len(stored_dtypes) == 1 else "mixed " + "/".join(stored_dtypes)
+
+    # Prompt: the model's own tokenizer.json, optionally after bos.
+    tok = Tokenizer.from_file(str(model_dir / "tokenizer.json"))
+    text_ids = tok.encode(prompt_text, add_special_tokens=False).ids
+    assert tok.encode(prompt_text).ids == text_ids, "tokenizer.json adds special tokens on its own"
+    ref_model = load_dir(model_dir)
+    config = ref_model.config
+    bos = config.bos_token_id
+    if prepend_bos:
+        assert bos is not None, "config has no bos_token_id; use --no-bos"
+        prompt_list = [int(bos)] + text_ids
+    else:
+        prompt_list = text_ids
+    prompt = torch.tensor(prompt_list, dtype=torch.int64)
+    P = len(prompt_list)
+    hf_tok = AutoTokenizer.from_pretrained(str(model_dir))
+    assert hf_tok(prompt_text, add_special_tokens=False)["input_ids"] == text_ids, "AutoTokenizer disagrees"
+    assert len(hf_tok) == config.vocab_size, (len(hf_tok), config.vocab_size)
+
+    # The f32 parameters are exactly the stored weights, upcast.
+    stored = load_file(str(model_dir / "model.safetensors"))
+    params = ref_model.state_dict()
+    for k, v in stored.items():
+        assert params[k].dtype == torch.float32, (k, params[k].dtype)
+        assert torch.equal(params[k], v.to(torch.float32)), f"{k}: loaded f32 weight is not the stored one upcast"
+    if config.tie_word_embeddings:
+        assert "lm_head.weight" not in stored
+        assert torch.equal(params["lm_head.weight"], params["model.embed_tokens.weight"])
+
+    prefill, steps, greedy = run_reference(ref_model, prompt, n_steps)
+    max_ref = max(prefill.abs().max().item(), steps.abs().max().item())
+    margins = top1_margins(steps)
+    row_max = steps.abs().max(dim=-1).values.double().tolist()
+    # Same criterion as for the random cases, but only recorded: the prompt is fixed.
+    margin_rel = min(margins) / max_ref
+    weakest_step = int(min(range(len(margins)), key=lambda i: margins[i]))
+
+    # --- self-checks (as for the random cases) -----------------------------
+    with torch.no_grad():
+        full = ref_model(input_ids=torch.cat([prompt, greedy])[None], use_cache=False).logits[0]
+    nocache_diff = (full[P - 1:] - steps).abs().max().item()
+    assert nocache_diff <= 1e-5 * max_ref, f"{name}: cache vs no-cache differ by {nocache_diff}"
+    assert torch.equal(full[:P].argmax(-1), prefill.argmax(-1))
+    # generate(): plain greedy, none of generation_config.json's sampling settings
+    # or repetition penalty, and no early stop at eos.
+    gcfg = transformers.GenerationConfig(do_sample=False, max_new_tokens=n_steps, min_new_tokens=n_steps,
+                                         num_beams=1, repetition_penalty=1.0, eos_token_id=None,
+                                         pad_token_id=config.pad_token_id if config.pad_token_id is not None else 0)
+    with torch.no_grad():
+        gen = ref_model.generate(prompt[None], attention_mask=torch.ones(1, P, dtype=torch.long),
+                                 generation_config=gcfg)
+    assert torch.equal(gen[0, P:], greedy), f"{name}: generate() gave {gen[0, P:]} vs {greedy}"
+    f64 = load_dir(model_dir, dtype=torch.float64)
+    pf64, st64, gr64 = run_reference(f64, prompt, n_steps)
+    f64_same_greedy = torch.equal(gr64, greedy)
+    f32_vs_f64 = max((prefill.double() - pf64).abs().max().item(),
+                     (steps.double() - st64).abs().max().item()) / max_ref
+    del f64
+
+    # --- write golden -------------------------------------------------------
+    tensors = {
+        "prompt_ids": prompt.to(torch.int64).contiguous(),
+        "greedy_ids": greedy.to(torch.int64).contiguous(),
+        "step_logits": steps.to(torch.float32).contiguous(),
+        "prefill_logits": prefill.to(torch.float32).contiguous(),
+    }
+    # One metadata key only: safetensors writes metadata in hash-map order, so
+    # several keys would make the file bytes vary from run to run.
+    save_file(tensors, str(out / "golden.safetensors"), metadata={"case": name})
+    back = load_file(str(out / "golden.safetensors"))
+    for k, v in tensors.items():
+        assert torch.equal(back[k], v)
+
+    greedy_list = greedy.tolist()
+    special_ids = sorted(int(i) for i in hf_tok.all_special_ids)
+    greedy_text = tok.decode(greedy_list, skip_special_tokens=False)
+    bf16 = weights_dtype == "bfloat16"
+    tol = TOL_BF16 if bf16 else TOL_F32
+    rp = dict(config.rope_parameters)
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    cmd = f"{COMMAND} --model-dir {rel_dir} --prompt {json.dumps(prompt_text)} --steps {n_steps}"
+    if not prepend_bos:
+        cmd += " --no-bos"
+    if name != Path(rel_dir).name:
+        cmd += f" --name {name}"
+    info = {
+        "case": name,
+        "model_dir": rel_dir,
+        "architecture": config.architectures[0] if config.architectures else type(ref_model).__name__,
+        "model_type": config.model_type,
+        "weights_dtype": weights_dtype,
+        "compute_dtype": "float32",
+        "compute_note": (
+            f"An existing (trained) model: the weights are read from {rel_dir}/model.safetensors (stored as "
+            f"{weights_dtype}), upcast to float32 (exact for bf16) and everything is computed in float32. "
+            "This directory holds only the golden files; the model, config and tokenizer are in model_dir "
+            "(relative to the repository root)."),
+        "reference": "transformers, CPU, attn_implementation=eager, torch.no_grad(), 1 thread; "
+                     "prefill of prompt_ids with use_cache=True, then one forward per greedy token "
+                     "with the returned KV cache; plain argmax (generation_config.json's sampling "
+                     "settings and repetition penalty are not used, and decoding does not stop at eos)",
+        "files": {
+            "model_dir": rel_dir,
+            "model": ["config.json", "model.safetensors"],
+            "tokenizer": ["tokenizer.json", "tokenizer_config.json"],
+            "golden": "golden.safetensors",
+        },
+        "tensors": {
+            "prompt_ids": {"dtype": "int64", "shape": [P],
+                           "meaning": (f"bos ({bos}) followed by " if prepend_bos else "") +
+                                      f"tokenizer.json's encoding of prompt_text"},
+            "greedy_ids": {"dtype": "int64", "shape": [n_steps],
+                           "meaning": "greedy_ids[i] = argmax(step_logits[i])"},
+            "step_logits": {"dtype": "float32", "shape": [n_steps + 1, config.vocab_size],
+                            "meaning": "row 0: logits at the last prompt position after prefill; "
+                                       "row i>0: logits after feeding greedy_ids[i-1] as a decode step "
+                                       "(position P+i-1)"},
+            "prefill_logits": {"dtype": "float32", "shape": [P, config.vocab_size],
+                               "meaning": "logits at every prompt position from the prefill"},
+        },
+        "prompt_text": prompt_text,
+        "prompt_prepend_bos": prepend_bos,
+        "prompt_ids": prompt_list,
+        "prompt_tokens": [tok.id_to_token(i) for i in prompt_list],
+        "greedy_ids": greedy_list,
+        "greedy_tokens": [tok.id_to_token(i) for i in greedy_list],
+        "greedy_text": greedy_text,
+        "greedy_contains_special_ids": sorted({i for i in greedy_list if i in special_ids}),
+        "model": {
+            "hidden_size": config.hidden_size,
+            "num_hidden_layers": config.num_hidden_layers,
+            "num_attention_heads": config.num_attention_heads,
+            "num_key_value_heads": config.num_key_value_heads,
+            "head_dim": head_dim,
+            "intermediate_size": config.intermediate_size,
+            "vocab_size": config.vocab_size,
+            "max_position_embeddings": config.max_position_embeddings,
+            "rms_norm_eps": config.rms_norm_eps,
+            "rope_parameters": rp,
+            "tie_word_embeddings": config.tie_word_embeddings,
+            "bos_token_id": config.bos_token_id,
+            "eos_token_id": config.eos_token_id,
+            "special_token_ids": special_ids,
+            "stored_tensor_dtypes": stored_dtypes,
+            "num_tensors": len(header),
+        },
+        "max_abs_ref": {"step_logits": steps.abs().max().item(),
+                        "prefill_logits": prefill.abs().max().item(),
+                        "all": max_ref},
+        "tolerance": {
+            "rule": "max |ours - ref| <= rel * max|ref|, per tensor over all logits "
+                    "(step_logits and prefill_logits); greedy_ids must match exactly",
+            "rel": tol,
+            "explanation": (
+                "bf16->f32 conversion is exact, so an engine that upcasts the same bf16 weights and computes "
+                "in f32 performs the same f32 computation as the reference; the remaining difference is f32 "
+                "rounding from a different summation order (see observed_f32_vs_f64_rel). 1e-3 leaves "
+                "headroom for an engine that keeps the bf16 weights in a fused bf16 x f32 kernel or rounds "
+                "intermediate activations differently, as for the other bf16 cases." if bf16 else
+                "f32 reference on f32 weights; an f32 engine differs only by summation order and "
+                "transcendental-function rounding (see observed_f32_vs_f64_rel)."),
+            "observed_f32_vs_f64_rel": f32_vs_f64,
+            "f64_same_greedy_ids": f64_same_greedy,
+            "cache_vs_full_forward_rel": nocache_diff / max_ref,
+        },
+        "min_top1_margin_rel": margin_rel,
+        "top1_margins": {
+            "meaning": "per row of step_logits: top-1 minus top-2 logit (abs), the same divided by max|ref| "
+                       "over both tensors (rel, the quantity the random cases require to be >= "
+                       f"{MIN_MARGIN_REL}), and divided by that row's own max|logit| (rel_row)",
+            "abs": margins,
+            "rel": [m / max_ref for m in margins],
+            "rel_row": [m / r for m, r in zip(margins, row_max)],
+            "min_abs": min(margins),
+            "min_rel": margin_rel,
+            "weakest_row": weakest_step,
+            "random_case_threshold_rel": MIN_MARGIN_REL,
+            "meets_random_case_threshold": margin_rel >= MIN_MARGIN_REL,
+            "note": ("The prompt is fixed, not chosen for margins. Where a row's margin is below 2 * rel * "
+                     "max|ref| (here " f"{2 * tol * max_ref:.4g}" "), an engine whose logits are inside the "
+                     "tolerance could still pick a different greedy token at that step."),
+            "rows_below_2x_tolerance": [i for i, m in enumerate(margins) if m < 2 * tol * max_ref],
+        },
+        "model_sha256": {f: sha256(model_dir / f) for f in
+                         ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")},
+        "versions": versions,
+        "regenerate": f"{cmd}  (from the repository root, in the virtualenv from scripts/golden/README.md)",
+        "notes": [
+            "RoPE follows transformers' rotate_half convention on the HF weight layout: the head vector is "
+            "split in halves [x1, x2] and rotated as (x1*cos - x2*sin, x2*cos + x1*sin), with frequency j "
+            "used for both index j and j + head_dim/2 (not interleaved pairs).",
+            "inv_freq = 1 / rope_theta ** (arange(0, head_dim, 2) / head_dim) computed in float32; angles = "
+            "position * inv_freq in float32, then cos/sin.",
+            ("tie_word_embeddings is true and model.safetensors has no lm_head.weight: the output "
+             "projection is model.embed_tokens.weight." if config.tie_word_embeddings else
+             "tie_word_embeddings is false and model.safetensors has its own lm_head.weight."),
+            f"GQA: {config.num_attention_heads} query heads share {config.num_key_value_heads} KV heads; "
+            "query head h uses KV head h // (heads / kv_heads).",
+            "The logits and greedy tokens depend on the exact bytes of model.safetensors (model_sha256): "
+            "regenerate after retraining or re-exporting the model.",
+        ],
+    }
+    (out / "golden.json").write_text(json.dumps(info, indent=2, ensure_ascii=False) + "\n")
+    return info
 
 
 def main() -> None:
@@ -681,14 +933,26 @@ def main() -> None:
     ap.add_argument("--case", action="append", choices=sorted(CASES), help="only this case (repeatable)")
     ap.add_argument("--verify", action="store_true",
                     help="recompute from the committed model dirs and compare with the golden files")
+    ap.add_argument("--model-dir", type=Path,
+                    help="golden logits for this existing model directory (inside the repository) instead "
+                         "of the random cases; writes only golden.safetensors and golden.json")
+    ap.add_argument("--name", help="with --model-dir: output folder name (default: the model dir's name)")
+    ap.add_argument("--prompt", default="Once upon a time",
+                    help="with --model-dir: prompt text (default: %(default)r)")
+    ap.add_argument("--no-bos", action="store_true",
+                    help="with --model-dir: do not prepend config.bos_token_id to the prompt")
+    ap.add_argument("--steps", type=int, default=16, help="with --model-dir: greedy steps (default: %(default)s)")
     args = ap.parse_args()
+    if args.model_dir and args.case:
+        ap.error("--model-dir and --case exclude each other")
 
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
     transformers.logging.set_verbosity_error()
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-    names = args.case or list(CASES)
+    dir_name = (args.name or args.model_dir.resolve().name) if args.model_dir else None
+    names = [dir_name] if args.model_dir else (args.case or list(CASES))
     if args.verify:
         verify(args.out, names)
         return
@@ -701,6 +965,16 @@ def main() -> None:
         "python": platform.python_version(),
     }
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.model_dir:
+        info = make_from_dir(args.model_dir, dir_name, args.prompt, not args.no_bos, args.steps, args.out,
+                             versions)
+        tm = info["top1_margins"]
+        print(f"{dir_name}: prompt {info['prompt_ids']}  greedy {info['greedy_ids']}")
+        print(f"  greedy text {info['greedy_text']!r}")
+        print(f"  max|ref| {info['max_abs_ref']['all']:.3f}  min top-1 margin {tm['min_abs']:.4f} "
+              f"= {tm['min_rel']:.2e} of max|ref| (row {tm['weakest_row']}; random cases need "
+              f"{MIN_MARGIN_REL})  f32-vs-f64 {info['tolerance']['observed_f32_vs_f64_rel']:.1e}")
+        return
     for name in names:
         info = make_case(name, CASES[name], args.out, versions)
         print(f"{name:14s} vocab {info['model']['vocab_size']:4d}  greedy {info['greedy_ids']}  "
