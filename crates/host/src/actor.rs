@@ -5,11 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use driftwood_backend::Device;
+use driftwood_engine::{Model, Scratch};
 use driftwood_memory::{CopyKind, CopyLedger, LedgerSnapshot, SharedRegion};
 use wasmtime::{Instance, Memory, Module, Store, Trap, WasmParams, WasmResults};
 
 use crate::limits::{Limiter, MemoryCapExceeded};
-use crate::runtime::EPOCH_TICK;
+use crate::runtime::{EPOCH_TICK, ModelRegistry};
 use crate::{ActorError, ActorLimits, LogMode, Runtime, abi};
 
 /// Newest log lines an actor keeps in [`LogMode::Capture`].
@@ -24,6 +25,34 @@ pub struct LogLine {
     pub text: String,
 }
 
+/// Time and tokens of an actor's `forward` calls (calls of more than one token count as prefill).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct InferenceStats {
+    /// Tokens evaluated by multi-token calls.
+    pub prefill_tokens: u64,
+    /// Seconds spent in them.
+    pub prefill_secs: f64,
+    /// Single-token calls (decode steps).
+    pub decode_tokens: u64,
+    /// Seconds spent in them.
+    pub decode_secs: f64,
+}
+
+impl InferenceStats {
+    pub(crate) fn record_forward(&mut self, tokens: usize, took: Duration) {
+        if tokens > 1 {
+            self.prefill_tokens += tokens as u64;
+            self.prefill_secs += took.as_secs_f64();
+        } else {
+            self.decode_tokens += tokens as u64;
+            self.decode_secs += took.as_secs_f64();
+        }
+    }
+}
+
+/// Where text an actor emits goes.
+type EmitSink = Box<dyn FnMut(&str) + Send>;
+
 /// Host-side state of one actor, owned by its store.
 pub(crate) struct ActorState {
     limiter: Limiter,
@@ -36,6 +65,15 @@ pub(crate) struct ActorState {
     runtime_ledger: Arc<CopyLedger>,
     log_mode: LogMode,
     logs: VecDeque<LogLine>,
+    /// Models the host has loaded, by name.
+    pub(crate) registry: Arc<ModelRegistry>,
+    /// Models this actor opened; the index is the guest's handle.
+    pub(crate) models: Vec<Arc<Model>>,
+    /// Activation scratch of the forward pass (backend memory, not guest memory).
+    pub(crate) scratch: Scratch,
+    pub(crate) stats: InferenceStats,
+    emit_sink: Option<EmitSink>,
+    emitted: String,
 }
 
 impl ActorState {
@@ -44,6 +82,7 @@ impl ActorState {
         device: Arc<Device>,
         runtime_ledger: Arc<CopyLedger>,
         log_mode: LogMode,
+        registry: Arc<ModelRegistry>,
     ) -> Self {
         ActorState {
             limiter: Limiter { limits },
@@ -53,11 +92,29 @@ impl ActorState {
             runtime_ledger,
             log_mode,
             logs: VecDeque::new(),
+            registry,
+            models: Vec::new(),
+            scratch: Scratch::default(),
+            stats: InferenceStats::default(),
+            emit_sink: None,
+            emitted: String::new(),
+        }
+    }
+
+    pub(crate) fn emit(&mut self, piece: &str) {
+        match &mut self.emit_sink {
+            Some(sink) => sink(piece),
+            None => self.emitted.push_str(piece),
         }
     }
 
     pub(crate) fn device(&self) -> &Device {
         &self.device
+    }
+
+    /// A shared handle to the device, for calls that also borrow other parts of the state mutably.
+    pub(crate) fn device_handle(&self) -> Arc<Device> {
+        self.device.clone()
     }
 
     pub(crate) fn record_copy(&self, kind: CopyKind, bytes: usize) {
@@ -169,6 +226,35 @@ impl Actor {
     /// Removes and returns the captured log lines (empty unless the runtime uses [`LogMode::Capture`]).
     pub fn take_logs(&mut self) -> Vec<LogLine> {
         self.store.data_mut().logs.drain(..).collect()
+    }
+
+    /// Sends the text the actor emits (`driftwood.emit`) to `sink` as it arrives, instead of keeping it for
+    /// [`take_emitted`](Self::take_emitted).
+    pub fn set_emit_sink(&mut self, sink: impl FnMut(&str) + Send + 'static) {
+        self.store.data_mut().emit_sink = Some(Box::new(sink));
+    }
+
+    /// Removes and returns the text emitted since the last call (when no sink is set).
+    pub fn take_emitted(&mut self) -> String {
+        std::mem::take(&mut self.store.data_mut().emitted)
+    }
+
+    /// Time and tokens of this actor's `forward` calls so far.
+    pub fn inference_stats(&self) -> InferenceStats {
+        self.store.data().stats
+    }
+
+    /// Copies `text` into the actor's memory at `offset` (recorded in the ledger as text).
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Host`] when the range is outside the memory.
+    pub fn write_text(&mut self, offset: usize, text: &[u8]) -> Result<(), ActorError> {
+        self.memory.write(&mut self.store, offset, text).map_err(|e| {
+            ActorError::Host(format!("cannot write {} bytes at 0x{offset:x} of actor memory: {e}", text.len()))
+        })?;
+        self.store.data().record_copy(CopyKind::Text, text.len());
+        Ok(())
     }
 
     /// Copies `dst.len()` bytes out of the actor's memory at `offset` (recorded in the ledger as tensor

@@ -37,8 +37,8 @@ mod error;
 mod limits;
 mod runtime;
 
-pub use actor::{Actor, LogLine};
+pub use actor::{Actor, InferenceStats, LogLine};
 pub use driftwood_backend::Backend;
 pub use error::ActorError;
 pub use limits::ActorLimits;
-pub use runtime::{LogMode, Runtime, RuntimeConfig};
+pub use runtime::{LogMode, ModelRegistry, Runtime, RuntimeConfig};

@@ -1,12 +1,14 @@
 //! [`Runtime`]: the wasmtime engine whose memories are Driftwood regions, the backend, and the epoch ticker
 //! that enforces deadlines.
 
-use std::sync::Arc;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use driftwood_backend::{BackendKind, Device};
+use driftwood_engine::Model;
 use driftwood_memory::{CopyLedger, LedgerSnapshot, Placement, RegionCreator};
 use wasmtime::{Config, Engine, Linker, Module};
 
@@ -39,6 +41,28 @@ pub struct RuntimeConfig {
     pub log: LogMode,
 }
 
+/// Models loaded by the host, by name. Each is loaded once and shared by every actor that opens it.
+#[derive(Default)]
+pub struct ModelRegistry {
+    models: RwLock<BTreeMap<String, Arc<Model>>>,
+}
+
+impl ModelRegistry {
+    /// The model registered as `name`.
+    pub fn get(&self, name: &str) -> Option<Arc<Model>> {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).get(name).cloned()
+    }
+
+    /// Names of all registered models.
+    pub fn names(&self) -> Vec<String> {
+        self.models.read().unwrap_or_else(|p| p.into_inner()).keys().cloned().collect()
+    }
+
+    fn insert(&self, name: String, model: Arc<Model>) {
+        self.models.write().unwrap_or_else(|p| p.into_inner()).insert(name, model);
+    }
+}
+
 struct Ticker {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -61,6 +85,7 @@ pub struct Runtime {
     creator: Arc<RegionCreator>,
     device: Arc<Device>,
     ledger: Arc<CopyLedger>,
+    models: Arc<ModelRegistry>,
     config: RuntimeConfig,
     _ticker: Ticker,
 }
@@ -100,6 +125,7 @@ impl Runtime {
             creator,
             device,
             ledger: Arc::new(CopyLedger::new()),
+            models: Arc::new(ModelRegistry::default()),
             config,
             _ticker: Ticker { stop, thread: Some(thread) },
         })
@@ -132,8 +158,20 @@ impl Runtime {
     /// [`ActorError::AbiMismatch`] for another ABI version, [`ActorError::MemoryCap`] when the module's
     /// initial memory is already over the cap, [`ActorError::Trap`] if its start function traps.
     pub fn instantiate_module(&self, module: &Module, limits: ActorLimits) -> Result<Actor, ActorError> {
-        let state = ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log);
+        let state =
+            ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log, self.models.clone());
         Actor::instantiate(self, module, state)
+    }
+
+    /// Makes `model` available to actors as `name` (`driftwood.model_open`). Registering a name again
+    /// replaces the model for actors that open it afterwards.
+    pub fn register_model(&self, name: &str, model: Arc<Model>) {
+        self.models.insert(name.to_string(), model);
+    }
+
+    /// The models actors can open.
+    pub fn models(&self) -> &ModelRegistry {
+        &self.models
     }
 
     /// The backend every actor of this runtime computes on.

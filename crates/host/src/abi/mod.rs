@@ -13,6 +13,7 @@
 //! overflow, alignment, dtype, aliasing of outputs with inputs); a violation traps the guest with a message
 //! naming the call and the range, and leaves the host and other actors running.
 
+mod inference;
 mod validate;
 
 use driftwood_backend::{Backend, DType, MatmulDims, TensorMut, TensorRef};
@@ -20,6 +21,7 @@ use driftwood_memory::CopyKind;
 use wasmtime::{Caller, Linker};
 
 use crate::actor::ActorState;
+pub use inference::{MODEL_INFO_WORDS, model_info_words};
 pub use validate::AbiError;
 use validate::{check_range, disjoint};
 
@@ -41,6 +43,7 @@ fn guest_memory<'a>(
 }
 
 pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
+    inference::link(linker)?;
     linker.func_wrap(MODULE, "abi_version", || ABI_VERSION)?;
     linker.func_wrap(MODULE, "noop", || {})?;
     linker.func_wrap(MODULE, "log", |mut caller: Caller<'_, ActorState>, level: u32, ptr: u32, len: u32| {

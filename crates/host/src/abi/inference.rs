@@ -1,0 +1,251 @@
+//! Host ABI for inference: coarse calls only. The KV cache, the token buffer and the logits live in the
+//! actor's memory; `forward` computes on them in place. Text (prompts, pieces, templates) is the only thing
+//! copied, and the ledger counts it as text.
+//!
+//! | import | signature | |
+//! |---|---|---|
+//! | `model_open` | `(name_ptr, name_len) -> i32` | handle of a model the host has loaded under that name |
+//! | `model_info` | `(model, out_ptr)` | writes [`MODEL_INFO_WORDS`] u32s (see [`model_info_words`]) |
+//! | `tokenize` | `(model, text_ptr, text_len, add_special, out_ptr, out_cap) -> i32` | token ids (u32) |
+//! | `detokenize` | `(model, ids_ptr, n, skip_special, out_ptr, out_cap) -> i32` | UTF-8 bytes |
+//! | `chat_template` | `(model, json_ptr, json_len, add_generation_prompt, out_ptr, out_cap) -> i32` | rendered prompt |
+//! | `forward` | `(model, kv_ptr, max_seq, pos, tokens_ptr, n, logits_ptr)` | runs `n` tokens at `pos`, writes the last token's logits |
+//! | `emit` | `(ptr, len)` | streams generated text to the host's output |
+//!
+//! Calls returning `i32` follow one protocol: the result is the number of elements the output needs; when
+//! that exceeds `out_cap` nothing is written and the guest retries with a larger buffer.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use driftwood_backend::{DType, TensorMut};
+use driftwood_engine::{ChatMessage, KvCache, Model};
+use driftwood_memory::CopyKind;
+use wasmtime::{Caller, Linker};
+
+use super::validate::{check_range, disjoint};
+use super::{AbiError, MODULE, guest_memory};
+use crate::actor::ActorState;
+
+/// Words written by `model_info`.
+pub const MODEL_INFO_WORDS: usize = 16;
+
+/// The `model_info` record: `[vocab_size, hidden_size, layers, heads, kv_heads, head_dim,
+/// max_position_embeddings, kv_bytes_per_token, bos (u32::MAX if none), eos_count, eos_ids[6]]`.
+pub fn model_info_words(model: &Model) -> [u32; MODEL_INFO_WORDS] {
+    let c = model.config();
+    let mut w = [0u32; MODEL_INFO_WORDS];
+    let eos = model.eos_token_ids();
+    let head = [
+        c.vocab_size,
+        c.hidden_size,
+        c.num_layers,
+        c.num_heads,
+        c.num_kv_heads,
+        c.head_dim,
+        c.max_position_embeddings,
+        model.kv_floats(1) * 4,
+        c.bos_token_id.map_or(u32::MAX as usize, |b| b as usize),
+        eos.len().min(6),
+    ];
+    for (slot, v) in w.iter_mut().zip(head) {
+        *slot = v as u32;
+    }
+    for (slot, &e) in w[10..].iter_mut().zip(eos) {
+        *slot = e;
+    }
+    w
+}
+
+fn model(state: &ActorState, call: &'static str, handle: u32) -> Result<Arc<Model>, AbiError> {
+    state
+        .models
+        .get(handle as usize)
+        .cloned()
+        .ok_or_else(|| AbiError::new(call, format!("model handle {handle} was not returned by model_open")))
+}
+
+fn text<'a>(data: &'a [u8], call: &'static str, what: &str, ptr: u32, len: u32) -> Result<&'a str, AbiError> {
+    let range = check_range(call, what, ptr, len as u64, 1, data.len())?;
+    std::str::from_utf8(&data[range]).map_err(|e| AbiError::new(call, format!("operand `{what}` is not UTF-8: {e}")))
+}
+
+/// Writes `bytes` at `out_ptr` if they fit in `out_cap` bytes; returns `needed` (elements) either way.
+fn write_out(
+    data: &mut [u8],
+    state: &ActorState,
+    call: &'static str,
+    (out_ptr, out_cap, elem): (u32, u32, usize),
+    bytes: &[u8],
+) -> Result<i32, AbiError> {
+    let needed = bytes.len() / elem;
+    let needed_i32 = i32::try_from(needed).map_err(|_| AbiError::new(call, "result too large".into()))?;
+    if needed <= out_cap as usize {
+        let range = check_range(call, "out", out_ptr, needed as u64, elem, data.len())?;
+        data[range].copy_from_slice(bytes);
+        state.record_copy(CopyKind::Text, bytes.len());
+    }
+    Ok(needed_i32)
+}
+
+pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
+    linker.func_wrap(MODULE, "model_open", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| {
+        model_open(&mut c, ptr, len).map_err(wasmtime::Error::from)
+    })?;
+    linker.func_wrap(MODULE, "model_info", |mut c: Caller<'_, ActorState>, m: u32, out: u32| {
+        model_info(&mut c, m, out).map_err(wasmtime::Error::from)
+    })?;
+    linker.func_wrap(
+        MODULE,
+        "tokenize",
+        |mut c: Caller<'_, ActorState>, m: u32, ptr: u32, len: u32, special: u32, out: u32, cap: u32| {
+            tokenize(&mut c, m, (ptr, len), special != 0, (out, cap)).map_err(wasmtime::Error::from)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "detokenize",
+        |mut c: Caller<'_, ActorState>, m: u32, ids: u32, n: u32, skip: u32, out: u32, cap: u32| {
+            detokenize(&mut c, m, (ids, n), skip != 0, (out, cap)).map_err(wasmtime::Error::from)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "chat_template",
+        |mut c: Caller<'_, ActorState>, m: u32, ptr: u32, len: u32, add_gen: u32, out: u32, cap: u32| {
+            chat_template(&mut c, m, (ptr, len), add_gen != 0, (out, cap)).map_err(wasmtime::Error::from)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "forward",
+        |mut c: Caller<'_, ActorState>, m: u32, kv: u32, max_seq: u32, pos: u32, tokens: u32, n: u32, logits: u32| {
+            forward(&mut c, m, (kv, max_seq), pos, (tokens, n), logits).map_err(wasmtime::Error::from)
+        },
+    )?;
+    linker.func_wrap(MODULE, "emit", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| {
+        emit(&mut c, ptr, len).map_err(wasmtime::Error::from)
+    })?;
+    Ok(())
+}
+
+fn model_open(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> Result<i32, AbiError> {
+    const CALL: &str = "driftwood.model_open";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let name = text(data, CALL, "name", ptr, len)?;
+    let model = state.registry.get(name).ok_or_else(|| {
+        AbiError::new(CALL, format!("no model named `{name}` is loaded; loaded: {}", state.registry.names().join(", ")))
+    })?;
+    state.models.push(model);
+    Ok(state.models.len() as i32 - 1)
+}
+
+fn model_info(caller: &mut Caller<'_, ActorState>, handle: u32, out: u32) -> Result<(), AbiError> {
+    const CALL: &str = "driftwood.model_info";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let words = model_info_words(&*model(state, CALL, handle)?);
+    let range = check_range(CALL, "out", out, MODEL_INFO_WORDS as u64, 4, data.len())?;
+    for (dst, w) in data[range].chunks_exact_mut(4).zip(words) {
+        dst.copy_from_slice(&w.to_le_bytes());
+    }
+    Ok(())
+}
+
+fn tokenize(
+    caller: &mut Caller<'_, ActorState>,
+    handle: u32,
+    (ptr, len): (u32, u32),
+    add_special: bool,
+    (out, cap): (u32, u32),
+) -> Result<i32, AbiError> {
+    const CALL: &str = "driftwood.tokenize";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let model = model(state, CALL, handle)?;
+    let input = text(data, CALL, "text", ptr, len)?;
+    state.record_copy(CopyKind::Text, input.len());
+    let ids = model.tokenize(input, add_special).map_err(|e| AbiError::new(CALL, e.to_string()))?;
+    let bytes: Vec<u8> = ids.iter().flat_map(|id| id.to_le_bytes()).collect();
+    write_out(data, state, CALL, (out, cap, 4), &bytes)
+}
+
+fn detokenize(
+    caller: &mut Caller<'_, ActorState>,
+    handle: u32,
+    (ids_ptr, n): (u32, u32),
+    skip_special: bool,
+    (out, cap): (u32, u32),
+) -> Result<i32, AbiError> {
+    const CALL: &str = "driftwood.detokenize";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let model = model(state, CALL, handle)?;
+    let range = check_range(CALL, "ids", ids_ptr, n as u64, 4, data.len())?;
+    let ids: Vec<u32> = data[range].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    state.record_copy(CopyKind::Text, ids.len() * 4);
+    let text = model.detokenize(&ids, skip_special).map_err(|e| AbiError::new(CALL, e.to_string()))?;
+    write_out(data, state, CALL, (out, cap, 1), text.as_bytes())
+}
+
+fn chat_template(
+    caller: &mut Caller<'_, ActorState>,
+    handle: u32,
+    (ptr, len): (u32, u32),
+    add_generation_prompt: bool,
+    (out, cap): (u32, u32),
+) -> Result<i32, AbiError> {
+    const CALL: &str = "driftwood.chat_template";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let model = model(state, CALL, handle)?;
+    let json = text(data, CALL, "messages", ptr, len)?;
+    state.record_copy(CopyKind::Text, json.len());
+    let messages: Vec<ChatMessage> = serde_json::from_str(json)
+        .map_err(|e| AbiError::new(CALL, format!("messages must be a JSON list of {{role, content}}: {e}")))?;
+    let prompt = model.render_chat(&messages, add_generation_prompt).map_err(|e| AbiError::new(CALL, e.to_string()))?;
+    write_out(data, state, CALL, (out, cap, 1), prompt.as_bytes())
+}
+
+fn forward(
+    caller: &mut Caller<'_, ActorState>,
+    handle: u32,
+    (kv_ptr, max_seq): (u32, u32),
+    pos: u32,
+    (tokens_ptr, n): (u32, u32),
+    logits_ptr: u32,
+) -> Result<(), AbiError> {
+    const CALL: &str = "driftwood.forward";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let model = model(state, CALL, handle)?;
+    let vocab = model.config().vocab_size;
+    let kv = check_range(CALL, "kv", kv_ptr, model.kv_floats(max_seq as usize) as u64, 4, data.len())?;
+    let tokens = check_range(CALL, "tokens", tokens_ptr, n as u64, 4, data.len())?;
+    let logits = check_range(CALL, "logits", logits_ptr, vocab as u64, 4, data.len())?;
+    disjoint(CALL, ("kv", &kv), ("tokens", &tokens))?;
+    disjoint(CALL, ("logits", &logits), ("tokens", &tokens))?;
+    disjoint(CALL, ("logits", &logits), ("kv", &kv))?;
+    let base = data.as_mut_ptr();
+    // SAFETY: each range was checked to lie inside the actor's memory and be 4-byte aligned (the region's
+    // base is page-aligned); kv and logits are written and overlap nothing else; tokens are only read. The
+    // guest is suspended in this call, which returns only after the backend is done with all three.
+    let (mut kv, tokens, logits) = unsafe {
+        (
+            KvCache::from_raw_parts(base.add(kv.start).cast(), &model, max_seq as usize),
+            std::slice::from_raw_parts(base.add(tokens.start).cast::<u32>(), n as usize),
+            TensorMut::from_raw_parts(base.add(logits.start), vocab, DType::F32),
+        )
+    };
+    let started = Instant::now();
+    let device = state.device_handle();
+    model
+        .forward(&device, &mut kv, pos as usize, tokens, logits, &mut state.scratch)
+        .map_err(|e| AbiError::new(CALL, e.to_string()))?;
+    state.stats.record_forward(n as usize, started.elapsed());
+    Ok(())
+}
+
+fn emit(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> Result<(), AbiError> {
+    const CALL: &str = "driftwood.emit";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let piece = text(data, CALL, "text", ptr, len)?;
+    state.record_copy(CopyKind::Text, piece.len());
+    state.emit(piece);
+    Ok(())
+}
