@@ -9,7 +9,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 const TARGET: &str = "wasm32-unknown-unknown";
-const ACTORS: &[&str] = &["matmul_check"];
+const ACTORS: &[&str] = &["matmul_check", "chat"];
 
 fn main() {
     let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

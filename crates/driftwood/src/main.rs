@@ -1,10 +1,12 @@
 //! `driftwood`: the command-line front end.
 //!
+//! * `driftwood generate --prompt …` / `driftwood chat` — a language model inside an actor.
 //! * `driftwood verify [--json]` — proves the zero-copy chain (region → guest → backend) by measurement.
 //! * `driftwood bench abi|matmul|readme` — benchmarks written as JSON under `bench/results/`, and the README
 //!   tables regenerated from them.
 
 mod bench;
+mod llm;
 mod verify;
 
 use std::process::ExitCode;
@@ -24,6 +26,10 @@ enum Command {
     /// Prove the zero-copy chain: page alignment, pointer identity, RSS of sharing vs copying, matmul
     /// errors, compute time and copy-ledger bytes.
     Verify(verify::VerifyArgs),
+    /// Continue a prompt with a language model inside an actor, streaming the text.
+    Generate(llm::GenerateArgs),
+    /// Chat with a language model; the whole conversation lives in one actor.
+    Chat(llm::ChatArgs),
     /// Run a benchmark and write its JSON under bench/results/.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -33,6 +39,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Verify(args) => verify::run(&args),
+        Command::Generate(args) => llm::generate(&args).map(|()| true),
+        Command::Chat(args) => llm::chat(&args).map(|()| true),
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),
     };
     match result {

@@ -88,7 +88,23 @@ impl Model {
     /// malformed config, weights or tokenizer, including any tensor whose shape or dtype does not fit.
     pub fn load(dir: &Path, progress: &mut dyn FnMut(LoadProgress)) -> Result<Model, EngineError> {
         let config_path = require(dir, "config.json", "the model's configuration")?;
-        let config = ModelConfig::from_file(&config_path)?;
+        let mut config = ModelConfig::from_file(&config_path)?;
+        // generation_config.json may list more stop tokens (chat turn ends) than config.json.
+        let gen_path = dir.join("generation_config.json");
+        if gen_path.exists() {
+            let gen_config: Value = serde_json::from_slice(&read(&gen_path)?)
+                .map_err(|e| invalid(&gen_path, format!("not valid JSON: {e}")))?;
+            let extra = match gen_config.get("eos_token_id") {
+                Some(Value::Number(n)) => n.as_u64().into_iter().collect(),
+                Some(Value::Array(a)) => a.iter().filter_map(Value::as_u64).collect(),
+                _ => vec![],
+            };
+            for id in extra {
+                if id < config.vocab_size as u64 && !config.eos_token_ids.contains(&(id as u32)) {
+                    config.eos_token_ids.push(id as u32);
+                }
+            }
+        }
         let tokenizer_path = require(dir, "tokenizer.json", "the tokenizer (Hugging Face `tokenizers` format)")?;
         let tokenizer_bytes = read(&tokenizer_path)?;
         let tokenizer = Tokenizer::from_bytes(&tokenizer_bytes)

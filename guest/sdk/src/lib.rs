@@ -16,8 +16,10 @@
 //! driftwood_guest::log(driftwood_guest::Level::Info, "done");
 //! ```
 
-#![no_std]
 #![warn(missing_docs)]
+
+pub mod llm;
+pub mod sample;
 
 /// The host ABI version this SDK speaks. The host refuses modules built for another version.
 pub const ABI_VERSION: u32 = 0;
@@ -35,6 +37,20 @@ pub mod raw {
         pub fn matmul(a: *const u8, b: *const u8, c: *mut u8, m: u32, n: u32, k: u32, dtype: u32);
         /// Does nothing; measures the cost of crossing into the host.
         pub fn noop();
+        /// Handle of the model the host loaded as the UTF-8 name at `ptr`.
+        pub fn model_open(ptr: *const u8, len: usize) -> i32;
+        /// Writes 16 u32s describing the model at `out`.
+        pub fn model_info(model: u32, out: *mut u32);
+        /// Token ids of the text at `ptr`; returns the count (nothing written if it exceeds `cap`).
+        pub fn tokenize(model: u32, ptr: *const u8, len: usize, add_special: u32, out: *mut u32, cap: usize) -> i32;
+        /// UTF-8 text of `n` ids; returns the byte count (nothing written if it exceeds `cap`).
+        pub fn detokenize(model: u32, ids: *const u32, n: usize, skip_special: u32, out: *mut u8, cap: usize) -> i32;
+        /// Renders a JSON list of `{role, content}` with the model's chat template; returns the byte count.
+        pub fn chat_template(model: u32, ptr: *const u8, len: usize, add_generation_prompt: u32, out: *mut u8, cap: usize) -> i32;
+        /// Runs `n` tokens at `pos` of the KV cache at `kv` (`max_seq` tokens), writing the last token's logits.
+        pub fn forward(model: u32, kv: *mut f32, max_seq: u32, pos: u32, tokens: *const u32, n: usize, logits: *mut f32);
+        /// Streams generated text to the host.
+        pub fn emit(ptr: *const u8, len: usize);
     }
 }
 
@@ -76,6 +92,12 @@ pub fn host_abi_version() -> u32 {
 pub fn noop() {
     // SAFETY: as above.
     unsafe { raw::noop() }
+}
+
+/// Streams `text` to the host's output (the user's terminal or an HTTP response).
+pub fn emit(text: &str) {
+    // SAFETY: a valid readable range of this module's memory for the duration of the call.
+    unsafe { raw::emit(text.as_ptr(), text.len()) }
 }
 
 /// Why a wrapper refused to call the host.

@@ -1,0 +1,166 @@
+//! The default actor shipped with `driftwood`: plain generation and multi-turn chat.
+//!
+//! All state is in this actor's linear memory — the conversation, the session's KV cache and logits, the
+//! sampler and its random stream — so a snapshot of the actor is a snapshot of the conversation.
+//!
+//! Host protocol: `init(max_seq)`, then optionally `set_sampling(...)` and `set_stops(ptr, len)`; text goes
+//! in through `alloc(len)` + a host write, then `generate(ptr, len, max_tokens)` or `chat(ptr, len,
+//! max_tokens)`. Generated text streams out through `driftwood.emit`. `stat(i)` reports the last call.
+
+use std::cell::RefCell;
+
+use driftwood_guest::llm::{Model, Session};
+use driftwood_guest::sample::{self, Sampler, SamplerConfig};
+
+struct Actor {
+    model: Model,
+    session: Session,
+    sampler: Sampler,
+    stops: Vec<String>,
+    /// The conversation so far, as (role, content).
+    messages: Vec<(String, String)>,
+    /// [prompt tokens, tokens evaluated for the prompt, tokens generated, stop reason]
+    stats: [u32; 4],
+}
+
+thread_local! {
+    static ACTOR: RefCell<Option<Actor>> = const { RefCell::new(None) };
+}
+
+fn with_actor<R>(f: impl FnOnce(&mut Actor) -> R) -> Option<R> {
+    ACTOR.with(|a| a.borrow_mut().as_mut().map(f))
+}
+
+/// Reserves `len` bytes for the host to write into; returns their offset.
+#[unsafe(no_mangle)]
+pub extern "C" fn alloc(len: u32) -> u32 {
+    let buf = vec![0u8; len as usize].into_boxed_slice();
+    Box::leak(buf).as_mut_ptr() as u32
+}
+
+/// Frees a buffer from [`alloc`].
+///
+/// # Safety
+///
+/// `ptr` and `len` must come from one earlier `alloc` call, freed once.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn dealloc(ptr: u32, len: u32) {
+    // SAFETY: by the caller's contract this is the box `alloc` leaked.
+    drop(unsafe { Box::from_raw(std::ptr::slice_from_raw_parts_mut(ptr as *mut u8, len as usize)) });
+}
+
+/// Reads the text the host wrote at `ptr` (invalid UTF-8 replaced).
+fn input(ptr: u32, len: u32) -> String {
+    // SAFETY: the host wrote `len` bytes at `ptr`, inside a buffer from `alloc`.
+    let bytes = unsafe { std::slice::from_raw_parts(ptr as *const u8, len as usize) };
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// Opens the host's `default` model and a session of `max_seq` tokens (0: the model's context length).
+#[unsafe(no_mangle)]
+pub extern "C" fn init(max_seq: u32) {
+    let model = Model::open("default");
+    let max_seq = if max_seq == 0 { model.info().max_position } else { max_seq };
+    let session = Session::new(&model, max_seq);
+    let actor = Actor {
+        model,
+        session,
+        sampler: Sampler::new(SamplerConfig::default()),
+        stops: Vec::new(),
+        messages: Vec::new(),
+        stats: [0; 4],
+    };
+    ACTOR.with(|a| *a.borrow_mut() = Some(actor));
+}
+
+/// Sets sampling for the following calls and reseeds the random stream.
+#[unsafe(no_mangle)]
+pub extern "C" fn set_sampling(temperature: f32, top_k: u32, top_p: f32, min_p: f32, repetition_penalty: f32, seed: u64) {
+    let config = SamplerConfig { temperature, top_k, top_p, min_p, repetition_penalty, seed };
+    with_actor(|a| a.sampler = Sampler::new(config));
+}
+
+/// Sets stop strings: the text at `ptr`, one per line.
+#[unsafe(no_mangle)]
+pub extern "C" fn set_stops(ptr: u32, len: u32) {
+    let stops: Vec<String> = input(ptr, len).lines().filter(|l| !l.is_empty()).map(str::to_string).collect();
+    with_actor(|a| a.stops = stops);
+}
+
+/// Evaluates `prompt` (reusing whatever prefix the cache already holds) and generates up to `max_tokens`.
+fn run(a: &mut Actor, prompt: &[u32], max_tokens: u32) -> i32 {
+    let reused = a.session.reuse_prefix(prompt);
+    let Some(logits) = a.session.feed(&prompt[reused..]).map(|l| l.to_vec()) else {
+        return -1; // the prompt does not fit in the session
+    };
+    let stops = a.stops.clone();
+    let out = sample::generate(&mut a.session, &mut a.sampler, logits, max_tokens, &stops, driftwood_guest::emit);
+    a.stats = [prompt.len() as u32, (prompt.len() - reused) as u32, out.tokens.len() as u32, out.stop as u32];
+    if a.messages.last().is_some_and(|(role, _)| role == "user") {
+        a.messages.push(("assistant".into(), out.text));
+    }
+    out.tokens.len() as i32
+}
+
+/// Continues the text at `ptr` (with the model's BOS when its tokenizer asks for one). Returns the number of
+/// tokens generated, or -1 if the prompt does not fit in the session, -2 before `init`.
+#[unsafe(no_mangle)]
+pub extern "C" fn generate(ptr: u32, len: u32, max_tokens: u32) -> i32 {
+    let text = input(ptr, len);
+    with_actor(|a| {
+        a.messages.clear();
+        let prompt = a.model.tokenize(&text, true);
+        run(a, &prompt, max_tokens)
+    })
+    .unwrap_or(-2)
+}
+
+/// Adds the user message at `ptr` to the conversation and generates the assistant's reply (streamed).
+/// Only tokens not already in the cache are evaluated. Returns as [`generate`].
+#[unsafe(no_mangle)]
+pub extern "C" fn chat(ptr: u32, len: u32, max_tokens: u32) -> i32 {
+    let text = input(ptr, len);
+    with_actor(|a| {
+        a.messages.push(("user".into(), text));
+        let rendered = a.model.chat_template(&a.messages, true);
+        let prompt = a.model.tokenize(&rendered, false);
+        let generated = run(a, &prompt, max_tokens);
+        if generated < 0 {
+            a.messages.pop();
+        }
+        generated
+    })
+    .unwrap_or(-2)
+}
+
+/// The last call's numbers: 0 prompt tokens, 1 tokens evaluated for the prompt (the rest came from the
+/// cache), 2 tokens generated, 3 stop reason (0 eos, 1 stop string, 2 max tokens, 3 context full).
+#[unsafe(no_mangle)]
+pub extern "C" fn stat(i: u32) -> u32 {
+    with_actor(|a| a.stats.get(i as usize).copied().unwrap_or(0)).unwrap_or(0)
+}
+
+/// Messages in the conversation.
+#[unsafe(no_mangle)]
+pub extern "C" fn turns() -> u32 {
+    with_actor(|a| a.messages.len() as u32).unwrap_or(0)
+}
+
+/// Decode benchmark: a fresh session with `context` tokens of context (token ids cycling through the
+/// vocabulary), then `steps` greedy decode steps. Returns the number of steps run.
+#[unsafe(no_mangle)]
+pub extern "C" fn bench_decode(context: u32, steps: u32) -> i32 {
+    let model = Model::open("default");
+    let vocab = model.info().vocab_size;
+    let mut session = Session::new(&model, context + steps + 1);
+    let prompt: Vec<u32> = (0..context.max(1)).map(|i| (i * 7 + 3) % vocab).collect();
+    let Some(logits) = session.feed(&prompt) else { return -1 };
+    let mut next = sample::argmax(logits);
+    for step in 0..steps {
+        match session.feed(&[next]) {
+            Some(l) => next = sample::argmax(l),
+            None => return step as i32,
+        }
+    }
+    steps as i32
+}

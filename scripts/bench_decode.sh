@@ -1,0 +1,264 @@
+#!/usr/bin/env bash
+# Regenerate bench/results/decode-cpu.json: CPU decode speed (tokens/s, batch 1) of Driftwood, candle
+# and llama.cpp on the same SmolLM2-135M-shaped random-weight model, f32 and bf16, at 128 and 1024
+# tokens of context, interleaved in one run on this machine.
+#
+#   scripts/bench_decode.sh
+#
+# Steps (each skipped when already done):
+#   1. a Python venv at $BENCH_VENV (default /tmp/driftwood-bench-venv) with numpy, safetensors,
+#      tokenizers, gguf and llama-cpp-python (built from source: CPU only, GGML_NATIVE=ON; ~15 min
+#      on 2 cores);
+#   2. the two model dirs (bench/peers/make_model.py) and their GGUF files (bench/peers/to_gguf.py)
+#      under $BENCH_MODELS (default target/bench-models);
+#   3. the candle peer (bench/peers/candle, release) and Driftwood (release);
+#   4. for dtype in f32 bf16, for context in 128 1024: Driftwood, candle, llama.cpp, one after another;
+#   5. bench/results/decode-cpu.json.
+#
+# Driftwood runs as `cargo run --release -- bench decode --model DIR --context N --json` (set
+# DRIFTWOOD_CMD to use another command line, e.g. ./target/release/driftwood). A Driftwood failure (e.g. `bench decode` not there yet) is recorded in the result file and the
+# peers still run. Never run by CI. Knobs: BENCH_STEPS (64), BENCH_WARMUP (8), BENCH_CONTEXTS
+# ("128 1024"), BENCH_DTYPES ("f32 bf16"), CARGO_BUILD_JOBS (1), CMAKE_BUILD_PARALLEL_LEVEL (nproc).
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$ROOT"
+
+VENV=${BENCH_VENV:-/tmp/driftwood-bench-venv}
+MODELS=${BENCH_MODELS:-target/bench-models}
+STEPS=${BENCH_STEPS:-64}
+WARMUP=${BENCH_WARMUP:-8}
+CONTEXTS=${BENCH_CONTEXTS:-"128 1024"}
+DTYPES=${BENCH_DTYPES:-"f32 bf16"}
+OUT=bench/results/decode-cpu.json
+export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
+
+# Pinned peer versions (reported in the result file).
+PY_PKGS=(numpy==2.4.6 safetensors==0.8.0 tokenizers==0.23.3 gguf==0.19.0)
+LLAMA_CPP_PY=llama-cpp-python==0.3.36
+
+log() { printf '[bench_decode] %s\n' "$*" >&2; }
+
+# 1. Python venv with the peers.
+PY="$VENV/bin/python"
+if ! "$PY" -c 'import numpy, safetensors, tokenizers, gguf' 2>/dev/null; then
+  log "creating venv $VENV"
+  python3 -m venv "$VENV"
+  "$PY" -m pip install --quiet --upgrade pip
+  "$PY" -m pip install --quiet "${PY_PKGS[@]}"
+fi
+if ! "$PY" -c 'import llama_cpp' 2>/dev/null; then
+  log "building $LLAMA_CPP_PY from source (CPU, native; this takes a while)"
+  CMAKE_ARGS="-DGGML_NATIVE=ON -DGGML_CUDA=OFF -DGGML_METAL=OFF -DGGML_VULKAN=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF" \
+    CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-$(nproc)} \
+    "$PY" -m pip install --no-cache-dir "$LLAMA_CPP_PY"
+fi
+
+# 2. Models and GGUF files.
+mkdir -p "$MODELS"
+for dtype in $DTYPES; do
+  dir="$MODELS/smollm2-135m-shaped-$dtype"
+  if [[ ! -f "$dir/model.safetensors" || ! -f "$dir/tokenizer.json" ]]; then
+    log "generating $dir"
+    "$PY" bench/peers/make_model.py --dtype "$dtype" --out "$dir"
+  fi
+  if [[ ! -f "$dir.gguf" || "$dir.gguf" -ot "$dir/model.safetensors" ]]; then
+    log "converting $dir to GGUF"
+    "$PY" bench/peers/to_gguf.py "$dir" --out "$dir.gguf"
+  fi
+done
+
+# 3. Builds.
+log "building the candle peer"
+(cd bench/peers/candle && CARGO_TARGET_DIR="$ROOT/bench/peers/candle/target" cargo build --release --quiet)
+CANDLE=bench/peers/candle/target/release/driftwood-bench-candle
+
+RAW=$(mktemp -d "${TMPDIR:-/tmp}/bench-decode.XXXXXX")
+trap 'rm -rf "$RAW"' EXIT
+
+# Driftwood: `cargo run --release -- bench decode ...` unless DRIFTWOOD_CMD names another command
+# line (e.g. an already built ./target/release/driftwood); it gets `bench decode --model DIR ...` appended.
+DRIFTWOOD_BUILD_OK=1
+if [[ -z "${DRIFTWOOD_CMD:-}" ]]; then
+  log "building Driftwood"
+  if ! cargo build --release --quiet 2>"$RAW/driftwood-build.err"; then
+    DRIFTWOOD_BUILD_OK=0
+    log "Driftwood build failed (recorded; peers still run)"
+  fi
+  DRIFTWOOD_CMD="cargo run --release --quiet --"
+fi
+read -r -a DW <<<"$DRIFTWOOD_CMD"
+# Keep Driftwood from overwriting the merged result file when it supports --no-write.
+DW_EXTRA=()
+if [[ $DRIFTWOOD_BUILD_OK == 1 ]] && "${DW[@]}" bench decode --help 2>/dev/null | grep -q -- '--no-write'; then
+  DW_EXTRA=(--no-write)
+fi
+
+# 4. Interleaved runs: per dtype and context, Driftwood then candle then llama.cpp.
+run_one() { # engine dtype context outfile cmd...
+  local engine=$1 dtype=$2 ctx=$3 out=$4
+  shift 4
+  log "$engine $dtype context $ctx"
+  local rc=0
+  "$@" >"$out.out" 2>"$out.err" || rc=$?
+  printf '%s\t%s\t%s\t%s\t%s\n' "$engine" "$dtype" "$ctx" "$rc" "$out" >>"$RAW/runs.tsv"
+  if [[ $rc != 0 ]]; then
+    log "$engine $dtype $ctx failed (rc $rc): $(tail -n 3 "$out.err" | tr '\n' ' ')"
+  fi
+}
+: >"$RAW/runs.tsv"
+for dtype in $DTYPES; do
+  dir="$MODELS/smollm2-135m-shaped-$dtype"
+  for ctx in $CONTEXTS; do
+    if [[ $DRIFTWOOD_BUILD_OK == 1 ]]; then
+      run_one driftwood "$dtype" "$ctx" "$RAW/driftwood-$dtype-$ctx" \
+        "${DW[@]}" bench decode --model "$dir" --context "$ctx" --json "${DW_EXTRA[@]}"
+    else
+      cp "$RAW/driftwood-build.err" "$RAW/driftwood-$dtype-$ctx.err"
+      printf '%s\t%s\t%s\t%s\t%s\n' driftwood "$dtype" "$ctx" build-failed "$RAW/driftwood-$dtype-$ctx" >>"$RAW/runs.tsv"
+      : >"$RAW/driftwood-$dtype-$ctx.out"
+    fi
+    run_one candle "$dtype" "$ctx" "$RAW/candle-$dtype-$ctx" \
+      "$CANDLE" --model "$dir" --context "$ctx" --steps "$STEPS" --warmup "$WARMUP"
+    run_one llama.cpp "$dtype" "$ctx" "$RAW/llama.cpp-$dtype-$ctx" \
+      "$PY" bench/peers/llama_cpp_decode.py --gguf "$dir.gguf" --context "$ctx" --steps "$STEPS" --warmup "$WARMUP"
+  done
+done
+
+# 5. Merge.
+COMMIT=$(git rev-parse --short=12 HEAD 2>/dev/null || echo unknown)
+if [[ -n "$(git status --porcelain --untracked-files=no -- . ':!bench/results' ':!README.md' 2>/dev/null)" ]]; then
+  COMMIT="$COMMIT-dirty"
+fi
+mkdir -p "$(dirname "$OUT")"
+"$PY" - "$RAW/runs.tsv" "$OUT" "$COMMIT" <<'PY'
+import json, os, platform, sys, time
+
+runs_path, out_path, commit = sys.argv[1:4]
+
+
+def cpu_model():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags():
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                keep = ["avx2", "avx512f", "avx512_bf16", "avx512_fp16", "avx512_vnni", "amx_tile", "amx_bf16", "amx_int8"]
+                return [f for f in keep if f in flags]
+    except OSError:
+        pass
+    return []
+
+
+def json_docs(text):
+    """Every JSON value in text: the whole text, else one per line."""
+    text = text.strip()
+    if not text:
+        return []
+    try:
+        return [json.loads(text)]
+    except ValueError:
+        pass
+    docs = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("{") or line.startswith("["):
+            try:
+                docs.append(json.loads(line))
+            except ValueError:
+                pass
+    return docs
+
+
+def rate_rows(v, inherited_dtype=None):
+    """(dict, tokens/s key) for every object that carries a decode rate."""
+    if isinstance(v, dict):
+        keys = [k for k in v if isinstance(v[k], (int, float)) and "tokens_per_s" in k and "prefill" not in k]
+        if keys:
+            key = "decode_tokens_per_s" if "decode_tokens_per_s" in keys else keys[0]
+            yield v, key
+        for x in v.values():
+            yield from rate_rows(x)
+    elif isinstance(v, list):
+        for x in v:
+            yield from rate_rows(x)
+
+
+results, peers, errors, driftwood_raw = [], {}, [], []
+for line in open(runs_path):
+    engine, dtype, ctx, rc, base = line.rstrip("\n").split("\t")
+    ctx = int(ctx)
+    out = open(base + ".out").read() if os.path.exists(base + ".out") else ""
+    err = open(base + ".err").read() if os.path.exists(base + ".err") else ""
+    if rc != "0":
+        errors.append({"engine": engine, "dtype": dtype, "context": ctx, "exit": rc,
+                       "error": "\n".join(err.strip().splitlines()[-12:])})
+        continue
+    found = False
+    for doc in json_docs(out):
+        if engine == "driftwood":
+            driftwood_raw.append(doc)
+        for row, key in rate_rows(doc):
+            row_ctx = row.get("context", row.get("context_tokens", ctx))
+            row_dtype = row.get("dtype", dtype)
+            if row_ctx != ctx or row_dtype != dtype:
+                continue
+            r = {"engine": engine, "dtype": dtype, "context": ctx, "decode_tokens_per_s": float(row[key])}
+            for extra in ("threads", "steps", "first_token", "kv_type"):
+                if extra in row:
+                    r[extra] = row[extra]
+            results.append(r)
+            found = True
+            if engine != "driftwood" and "version" in row:
+                peers[engine] = {"version": row["version"]}
+                if "system_info" in row:
+                    peers[engine]["system_info"] = row["system_info"]
+    if not found:
+        errors.append({"engine": engine, "dtype": dtype, "context": ctx, "exit": rc,
+                       "error": "no decode tokens/s for this dtype and context in its output: "
+                                + out.strip()[-400:]})
+
+# Greedy-token agreement after the same context (same weights, same token ids).
+agree = {}
+for dtype in sorted({r["dtype"] for r in results}):
+    for ctx in sorted({r["context"] for r in results}):
+        toks = {r["engine"]: r["first_token"] for r in results
+                if r["dtype"] == dtype and r["context"] == ctx and "first_token" in r}
+        if len(toks) > 1:
+            agree[f"{dtype}/{ctx}"] = {"first_tokens": toks, "identical": len(set(toks.values())) == 1}
+
+doc = {
+    "bench": "decode",
+    "machine": {"cpu": cpu_model(), "threads": os.cpu_count(), "os": sys.platform, "arch": platform.machine(),
+                "cpu_features": cpu_flags()},
+    "commit": commit,
+    "command": "scripts/bench_decode.sh",
+    "unix_time": int(time.time()),
+    "model": "SmolLM2-135M-shaped Llama, random weights (bench/peers/make_model.py); batch 1, greedy",
+    "results": results,
+    "peers": peers,
+    "greedy_agreement": agree,
+    "errors": errors,
+}
+if driftwood_raw:
+    doc["driftwood_output"] = driftwood_raw
+with open(out_path, "w") as f:
+    json.dump(doc, f, indent=2)
+    f.write("\n")
+
+print(f"{'engine':<10} {'dtype':<5} {'context':>7} {'tokens/s':>9}", file=sys.stderr)
+for r in results:
+    print(f"{r['engine']:<10} {r['dtype']:<5} {r['context']:>7} {r['decode_tokens_per_s']:>9.1f}", file=sys.stderr)
+for e in errors:
+    print(f"{e['engine']:<10} {e['dtype']:<5} {e['context']:>7}   failed: {e['error'].splitlines()[-1] if e['error'] else e['exit']}", file=sys.stderr)
+print(f"wrote {out_path}", file=sys.stderr)
+PY
