@@ -73,7 +73,7 @@ def add_tokenizer(writer: gguf.GGUFWriter, model_dir: Path, cfg: dict, vocab_siz
 
     writer.add_tokenizer_model("gpt2")
     # The tokenizer's pre-tokenizer is ByteLevel with GPT-2's split regex.
-    writer.add_tokenizer_pre("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -171,27 +171,59 @@ fn time(mut f: impl FnMut(usize)) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Seconds per call of `linear` at one shape: weights cold (a new copy each call) or hot (one copy).
+/// Seconds per call of `linear` at one shape. Cold: the best of 5 full passes over as many copies of the
+/// weights as fit in the pool, each call reading the next (the same traffic as [`stream_read`]). Hot: [`time`]
+/// with one copy.
 #[allow(clippy::too_many_arguments)]
 fn measure(pool: &Pool, isa: Isa, dtype: DType, t: usize, input: usize, output: usize, cold: bool) -> f64 {
     let x: Vec<f32> = (0..t * input).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
     let mut y = vec![0f32; t * output];
-    time(|i| {
-        let w = pool.weights(dtype, input * output, if cold { i } else { 0 });
+    let mut call = |i: usize| {
+        let w = pool.weights(dtype, input * output, i);
         linear_with(isa, black_box(&x), w, None, &mut y, t, input, output);
         black_box(&mut y);
-    })
+    };
+    if !cold {
+        return time(|_| call(0));
+    }
+    let copies = pool.bytes() / (input * output * dtype.size());
+    // A pass costs a fixed number of bytes; at t > 1 fewer calls suffice (they are compute-bound).
+    let calls = if t == 1 { copies } else { copies.min(64) };
+    call(0);
+    (0..5)
+        .map(|_| {
+            let start = Instant::now();
+            for i in 0..calls {
+                call(i);
+            }
+            start.elapsed().as_secs_f64() / calls as f64
+        })
+        .fold(f64::INFINITY, f64::min)
 }
 
 fn main() {
     let pool = Pool::new();
-    let big = vec![1f32; 3 << 28];
-    for _ in 0..3 {
-        for mb in [64usize, 128, 256, 512, 1024, 3072] {
-            let n = mb << 18;
-            let d = if mb <= 1024 { &pool.f32()[..n] } else { &big[..n] };
-            let bw = stream_read(d, 2);
-            println!("{mb:5} MiB {bw:.1}");
+    let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
+    let pfs: Vec<usize> = args.iter().map(|a| a.parse().unwrap()).collect();
+    let mut best = std::collections::BTreeMap::new();
+    for round in 0..4 {
+        let bw = stream_read(pool.f32(), rayon::current_num_threads());
+        let e = best.entry(("stream".to_string(), 0usize)).or_insert(0f64);
+        *e = e.max(bw);
+        for &pf in &pfs {
+            linear::PF.store(pf, std::sync::atomic::Ordering::Relaxed);
+            for &(name, input, output, _) in &[SHAPES[0], SHAPES[2], SHAPES[4]] {
+                for dtype in [DType::F32, DType::BF16] {
+                    let bytes = (input * output * dtype.size()) as f64;
+                    let g = bytes / measure(&pool, Isa::Avx512, dtype, 1, input, output, true) / 1e9;
+                    let e = best.entry((format!("{name} {}", dtype.name()), pf)).or_insert(0f64);
+                    *e = e.max(g);
+                }
+            }
         }
+        eprintln!("round {round}");
+    }
+    for ((k, pf), v) in best {
+        println!("{k:30} pf={pf:5} {v:.2}");
     }
 }

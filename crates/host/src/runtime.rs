@@ -86,6 +86,8 @@ pub struct Runtime {
     device: Arc<Device>,
     ledger: Arc<CopyLedger>,
     models: Arc<ModelRegistry>,
+    /// Compiled modules by content hash: creating many actors of one module compiles it once.
+    modules: std::sync::Mutex<std::collections::HashMap<[u8; 32], Module>>,
     config: RuntimeConfig,
     _ticker: Ticker,
 }
@@ -126,6 +128,7 @@ impl Runtime {
             device,
             ledger: Arc::new(CopyLedger::new()),
             models: Arc::new(ModelRegistry::default()),
+            modules: Default::default(),
             config,
             _ticker: Ticker { stop, thread: Some(thread) },
         })
@@ -137,7 +140,15 @@ impl Runtime {
     ///
     /// [`ActorError::Compile`] when the bytes are not a valid module.
     pub fn compile(&self, wasm: &[u8]) -> Result<Module, ActorError> {
-        Module::new(&self.engine, wasm).map_err(|e| ActorError::Compile(format!("{e:#}")))
+        use sha2::Digest;
+        let key: [u8; 32] = sha2::Sha256::digest(wasm).into();
+        let cached = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
+        if let Some(module) = cached {
+            return Ok(module);
+        }
+        let module = Module::new(&self.engine, wasm).map_err(|e| ActorError::Compile(format!("{e:#}")))?;
+        self.modules.lock().unwrap_or_else(|p| p.into_inner()).insert(key, module.clone());
+        Ok(module)
     }
 
     /// Compiles and instantiates an actor with the runtime's default limits.

@@ -209,6 +209,9 @@ pub fn generate(
             on_text(&text[shown..ready]);
             shown = ready;
         }
+        if tokens.len() as u32 == max_tokens {
+            break; // no need to evaluate a token nothing will follow
+        }
         match session.feed(&[next]) {
             Some(l) => {
                 logits.clear();

@@ -67,16 +67,21 @@ fn parse_args() -> Result<Args> {
     })
 }
 
-/// The dtype the checkpoint stores its weights in (taken from the token embedding).
+/// The dtype the checkpoint stores its weights in (the token embedding's, read from the header).
 fn file_dtype(path: &Path) -> Result<DType> {
-    // SAFETY: the file is not modified while mapped.
-    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path)? };
-    let view = st.get("model.embed_tokens.weight")?;
-    Ok(match view.dtype() {
-        candle_core::safetensors::Dtype::F32 => DType::F32,
-        candle_core::safetensors::Dtype::BF16 => DType::BF16,
-        candle_core::safetensors::Dtype::F16 => DType::F16,
-        other => bail!("unsupported weight dtype {other:?}"),
+    use std::io::Read;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut len = [0u8; 8];
+    f.read_exact(&mut len)?;
+    let mut header = vec![0u8; u64::from_le_bytes(len) as usize];
+    f.read_exact(&mut header)?;
+    let header: serde_json::Value = serde_json::from_slice(&header)?;
+    let dtype = header["model.embed_tokens.weight"]["dtype"].as_str().context("no model.embed_tokens.weight")?;
+    Ok(match dtype {
+        "F32" => DType::F32,
+        "BF16" => DType::BF16,
+        "F16" => DType::F16,
+        other => bail!("unsupported weight dtype {other}"),
     })
 }
 

@@ -1,0 +1,127 @@
+//! Inference inside actors: the default actor generates from the bundled model with its KV cache and logits
+//! in its own memory, copies no tensor bytes, shares the weights with other actors, and the inference calls
+//! reject bad ranges like every host call.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use driftwood_engine::Model;
+use driftwood_host::{Actor, ActorError, LogMode, Runtime, RuntimeConfig};
+
+fn bundled() -> Arc<Model> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini");
+    Arc::new(Model::load(&dir, &mut |_| {}).expect("the bundled model loads"))
+}
+
+fn runtime(model: Arc<Model>) -> Runtime {
+    let rt = Runtime::new(RuntimeConfig { log: LogMode::Capture, ..RuntimeConfig::default() }).unwrap();
+    rt.register_model("default", model);
+    rt
+}
+
+fn chat_actor(rt: &Runtime, max_seq: u32) -> Actor {
+    let mut actor = rt.instantiate(driftwood_actors::CHAT).unwrap();
+    actor.call::<u32, ()>("init", max_seq).unwrap();
+    actor
+}
+
+fn request(actor: &mut Actor, export: &str, text: &str, max_tokens: u32) -> (i32, String) {
+    let ptr: u32 = actor.call("alloc", text.len() as u32).unwrap();
+    actor.write_text(ptr as usize, text.as_bytes()).unwrap();
+    let n: i32 = actor.call(export, (ptr, text.len() as u32, max_tokens)).unwrap();
+    (n, actor.take_emitted())
+}
+
+#[test]
+fn greedy_generation_is_deterministic_and_copies_no_tensor_bytes() {
+    let rt = runtime(bundled());
+    let mut a = chat_actor(&rt, 256);
+    let (n, text) = request(&mut a, "generate", "Once upon a time", 24);
+    assert_eq!(n, 24);
+    assert!(text.split_whitespace().count() >= 8, "expected words, got {text:?}");
+    let stats = a.inference_stats();
+    assert_eq!(stats.decode_tokens, 23, "one decode step per generated token after the first");
+    // Prompt, pieces and token ids are text; KV cache and logits were never copied.
+    assert_eq!(a.ledger().tensor_bytes, 0);
+    let mut b = chat_actor(&rt, 256);
+    assert_eq!(request(&mut b, "generate", "Once upon a time", 24).1, text);
+}
+
+#[test]
+fn seeded_sampling_repeats_and_seeds_differ() {
+    let rt = runtime(bundled());
+    let sample = |seed: u64| {
+        let mut a = chat_actor(&rt, 256);
+        a.call::<(f32, u32, f32, f32, f32, u64), ()>("set_sampling", (1.0, 40, 0.95, 0.0, 1.0, seed)).unwrap();
+        request(&mut a, "generate", "The king said", 32).1
+    };
+    assert_eq!(sample(7), sample(7));
+    assert_ne!(sample(7), sample(8));
+}
+
+#[test]
+fn chat_turns_reuse_the_cache_and_only_evaluate_new_tokens() {
+    let rt = runtime(bundled());
+    let mut a = chat_actor(&rt, 1024);
+    let (n1, reply1) = request(&mut a, "chat", "Tell me about the king.", 16);
+    assert!(n1 > 0 && !reply1.is_empty());
+    let first_prompt: u32 = a.call("stat", 0).unwrap();
+    let (_, _) = request(&mut a, "chat", "And the queen?", 16);
+    let prompt2: u32 = a.call("stat", 0).unwrap();
+    let evaluated2: u32 = a.call("stat", 1).unwrap();
+    assert!(prompt2 > first_prompt);
+    assert!(evaluated2 < prompt2 / 2, "turn 2 evaluated {evaluated2} of {prompt2} prompt tokens");
+    assert_eq!(a.call::<(), u32>("turns", ()).unwrap(), 4);
+}
+
+#[test]
+fn actors_share_one_copy_of_the_weights() {
+    let model = bundled();
+    let weight_bytes = model.weight_bytes_per_token();
+    let rt = runtime(model.clone());
+    let rss = || driftwood_memory::rss::resident_bytes().unwrap() as i64;
+    let mut actors = vec![chat_actor(&rt, 64)];
+    request(&mut actors[0], "generate", "Once", 4);
+    let before = rss();
+    for _ in 0..8 {
+        let mut a = chat_actor(&rt, 64);
+        request(&mut a, "generate", "Once", 4);
+        actors.push(a);
+    }
+    let per_actor = (rss() - before) / 8;
+    assert!(per_actor < weight_bytes as i64 / 4, "each actor added {per_actor} bytes; weights are {weight_bytes}");
+    // One model, referenced (not copied) by the registry, this test and each actor that opened it.
+    assert_eq!(Arc::strong_count(&model), 2 + actors.len());
+}
+
+#[test]
+fn forward_rejects_bad_ranges_and_tokens() {
+    let rt = runtime(bundled());
+    let wat = r#"(module
+        (import "driftwood" "model_open" (func $open (param i32 i32) (result i32)))
+        (import "driftwood" "forward" (func $fwd (param i32 i32 i32 i32 i32 i32 i32)))
+        (memory (export "memory") 4)
+        (data (i32.const 0) "default")
+        (func (export "driftwood_abi_version") (result i32) i32.const 0)
+        (func (export "kv_oob") (drop (call $open (i32.const 0) (i32.const 7)))
+            (call $fwd (i32.const 0) (i32.const 1024) (i32.const 64) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 2048)))
+        (func (export "bad_token") (drop (call $open (i32.const 0) (i32.const 7)))
+            (i32.store (i32.const 16) (i32.const 999999))
+            (call $fwd (i32.const 0) (i32.const 65536) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
+        (func (export "no_model")
+            (call $fwd (i32.const 5) (i32.const 65536) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
+        (func (export "unknown_model") (drop (call $open (i32.const 1) (i32.const 3)))))"#;
+    let mut a = rt.instantiate(wat.as_bytes()).unwrap();
+    let msg = |a: &mut Actor, export: &str| match a.call::<(), ()>(export, ()) {
+        Err(ActorError::Trap { message, .. }) => message,
+        other => panic!("{export}: expected a trap, got {other:?}"),
+    };
+    let m = msg(&mut a, "kv_oob");
+    assert!(m.starts_with("driftwood.forward: operand `kv`") && m.contains("outside"), "{m}");
+    let m = msg(&mut a, "bad_token");
+    assert!(m.contains("token 999999 is outside"), "{m}");
+    let m = msg(&mut a, "no_model");
+    assert!(m.contains("model handle 5"), "{m}");
+    let m = msg(&mut a, "unknown_model");
+    assert!(m.contains("no model named `efa`") && m.contains("default"), "{m}");
+}
