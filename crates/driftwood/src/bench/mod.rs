@@ -4,6 +4,7 @@
 //! Speed claims are ratios measured side by side in one run on one machine; nothing here asserts a time.
 
 mod abi;
+mod decode;
 mod matmul;
 mod readme;
 
@@ -21,6 +22,8 @@ pub enum BenchCommand {
     Abi(abi::AbiArgs),
     /// CPU matmul GFLOP/s (f32, bf16) next to the `gemm` and `matrixmultiply` crates, same run.
     Matmul(matmul::MatmulArgs),
+    /// Decode tokens/s (batch 1) inside an actor at given context lengths, with the bandwidth roofline.
+    Decode(decode::DecodeArgs),
     /// Regenerate the README's benchmark tables from bench/results/*.json.
     Readme(readme::ReadmeArgs),
 }
@@ -29,6 +32,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
     match cmd {
         BenchCommand::Abi(args) => abi::run(&args),
         BenchCommand::Matmul(args) => matmul::run(&args),
+        BenchCommand::Decode(args) => decode::run(&args),
         BenchCommand::Readme(args) => readme::run(&args),
     }
 }

@@ -1,0 +1,150 @@
+//! `driftwood bench decode`: decode tokens/s, batch 1, inside an actor, at given context lengths, next to
+//! the memory-bandwidth roofline measured in the same run (weight bytes per token / streaming-read speed).
+//!
+//! The actor (`bench_decode` of the default actor) prefills `context` tokens into a KV cache in its own
+//! memory, then runs greedy decode steps; each step is a host call that computes on the guest's KV cache and
+//! writes logits into guest memory, plus the guest's own argmax. Peers are measured by
+//! `scripts/bench_decode.sh`, which runs this command beside them.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::{Output, emit, median};
+use crate::llm::{bundled_model_dir, load_model};
+use driftwood_backend::BackendKind;
+use driftwood_host::{ActorLimits, LogMode, Runtime, RuntimeConfig};
+
+/// Arguments of `driftwood bench decode`.
+#[derive(clap::Args, Debug)]
+pub struct DecodeArgs {
+    /// Model directory (default: the bundled model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Context lengths (tokens already in the KV cache when decoding starts).
+    #[arg(long, value_delimiter = ',', default_value = "128,1024")]
+    context: Vec<u32>,
+    /// Decode steps timed per repetition.
+    #[arg(long, default_value_t = 64)]
+    steps: u32,
+    /// Repetitions per context (median reported).
+    #[arg(long, default_value_t = 3)]
+    reps: u32,
+    /// Backend: auto, cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
+    backend: BackendKind,
+    /// Print JSON only (the result is written to a file unless --no-write either way).
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Serialize, Debug)]
+struct Row {
+    context: u32,
+    decode_tokens_per_s: f64,
+    ms_per_token: f64,
+    forward_only_tokens_per_s: f64,
+    prefill_tokens_per_s: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct DecodeResults {
+    engine: &'static str,
+    model: String,
+    weights_dtype: String,
+    backend: &'static str,
+    weight_bytes_per_token: usize,
+    read_bandwidth_gb_s: f64,
+    roofline_tokens_per_s: f64,
+    rows: Vec<Row>,
+}
+
+/// Streaming-read bandwidth of this machine over all pool threads, in GB/s (median of 5 passes over 1 GiB).
+pub fn read_bandwidth_gb_s() -> f64 {
+    let words = (1usize << 30) / 8;
+    let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
+    let mut samples = vec![];
+    for _ in 0..5 {
+        let t = Instant::now();
+        let sum = buf
+            .par_chunks(1 << 16)
+            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
+            .reduce(|| 0, u64::wrapping_add);
+        std::hint::black_box(sum);
+        samples.push((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
+    }
+    median(&mut samples)
+}
+
+pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
+    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let model = load_model(&dir)?;
+    let weights_dtype = std::fs::read_to_string(dir.join("config.json"))
+        .ok()
+        .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+        .and_then(|v| v.get("torch_dtype").or(v.get("dtype")).and_then(|d| d.as_str()).map(str::to_string))
+        .unwrap_or_else(|| "unknown".into());
+    let weight_bytes = model.weight_bytes_per_token();
+    let runtime = Runtime::new(RuntimeConfig {
+        backend: args.backend,
+        log: LogMode::Capture,
+        limits: ActorLimits { memory_bytes: 4 << 30, deadline: std::time::Duration::from_secs(3600), ..Default::default() },
+        ..Default::default()
+    })?;
+    runtime.register_model("default", model);
+    let mut rows = vec![];
+    for &context in &args.context {
+        let (mut decode, mut forward_only, mut prefill) = (vec![], vec![], vec![]);
+        for rep in 0..=args.reps {
+            let mut actor = runtime.instantiate(driftwood_actors::CHAT)?;
+            let t = Instant::now();
+            let steps: i32 = actor.call("bench_decode", (context, args.steps))?;
+            let wall = t.elapsed().as_secs_f64();
+            if steps != args.steps as i32 {
+                anyhow::bail!("context {context} + {} steps does not fit the model (ran {steps})", args.steps);
+            }
+            let s = actor.inference_stats();
+            if rep == 0 {
+                continue; // warm-up
+            }
+            let decode_wall = wall - s.prefill_secs;
+            decode.push(args.steps as f64 / decode_wall);
+            forward_only.push(s.decode_tokens as f64 / s.decode_secs);
+            prefill.push(s.prefill_tokens as f64 / s.prefill_secs);
+        }
+        let row = Row {
+            context,
+            decode_tokens_per_s: median(&mut decode),
+            ms_per_token: 1e3 / median(&mut decode.clone()),
+            forward_only_tokens_per_s: median(&mut forward_only),
+            prefill_tokens_per_s: median(&mut prefill),
+        };
+        eprintln!(
+            "context {context}: decode {:.1} tokens/s ({:.2} ms/token), prefill {:.0} tokens/s",
+            row.decode_tokens_per_s, row.ms_per_token, row.prefill_tokens_per_s
+        );
+        rows.push(row);
+    }
+    let bandwidth = read_bandwidth_gb_s();
+    let results = DecodeResults {
+        engine: "driftwood",
+        model: dir.display().to_string(),
+        weights_dtype: weights_dtype.clone(),
+        backend: driftwood_backend::Backend::name(runtime.device()),
+        weight_bytes_per_token: weight_bytes,
+        read_bandwidth_gb_s: bandwidth,
+        roofline_tokens_per_s: bandwidth * 1e9 / weight_bytes as f64,
+        rows,
+    };
+    eprintln!(
+        "roofline: {:.0} MB of weights per token at {bandwidth:.1} GB/s = {:.1} tokens/s",
+        weight_bytes as f64 / 1e6,
+        results.roofline_tokens_per_s
+    );
+    let _ = args.json;
+    emit("decode", &format!("decode-driftwood-{weights_dtype}"), &args.output, results)
+}
