@@ -25,7 +25,7 @@ def prompt_token(i: int, vocab: int) -> int:
     return 17 + (i * 7919 + 104729) % (vocab - 17)
 
 
-def physical_cores() -> int:
+def usable_cores() -> int:
     try:
         return len(os.sched_getaffinity(0))
     except AttributeError:
@@ -48,7 +48,9 @@ def main() -> int:
     ap.add_argument("--context", default="128,1024")
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--warmup", type=int, default=8)
-    ap.add_argument("--threads", type=int, default=physical_cores())
+    ap.add_argument("--threads", type=int, default=usable_cores())
+    ap.add_argument("--flash-attn", action="store_true",
+                    help="enable llama.cpp's flash attention (llama-cpp-python's default is off)")
     ap.add_argument("--kv-type", choices=["default", "f16", "f32", "bf16"], default="default",
                     help="KV cache element type (default: llama.cpp's, f16)")
     args = ap.parse_args()
@@ -73,6 +75,7 @@ def main() -> int:
             n_threads_batch=args.threads,
             n_gpu_layers=0,
             logits_all=False,
+            flash_attn=args.flash_attn,
             verbose=False,
             **extra,
         )
@@ -81,18 +84,23 @@ def main() -> int:
         prompt = [prompt_token(i, vocab) for i in range(n)]
 
         t = time.perf_counter()
+        def greedy() -> int:
+            # Llama.eval keeps no logits unless logits_all; read the last output's row from llama.cpp.
+            ptr = llama_cpp.llama_get_logits_ith(llm._ctx.ctx, -1)
+            return int(np.argmax(np.ctypeslib.as_array(ptr, shape=(vocab,))))
+
         llm.eval(prompt)
-        first_token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        first_token = greedy()
         prefill_s = time.perf_counter() - t
 
         nxt = first_token
         for _ in range(args.warmup):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = greedy()
         t = time.perf_counter()
         for _ in range(args.steps):
             llm.eval([nxt])
-            nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            nxt = greedy()
         decode_s = time.perf_counter() - t
 
         print(json.dumps({
@@ -108,6 +116,7 @@ def main() -> int:
             "prefill_s": prefill_s,
             "load_s": load_s,
             "kv_type": args.kv_type if args.kv_type != "default" else "f16",
+            "flash_attn": args.flash_attn,
             "system_info": system_info,
         }), flush=True)
         llm.close() if hasattr(llm, "close") else None

@@ -150,6 +150,8 @@ const TASKS_PER_THREAD: usize = 4;
 /// Weight bytes a task applies to a token block before moving on: a chunk that stays in L2.
 const CHUNK_BYTES: usize = 128 << 10;
 
+pub(crate) static SPLIT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+pub(crate) static PFH: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 pub(crate) static PF: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 /// One call's operands, shared by its tasks.
@@ -161,6 +163,8 @@ struct Job<'a, E> {
     t: usize,
     input: usize,
     output: usize,
+    /// For bf16 decode: `x` with each 32 elements reordered evens first, then odds.
+    x_split: Vec<f32>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -182,7 +186,17 @@ fn run<E: Elem>(
     if y.is_empty() {
         return;
     }
-    let job = Job { x, w, bias, y: SendPtr(y.as_mut_ptr()), t, input, output };
+    let x_split = if t == 1 && E::KIND == Kind::BF16 && SPLIT.load(std::sync::atomic::Ordering::Relaxed) == 1 {
+        let mut v = Vec::with_capacity(input / 32 * 32);
+        for c in x.chunks_exact(32) {
+            v.extend(c.iter().step_by(2));
+            v.extend(c.iter().skip(1).step_by(2));
+        }
+        v
+    } else {
+        Vec::new()
+    };
+    let job = Job { x, w, bias, y: SendPtr(y.as_mut_ptr()), t, input, output, x_split };
     let macs = t * input * output;
     let threads = rayon::current_num_threads();
     if macs < INLINE_MACS || threads == 1 || output < 8 {
@@ -315,6 +329,17 @@ macro_rules! blocking {
             let bias = job.bias.map_or(std::ptr::null(), <[f32]>::as_ptr);
             let w = job.w.as_ptr();
             let mut r = c0;
+            if T == 1 && !job.x_split.is_empty() {
+                // SAFETY: as below, one row at a time.
+                unsafe {
+                    while r < c1 {
+                        let b = if bias.is_null() { 0.0 } else { *bias.add(r) };
+                        *y.add(r) = dot_split(x, job.x_split.as_ptr(), w.add(r * input), input) + b;
+                        r += 1;
+                    }
+                }
+                return;
+            }
             if T == 1 {
                 // SAFETY: as below, one row at a time.
                 unsafe {
@@ -395,12 +420,59 @@ mod avx512 {
                 if pf > 0 {
                     let mut l = 0;
                     while l < 64 * size_of::<E>() {
-                        _mm_prefetch::<_MM_HINT_T0>(w.wrapping_add(k + pf).cast::<i8>().wrapping_add(l));
+                        let a = w.wrapping_add(k + pf).cast::<i8>().wrapping_add(l);
+                        match super::PFH.load(std::sync::atomic::Ordering::Relaxed) {
+                            0 => _mm_prefetch::<_MM_HINT_T0>(a),
+                            1 => _mm_prefetch::<_MM_HINT_T1>(a),
+                            2 => _mm_prefetch::<_MM_HINT_T2>(a),
+                            _ => _mm_prefetch::<_MM_HINT_NTA>(a),
+                        }
                         l += 64;
                     }
                 }
                 for (u, a) in acc.iter_mut().enumerate() {
                     *a = _mm512_fmadd_ps(load16(w.add(k + 16 * u)), _mm512_loadu_ps(x.add(k + 16 * u)), *a);
+                }
+                k += 64;
+            }
+            while k + 16 <= input {
+                acc[0] = _mm512_fmadd_ps(load16(w.add(k)), _mm512_loadu_ps(x.add(k)), acc[0]);
+                k += 16;
+            }
+            let rem = input - k;
+            if rem > 0 {
+                let mut buf = [E::ZERO; 16];
+                std::ptr::copy_nonoverlapping(w.add(k), buf.as_mut_ptr(), rem);
+                let xv = _mm512_maskz_loadu_ps((1 << rem) - 1, x.add(k));
+                acc[1] = _mm512_fmadd_ps(load16(buf.as_ptr()), xv, acc[1]);
+            }
+            _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
+        }
+    }
+
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    unsafe fn dot_split<E: Elem>(x: *const f32, xs: *const f32, w: *const E, input: usize) -> f32 {
+        let pf = super::PF.load(std::sync::atomic::Ordering::Relaxed) / size_of::<E>();
+        unsafe {
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let hi = _mm512_set1_epi32(0xffff_0000u32 as i32);
+            let mut k = 0;
+            while k + 64 <= input {
+                if pf > 0 {
+                    let mut l = 0;
+                    while l < 64 * size_of::<E>() {
+                        let a = w.wrapping_add(k + pf).cast::<i8>().wrapping_add(l);
+                        _mm_prefetch::<_MM_HINT_T0>(a);
+                        l += 64;
+                    }
+                }
+                for h in 0..2 {
+                    let v = _mm512_loadu_si512(w.add(k + 32 * h).cast());
+                    let we = _mm512_castsi512_ps(_mm512_slli_epi32::<16>(v));
+                    let wo = _mm512_castsi512_ps(_mm512_and_si512(v, hi));
+                    acc[2 * h] = _mm512_fmadd_ps(we, _mm512_loadu_ps(xs.add(k + 32 * h)), acc[2 * h]);
+                    acc[2 * h + 1] = _mm512_fmadd_ps(wo, _mm512_loadu_ps(xs.add(k + 32 * h + 16)), acc[2 * h + 1]);
                 }
                 k += 64;
             }

@@ -92,7 +92,11 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
     let runtime = Runtime::new(RuntimeConfig {
         backend: args.backend,
         log: LogMode::Capture,
-        limits: ActorLimits { memory_bytes: 4 << 30, deadline: std::time::Duration::from_secs(3600), ..Default::default() },
+        limits: ActorLimits {
+            memory_bytes: 4 << 30,
+            deadline: std::time::Duration::from_secs(3600),
+            ..Default::default()
+        },
         ..Default::default()
     })?;
     runtime.register_model("default", model);
