@@ -75,6 +75,44 @@ fn matmul_table(v: &Value) -> String {
     t + "\nGFLOP/s, median of interleaved repetitions.\n" + &provenance(v)
 }
 
+fn decode_table(v: &Value) -> String {
+    let rows: Vec<&Value> = v["results"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    let mut engines: Vec<String> = vec![];
+    for r in &rows {
+        let e = r["engine"].as_str().unwrap_or("?").to_string();
+        if !engines.contains(&e) {
+            engines.push(e);
+        }
+    }
+    let mut t = format!("| weights | context | {} |\n|---|---:|{}\n", engines.join(" | "), "---:|".repeat(engines.len()));
+    let mut keys: Vec<(String, u64)> = vec![];
+    for r in &rows {
+        let k = (r["dtype"].as_str().unwrap_or("?").to_string(), r["context"].as_u64().unwrap_or(0));
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    for (dtype, context) in keys {
+        let cells: Vec<String> = engines
+            .iter()
+            .map(|e| {
+                rows.iter()
+                    .find(|r| r["engine"] == e.as_str() && r["dtype"] == dtype.as_str() && r["context"] == context)
+                    .and_then(|r| r["decode_tokens_per_s"].as_f64())
+                    .map_or("—".into(), |x| format!("{x:.1}"))
+            })
+            .collect();
+        t += &format!("| {dtype} | {context} | {} |\n", cells.join(" | "));
+    }
+    if let Some(roof) = v.pointer("/roofline") {
+        t += &format!(
+            "\nRoofline: {} weight bytes per token at a measured {:.1} GB/s read bandwidth.\n",
+            roof["weight_bytes_per_token"], num(roof, "read_bandwidth_gb_s")
+        );
+    }
+    t + "\nDecode tokens/s at batch 1, higher is better.\n" + &provenance(v)
+}
+
 fn replace_between(doc: &str, name: &str, body: &str) -> anyhow::Result<String> {
     let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
     let (Some(start), Some(end)) = (doc.find(&open), doc.find(&close)) else {
@@ -91,6 +129,9 @@ pub fn run(args: &ReadmeArgs) -> anyhow::Result<()> {
         std::fs::read_to_string(&args.readme).with_context(|| format!("cannot read {}", args.readme.display()))?;
     doc = replace_between(&doc, "abi", &abi_table(&load(args, "abi-cpu")?))?;
     doc = replace_between(&doc, "matmul", &matmul_table(&load(args, "matmul-cpu")?))?;
+    if let Ok(decode) = load(args, "decode-cpu") {
+        doc = replace_between(&doc, "decode", &decode_table(&decode))?;
+    }
     std::fs::write(&args.readme, doc).with_context(|| format!("cannot write {}", args.readme.display()))?;
     eprintln!("updated {}", args.readme.display());
     Ok(())
