@@ -16,7 +16,7 @@ fn main() {
     let root = manifest_dir.join("../..");
     let guest = root.join("guest");
     let target_dir = root.join("target/wasm-guests");
-    for watched in ["Cargo.toml", "Cargo.lock", "sdk", "actors"] {
+    for watched in ["Cargo.toml", "Cargo.lock", ".cargo", "sdk", "actors"] {
         println!("cargo:rerun-if-changed={}", guest.join(watched).display());
     }
     let cargo = env::var_os("CARGO").unwrap_or_else(|| "cargo".into());

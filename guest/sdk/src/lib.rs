@@ -51,6 +51,13 @@ pub mod raw {
         pub fn forward(model: u32, kv: *mut f32, max_seq: u32, pos: u32, tokens: *const u32, n: usize, logits: *mut f32);
         /// Streams generated text to the host.
         pub fn emit(ptr: *const u8, len: usize);
+        /// Writes the session (the first `n` tokens' KV rows, the tokens, and `state`) to the snapshot file the
+        /// host chose. Returns 0, or -1 if the host could not (its reason goes to the host's error report).
+        pub fn session_save(model: u32, kv: *const f32, max_seq: u32, tokens: *const u32, n: usize, state: *const u8, state_len: usize) -> i32;
+        /// Reads the snapshot file the host chose into a session: KV rows into `kv`, tokens into `tokens`
+        /// (capacity `max_seq`), the saved state into `state` (capacity `state_cap`). Returns the token count,
+        /// or -1 if the host refused the file.
+        pub fn session_load(model: u32, kv: *mut f32, max_seq: u32, tokens: *mut u32, state: *mut u8, state_cap: usize) -> i32;
     }
 }
 

@@ -172,6 +172,48 @@ impl Session {
         keep
     }
 
+    /// Saves this session and `state` (the actor's own bytes, e.g. its sampler) to the snapshot file the host
+    /// chose. Returns false if the host could not write it.
+    pub fn save(&self, state: &[u8]) -> bool {
+        // SAFETY: all buffers are this session's and readable for the call.
+        unsafe {
+            raw::session_save(
+                self.model.handle,
+                self.kv.as_ptr(),
+                self.max_seq,
+                self.tokens.as_ptr(),
+                self.tokens.len(),
+                state.as_ptr(),
+                state.len(),
+            ) == 0
+        }
+    }
+
+    /// Replaces this session's contents with the snapshot file the host chose; returns the saved state bytes,
+    /// or `None` if the host refused the file (wrong model, corrupt, too long for this session).
+    pub fn load(&mut self) -> Option<Vec<u8>> {
+        let mut tokens = vec![0u32; self.max_seq as usize];
+        let mut state = vec![0u8; 4096];
+        // SAFETY: kv, tokens and state are writable buffers of the stated capacities.
+        let n = unsafe {
+            raw::session_load(
+                self.model.handle,
+                self.kv.as_mut_ptr(),
+                self.max_seq,
+                tokens.as_mut_ptr(),
+                state.as_mut_ptr(),
+                state.len(),
+            )
+        };
+        if n < 0 {
+            return None;
+        }
+        tokens.truncate(n as usize);
+        self.tokens = tokens;
+        let state_len = u32::from_le_bytes([state[0], state[1], state[2], state[3]]) as usize;
+        Some(state.get(4..4 + state_len).map(<[u8]>::to_vec).unwrap_or_default())
+    }
+
     /// Evaluates `tokens` after those in the cache and returns the next-token logits. Returns `None` (and
     /// evaluates nothing) when they do not fit in the cache.
     pub fn feed(&mut self, tokens: &[u32]) -> Option<&mut [f32]> {

@@ -75,6 +75,37 @@ impl Sampler {
         &self.config
     }
 
+    /// The sampler's settings and random-stream position as bytes (for a session snapshot).
+    pub fn state_bytes(&self) -> Vec<u8> {
+        let c = &self.config;
+        let mut b = Vec::with_capacity(36);
+        for w in [c.temperature.to_bits(), c.top_k, c.top_p.to_bits(), c.min_p.to_bits(), c.repetition_penalty.to_bits()] {
+            b.extend_from_slice(&w.to_le_bytes());
+        }
+        b.extend_from_slice(&c.seed.to_le_bytes());
+        b.extend_from_slice(&self.rng.0.to_le_bytes());
+        b
+    }
+
+    /// A sampler exactly where [`state_bytes`](Self::state_bytes) left one; `None` if the bytes are not such
+    /// a state.
+    pub fn from_state_bytes(b: &[u8]) -> Option<Sampler> {
+        if b.len() != 36 {
+            return None;
+        }
+        let u32_at = |i: usize| u32::from_le_bytes([b[i], b[i + 1], b[i + 2], b[i + 3]]);
+        let u64_at = |i: usize| u64::from_le_bytes(b[i..i + 8].try_into().unwrap_or([0; 8]));
+        let config = SamplerConfig {
+            temperature: f32::from_bits(u32_at(0)),
+            top_k: u32_at(4),
+            top_p: f32::from_bits(u32_at(8)),
+            min_p: f32::from_bits(u32_at(12)),
+            repetition_penalty: f32::from_bits(u32_at(16)),
+            seed: u64_at(20),
+        };
+        Some(Sampler { config, rng: Rng(u64_at(28)), candidates: Vec::new() })
+    }
+
     /// Chooses the next token. `logits` is modified (penalties, temperature); `history` is the sequence so
     /// far, for the repetition penalty.
     pub fn sample(&mut self, logits: &mut [f32], history: &[u32]) -> u32 {

@@ -21,6 +21,8 @@ struct Actor {
     messages: Vec<(String, String)>,
     /// [prompt tokens, tokens evaluated for the prompt, tokens generated, stop reason]
     stats: [u32; 4],
+    /// The last generated token when generation stopped before evaluating it.
+    pending: Option<u32>,
 }
 
 thread_local! {
@@ -69,6 +71,7 @@ pub extern "C" fn init(max_seq: u32) {
         stops: Vec::new(),
         messages: Vec::new(),
         stats: [0; 4],
+        pending: None,
     };
     ACTOR.with(|a| *a.borrow_mut() = Some(actor));
 }
@@ -96,6 +99,7 @@ fn run(a: &mut Actor, prompt: &[u32], max_tokens: u32) -> i32 {
     let stops = a.stops.clone();
     let out = sample::generate(&mut a.session, &mut a.sampler, logits, max_tokens, &stops, driftwood_guest::emit);
     a.stats = [prompt.len() as u32, (prompt.len() - reused) as u32, out.tokens.len() as u32, out.stop as u32];
+    a.pending = (a.session.tokens().len() < prompt.len() + out.tokens.len()).then(|| out.tokens.last().copied()).flatten();
     if a.messages.last().is_some_and(|(role, _)| role == "user") {
         a.messages.push(("assistant".into(), out.text));
     }
@@ -163,4 +167,50 @@ pub extern "C" fn bench_decode(context: u32, steps: u32) -> i32 {
         }
     }
     steps as i32
+}
+
+/// Saves the session (KV cache, tokens, sampler state) to the snapshot file the host chose. Returns the number
+/// of tokens saved, -1 if the host could not write it, -2 before `init`.
+#[unsafe(no_mangle)]
+pub extern "C" fn save_session() -> i32 {
+    with_actor(|a| {
+        // A token generated but not yet evaluated is evaluated now, so the saved cache holds every token.
+        if let Some(tok) = a.pending.take() {
+            a.session.feed(&[tok]);
+        }
+        if a.session.save(&a.sampler.state_bytes()) { a.session.tokens().len() as i32 } else { -1 }
+    })
+    .unwrap_or(-2)
+}
+
+/// Replaces the session with the snapshot file the host chose (and the sampler with the saved one). Returns
+/// the number of tokens restored, -1 if the host refused the file, -2 before `init`.
+#[unsafe(no_mangle)]
+pub extern "C" fn load_session() -> i32 {
+    with_actor(|a| match a.session.load() {
+        Some(state) => {
+            if let Some(sampler) = Sampler::from_state_bytes(&state) {
+                a.sampler = sampler;
+            }
+            a.messages.clear();
+            a.pending = None;
+            a.session.tokens().len() as i32
+        }
+        None => -1,
+    })
+    .unwrap_or(-2)
+}
+
+/// Continues generating after the tokens the session holds (after `load_session`). Returns as [`generate`].
+#[unsafe(no_mangle)]
+pub extern "C" fn resume(max_tokens: u32) -> i32 {
+    with_actor(|a| {
+        let mut history = a.session.tokens().to_vec();
+        history.extend(a.pending.take());
+        if history.is_empty() {
+            return -1;
+        }
+        run(a, &history, max_tokens)
+    })
+    .unwrap_or(-2)
 }
