@@ -107,7 +107,7 @@ pub fn load_model(dir: &Path) -> anyhow::Result<Arc<Model>> {
 
 /// A runtime with the model registered as `default` and a chat actor ready to serve it.
 pub struct ChatSession {
-    /// Kept alive for the actor (its engine and epoch ticker).
+    /// The runtime the actor lives in (its engine, models and epoch ticker).
     _runtime: Runtime,
     /// The default actor.
     pub actor: Actor,
@@ -151,12 +151,25 @@ impl ChatSession {
     /// Runs the actor's `generate` or `chat` export on `text`; returns the call's stats.
     pub fn request(&mut self, export: &str, text: &str, max_tokens: u32) -> anyhow::Result<TurnStats> {
         let (ptr, len) = self.write_input(text)?;
+        let result = self.timed(|actor| actor.call(export, (ptr, len, max_tokens)));
+        // The protocol: (ptr, len) came from this actor's `alloc` and is freed once.
+        self.actor.call::<(u32, u32), ()>("dealloc", (ptr, len))?;
+        result
+    }
+
+    /// Continues generating after the tokens the actor's session holds.
+    pub fn resume(&mut self, max_tokens: u32) -> anyhow::Result<TurnStats> {
+        self.timed(|actor| actor.call("resume", max_tokens))
+    }
+
+    fn timed(
+        &mut self,
+        call: impl FnOnce(&mut Actor) -> Result<i32, driftwood_host::ActorError>,
+    ) -> anyhow::Result<TurnStats> {
         let before = self.actor.inference_stats();
         let started = Instant::now();
-        let generated: i32 = self.actor.call(export, (ptr, len, max_tokens))?;
+        let generated: i32 = call(&mut self.actor)?;
         let wall = started.elapsed();
-        // SAFETY of the protocol: (ptr, len) came from this actor's `alloc` and is freed once.
-        self.actor.call::<(u32, u32), ()>("dealloc", (ptr, len))?;
         match generated {
             -1 => bail!("the prompt does not fit in the session's KV cache (raise --max-seq)"),
             n if n < 0 => bail!("the actor refused the request (code {n})"),
@@ -228,20 +241,68 @@ fn stream_to_stdout(actor: &mut Actor) {
 /// Arguments of `driftwood generate`.
 #[derive(clap::Args, Debug)]
 pub struct GenerateArgs {
-    /// Text to continue.
-    #[arg(long)]
-    prompt: String,
+    /// Text to continue (not needed with --resume or --resume-actor).
+    #[arg(long, required_unless_present_any = ["resume", "resume_actor"])]
+    prompt: Option<String>,
+    /// After generating, save the session (KV cache, tokens, sampler) as a portable safetensors snapshot.
+    #[arg(long, value_name = "FILE")]
+    save_session: Option<PathBuf>,
+    /// Continue the session saved in FILE instead of starting from a prompt.
+    #[arg(long, value_name = "FILE", conflicts_with_all = ["prompt", "resume_actor"])]
+    resume: Option<PathBuf>,
+    /// After generating, save the whole actor (memory, globals, model handles) for migration.
+    #[arg(long, value_name = "FILE")]
+    save_actor: Option<PathBuf>,
+    /// Continue from a whole-actor snapshot instead of starting from a prompt.
+    #[arg(long, value_name = "FILE", conflicts_with = "prompt")]
+    resume_actor: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
 }
 
 pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
     let mut session = ChatSession::start(&args.model)?;
+    if let Some(path) = &args.resume_actor {
+        let actor = session._runtime.restore_actor(path, driftwood_actors::CHAT)?;
+        session.actor = actor;
+    }
     stream_to_stdout(&mut session.actor);
-    print!("{}", args.prompt);
-    let stats = session.request("generate", &args.prompt, args.model.max_tokens)?;
+    let stats = if let Some(path) = &args.resume {
+        session.actor.set_session_file(path);
+        let restored: i32 = session.actor.call("load_session", ())?;
+        if restored < 0 {
+            let why = session.actor.take_host_error().unwrap_or_else(|| "unknown error".into());
+            bail!("cannot resume: {why}");
+        }
+        session.resume(args.model.max_tokens)?
+    } else if args.resume_actor.is_some() {
+        session.resume(args.model.max_tokens)?
+    } else {
+        let prompt = args.prompt.as_deref().unwrap_or_default();
+        print!("{prompt}");
+        session.request("generate", prompt, args.model.max_tokens)?
+    };
     println!();
     eprintln!("{}", stats.summary());
+    if let Some(path) = &args.save_session {
+        session.actor.set_session_file(path);
+        let saved: i32 = session.actor.call("save_session", ())?;
+        if saved < 0 {
+            let why = session.actor.take_host_error().unwrap_or_else(|| "unknown error".into());
+            bail!("cannot save the session: {why}");
+        }
+        eprintln!("[saved {saved} tokens of session state to {}]", path.display());
+    }
+    if let Some(path) = &args.save_actor {
+        let stats = session.actor.save_snapshot(path, Default::default())?;
+        eprintln!(
+            "[saved the actor to {} ({} bytes, {} of {} pages non-zero)]",
+            path.display(),
+            stats.bytes,
+            stats.pages_written,
+            stats.pages_total
+        );
+    }
     Ok(())
 }
 

@@ -67,13 +67,17 @@ pub(crate) struct ActorState {
     logs: VecDeque<LogLine>,
     /// Models the host has loaded, by name.
     pub(crate) registry: Arc<ModelRegistry>,
-    /// Models this actor opened; the index is the guest's handle.
-    pub(crate) models: Vec<Arc<Model>>,
+    /// Models this actor opened, with the name it opened each by; the index is the guest's handle.
+    pub(crate) models: Vec<(String, Arc<Model>)>,
     /// Activation scratch of the forward pass (backend memory, not guest memory).
     pub(crate) scratch: Scratch,
     pub(crate) stats: InferenceStats,
     emit_sink: Option<EmitSink>,
     emitted: String,
+    /// Where `session_save` / `session_load` write and read; chosen by the host, never by the guest.
+    pub(crate) session_file: Option<std::path::PathBuf>,
+    /// Why the last host call that returned an error code failed.
+    pub(crate) host_error: Option<String>,
 }
 
 impl ActorState {
@@ -98,6 +102,8 @@ impl ActorState {
             stats: InferenceStats::default(),
             emit_sink: None,
             emitted: String::new(),
+            session_file: None,
+            host_error: None,
         }
     }
 
@@ -145,10 +151,17 @@ pub struct Actor {
     memory: Memory,
     region: SharedRegion,
     limits: ActorLimits,
+    /// Hex SHA-256 of the module's bytes, when the actor was created from bytes.
+    module_digest: Option<String>,
 }
 
 impl Actor {
-    pub(crate) fn instantiate(runtime: &Runtime, module: &Module, state: ActorState) -> Result<Actor, ActorError> {
+    pub(crate) fn instantiate(
+        runtime: &Runtime,
+        module: &Module,
+        module_digest: Option<String>,
+        state: ActorState,
+    ) -> Result<Actor, ActorError> {
         let limits = state.limiter.limits;
         let mut store = Store::new(runtime.engine(), state);
         store.limiter(|s| &mut s.limiter);
@@ -168,7 +181,7 @@ impl Actor {
             )
         })?;
         store.data_mut().memory = Some(memory);
-        let mut actor = Actor { store, instance, memory, region, limits };
+        let mut actor = Actor { store, instance, memory, region, limits, module_digest };
         let version: u32 = actor.call("driftwood_abi_version", ()).map_err(|e| match e {
             ActorError::NoSuchExport { .. } => ActorError::Instantiate(
                 "the module does not export `driftwood_abi_version: () -> i32`; build it with the driftwood guest SDK"
@@ -232,6 +245,153 @@ impl Actor {
     /// [`take_emitted`](Self::take_emitted).
     pub fn set_emit_sink(&mut self, sink: impl FnMut(&str) + Send + 'static) {
         self.store.data_mut().emit_sink = Some(Box::new(sink));
+    }
+
+    /// Writes a whole-actor snapshot to `path` (atomically): module digest, ABI version, the non-zero pages of
+    /// its memory, its exported mutable globals and the models it opened (by name and fingerprint). Call it
+    /// between calls, when the guest is idle.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Host`] if the actor was not created from bytes (no digest) or the file cannot be written.
+    pub fn save_snapshot(
+        &mut self,
+        path: &std::path::Path,
+        metadata: std::collections::BTreeMap<String, String>,
+    ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
+        use driftwood_snapshot::{ActorImage, GlobalValue, ModelRef};
+        let digest = self.module_digest.clone().ok_or_else(|| {
+            ActorError::Host("only actors instantiated from module bytes can be snapshotted".into())
+        })?;
+        let exports: Vec<(String, wasmtime::Global)> = self
+            .instance
+            .exports(&mut self.store)
+            .filter_map(|e| {
+                let name = e.name().to_string();
+                e.into_global().map(|g| (name, g))
+            })
+            .collect();
+        let mut globals = vec![];
+        for (name, global) in exports {
+            if global.ty(&self.store).mutability() != wasmtime::Mutability::Var {
+                continue;
+            }
+            let value = match global.get(&mut self.store) {
+                wasmtime::Val::I32(v) => GlobalValue::I32(v),
+                wasmtime::Val::I64(v) => GlobalValue::I64(v),
+                wasmtime::Val::F32(bits) => GlobalValue::F32(bits),
+                wasmtime::Val::F64(bits) => GlobalValue::F64(bits),
+                _ => return Err(ActorError::Host(format!("global `{name}` has a type snapshots cannot hold"))),
+            };
+            globals.push((name, value));
+        }
+        let models = self
+            .store
+            .data()
+            .models
+            .iter()
+            .map(|(name, m)| ModelRef {
+                name: name.clone(),
+                model_fingerprint: m.fingerprint().into(),
+                tokenizer_fingerprint: m.tokenizer_fingerprint().into(),
+            })
+            .collect();
+        let image = ActorImage {
+            module_digest: digest,
+            abi_version: abi::ABI_VERSION,
+            memory_size: self.memory_size() as u64,
+            globals,
+            models,
+            metadata,
+        };
+        let stats = driftwood_snapshot::write_actor(path, &image, self.memory.data(&self.store))
+            .map_err(|e| ActorError::Host(format!("cannot write actor snapshot {}: {e}", path.display())))?;
+        self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
+        Ok(stats)
+    }
+
+    /// Overwrites this freshly instantiated actor with a snapshot (see [`Runtime::restore_actor`]).
+    pub(crate) fn restore_from(
+        &mut self,
+        file: &driftwood_snapshot::ActorFile,
+        registry: &crate::ModelRegistry,
+    ) -> Result<(), ActorError> {
+        use driftwood_snapshot::GlobalValue;
+        let image = &file.image;
+        if self.module_digest.as_deref() != Some(image.module_digest.as_str()) {
+            return Err(ActorError::Host(format!(
+                "the snapshot is of module {}, not of the module given ({})",
+                image.module_digest,
+                self.module_digest.as_deref().unwrap_or("unknown")
+            )));
+        }
+        if image.abi_version != abi::ABI_VERSION {
+            return Err(ActorError::AbiMismatch { guest: image.abi_version, host: abi::ABI_VERSION });
+        }
+        // Models first: nothing is changed if one is missing or different.
+        let mut models = vec![];
+        for m in &image.models {
+            let model = registry.get(&m.name).ok_or_else(|| {
+                ActorError::Host(format!("the snapshot needs model `{}`, which is not loaded", m.name))
+            })?;
+            if model.fingerprint() != m.model_fingerprint || model.tokenizer_fingerprint() != m.tokenizer_fingerprint {
+                return Err(ActorError::Host(format!(
+                    "model `{}` differs from the one the snapshot was taken with (fingerprint {} vs {})",
+                    m.name,
+                    model.fingerprint(),
+                    m.model_fingerprint
+                )));
+            }
+            models.push((m.name.clone(), model));
+        }
+        let size = image.memory_size as usize;
+        if size > self.limits.memory_bytes {
+            return Err(ActorError::Host(format!(
+                "the snapshot's {size}-byte memory exceeds this actor's cap of {} bytes",
+                self.limits.memory_bytes
+            )));
+        }
+        let current = self.memory_size();
+        if size > current {
+            let pages = ((size - current) / 65536) as u64;
+            self.memory.grow(&mut self.store, pages).map_err(|e| ActorError::Host(format!("cannot grow memory: {e}")))?;
+        }
+        if self.memory_size() != size {
+            return Err(ActorError::Host(format!(
+                "the snapshot's memory ({size} bytes) is smaller than the module's initial memory ({} bytes)",
+                self.memory_size()
+            )));
+        }
+        file.restore_into(self.memory.data_mut(&mut self.store))
+            .map_err(|e| ActorError::Host(format!("cannot restore memory: {e}")))?;
+        for (name, value) in &image.globals {
+            let global = self
+                .instance
+                .get_global(&mut self.store, name)
+                .ok_or_else(|| ActorError::Host(format!("the module has no global `{name}`")))?;
+            let val = match *value {
+                GlobalValue::I32(v) => wasmtime::Val::I32(v),
+                GlobalValue::I64(v) => wasmtime::Val::I64(v),
+                GlobalValue::F32(bits) => wasmtime::Val::F32(bits),
+                GlobalValue::F64(bits) => wasmtime::Val::F64(bits),
+            };
+            global
+                .set(&mut self.store, val)
+                .map_err(|e| ActorError::Host(format!("cannot restore global `{name}`: {e}")))?;
+        }
+        self.store.data().record_copy(CopyKind::Snapshot, file.file_len() as usize);
+        self.store.data_mut().models = models;
+        Ok(())
+    }
+
+    /// Chooses the file the actor's `session_save` / `session_load` calls write and read.
+    pub fn set_session_file(&mut self, path: impl Into<std::path::PathBuf>) {
+        self.store.data_mut().session_file = Some(path.into());
+    }
+
+    /// Why the last host call that returned an error code to the guest failed, if one did.
+    pub fn take_host_error(&mut self) -> Option<String> {
+        self.store.data_mut().host_error.take()
     }
 
     /// Removes and returns the text emitted since the last call (when no sink is set).

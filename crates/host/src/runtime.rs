@@ -15,6 +15,11 @@ use wasmtime::{Config, Engine, Linker, Module};
 use crate::actor::{Actor, ActorState};
 use crate::{ActorError, ActorLimits, abi};
 
+fn digest(wasm: &[u8]) -> [u8; 32] {
+    use sha2::Digest;
+    sha2::Sha256::digest(wasm).into()
+}
+
 /// How often the epoch advances; deadlines are rounded up to whole ticks.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -140,8 +145,7 @@ impl Runtime {
     ///
     /// [`ActorError::Compile`] when the bytes are not a valid module.
     pub fn compile(&self, wasm: &[u8]) -> Result<Module, ActorError> {
-        use sha2::Digest;
-        let key: [u8; 32] = sha2::Sha256::digest(wasm).into();
+        let key = digest(wasm);
         let cached = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
         if let Some(module) = cached {
             return Ok(module);
@@ -158,7 +162,25 @@ impl Runtime {
     /// See [`instantiate_module`](Self::instantiate_module).
     pub fn instantiate(&self, wasm: &[u8]) -> Result<Actor, ActorError> {
         let module = self.compile(wasm)?;
-        self.instantiate_module(&module, self.config.limits)
+        let hex: String = digest(wasm).iter().map(|b| format!("{b:02x}")).collect();
+        Actor::instantiate(self, &module, Some(hex), self.new_state(self.config.limits))
+    }
+
+    /// Recreates an actor from a whole-actor snapshot: a fresh instance of `wasm` (which must be the module
+    /// the snapshot was taken of), its memory, globals and model handles restored. Its next call continues
+    /// exactly where the snapshotted actor stood.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Host`] naming what is wrong: unreadable or corrupt file, another module, a model that is
+    /// not loaded or differs, a memory over the cap.
+    pub fn restore_actor(&self, path: &std::path::Path, wasm: &[u8]) -> Result<Actor, ActorError> {
+        let limits = driftwood_snapshot::ActorLimits { max_memory: self.config.limits.memory_bytes as u64 };
+        let file = driftwood_snapshot::read_actor(path, &limits)
+            .map_err(|e| ActorError::Host(format!("cannot read actor snapshot {}: {e}", path.display())))?;
+        let mut actor = self.instantiate(wasm)?;
+        actor.restore_from(&file, &self.models)?;
+        Ok(actor)
     }
 
     /// Instantiates an actor from a compiled module with the given limits, checking its ABI version.
@@ -169,9 +191,11 @@ impl Runtime {
     /// [`ActorError::AbiMismatch`] for another ABI version, [`ActorError::MemoryCap`] when the module's
     /// initial memory is already over the cap, [`ActorError::Trap`] if its start function traps.
     pub fn instantiate_module(&self, module: &Module, limits: ActorLimits) -> Result<Actor, ActorError> {
-        let state =
-            ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log, self.models.clone());
-        Actor::instantiate(self, module, state)
+        Actor::instantiate(self, module, None, self.new_state(limits))
+    }
+
+    fn new_state(&self, limits: ActorLimits) -> ActorState {
+        ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log, self.models.clone())
     }
 
     /// Makes `model` available to actors as `name` (`driftwood.model_open`). Registering a name again

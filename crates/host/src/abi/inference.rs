@@ -57,11 +57,11 @@ pub fn model_info_words(model: &Model) -> [u32; MODEL_INFO_WORDS] {
     w
 }
 
-fn model(state: &ActorState, call: &'static str, handle: u32) -> Result<Arc<Model>, AbiError> {
+pub(super) fn model(state: &ActorState, call: &'static str, handle: u32) -> Result<Arc<Model>, AbiError> {
     state
         .models
         .get(handle as usize)
-        .cloned()
+        .map(|(_, m)| m.clone())
         .ok_or_else(|| AbiError::new(call, format!("model handle {handle} was not returned by model_open")))
 }
 
@@ -136,7 +136,7 @@ fn model_open(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> Result
     let model = state.registry.get(name).ok_or_else(|| {
         AbiError::new(CALL, format!("no model named `{name}` is loaded; loaded: {}", state.registry.names().join(", ")))
     })?;
-    state.models.push(model);
+    state.models.push((name.to_string(), model));
     Ok(state.models.len() as i32 - 1)
 }
 

@@ -14,6 +14,7 @@
 //! naming the call and the range, and leaves the host and other actors running.
 
 mod inference;
+mod session;
 mod validate;
 
 use driftwood_backend::{Backend, DType, MatmulDims, TensorMut, TensorRef};
@@ -44,6 +45,7 @@ fn guest_memory<'a>(
 
 pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
     inference::link(linker)?;
+    session::link(linker)?;
     linker.func_wrap(MODULE, "abi_version", || ABI_VERSION)?;
     linker.func_wrap(MODULE, "noop", || {})?;
     linker.func_wrap(MODULE, "log", |mut caller: Caller<'_, ActorState>, level: u32, ptr: u32, len: u32| {

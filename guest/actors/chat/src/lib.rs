@@ -214,3 +214,18 @@ pub extern "C" fn resume(max_tokens: u32) -> i32 {
     })
     .unwrap_or(-2)
 }
+
+/// Token `i` of the sequence so far (the session's tokens, then a generated token not yet evaluated), or
+/// `u32::MAX` past the end. Lets the host compare runs token by token.
+#[unsafe(no_mangle)]
+pub extern "C" fn token_at(i: u32) -> u32 {
+    with_actor(|a| {
+        let tokens = a.session.tokens();
+        match (i as usize).cmp(&tokens.len()) {
+            std::cmp::Ordering::Less => tokens[i as usize],
+            std::cmp::Ordering::Equal => a.pending.unwrap_or(u32::MAX),
+            std::cmp::Ordering::Greater => u32::MAX,
+        }
+    })
+    .unwrap_or(u32::MAX)
+}

@@ -1,0 +1,170 @@
+//! Session snapshots through the host ABI: the guest names its session's buffers, the host (which alone
+//! chooses the file: guests never see host paths) writes or reads a portable safetensors snapshot.
+//!
+//! | import | signature | |
+//! |---|---|---|
+//! | `session_save` | `(model, kv, max_seq, tokens, n, state, state_len) -> i32` | 0, or -1 (reason in [`Actor::take_host_error`](crate::Actor::take_host_error)) |
+//! | `session_load` | `(model, kv, max_seq, tokens_out, state_out, state_cap) -> i32` | tokens restored, or -1 |
+//!
+//! `session_load` writes the state as a u32 little-endian length followed by the bytes.
+
+use driftwood_engine::Model;
+use driftwood_memory::CopyKind;
+use driftwood_snapshot::{SessionExpect, SessionSnapshot, read_session, write_session};
+use wasmtime::{Caller, Linker};
+
+use super::validate::{check_range, disjoint};
+use super::{AbiError, MODULE, guest_memory};
+use crate::actor::ActorState;
+
+pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
+    linker.func_wrap(
+        MODULE,
+        "session_save",
+        |mut c: Caller<'_, ActorState>, m: u32, kv: u32, max_seq: u32, tokens: u32, n: u32, state: u32, len: u32| {
+            session_save(&mut c, m, (kv, max_seq), (tokens, n), (state, len)).map_err(wasmtime::Error::from)
+        },
+    )?;
+    linker.func_wrap(
+        MODULE,
+        "session_load",
+        |mut c: Caller<'_, ActorState>, m: u32, kv: u32, max_seq: u32, tokens: u32, state: u32, cap: u32| {
+            session_load(&mut c, m, (kv, max_seq), tokens, (state, cap)).map_err(wasmtime::Error::from)
+        },
+    )?;
+    Ok(())
+}
+
+fn f32s(bytes: &[u8]) -> &[f32] {
+    // SAFETY: callers pass 4-byte-aligned ranges of guest memory (checked), whose length is a multiple of 4;
+    // every bit pattern is an f32.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
+}
+
+fn u32s(bytes: &[u8]) -> &[u32] {
+    // SAFETY: as for `f32s`.
+    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
+}
+
+/// Byte offset of layer `layer`'s K (`which` = 0) or V (1) rows in a cache of `max_seq` tokens.
+fn kv_offset(model: &Model, layer: usize, which: usize, max_seq: usize) -> usize {
+    ((layer * 2 + which) * max_seq) * model.config().kv_dim() * 4
+}
+
+fn session_save(
+    caller: &mut Caller<'_, ActorState>,
+    handle: u32,
+    (kv_ptr, max_seq): (u32, u32),
+    (tokens_ptr, n): (u32, u32),
+    (state_ptr, state_len): (u32, u32),
+) -> Result<i32, AbiError> {
+    const CALL: &str = "driftwood.session_save";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let model = super::inference::model(state, CALL, handle)?;
+    let kv = check_range(CALL, "kv", kv_ptr, model.kv_floats(max_seq as usize) as u64, 4, data.len())?;
+    let tokens = check_range(CALL, "tokens", tokens_ptr, n as u64, 4, data.len())?;
+    let guest_state = check_range(CALL, "state", state_ptr, state_len as u64, 1, data.len())?;
+    if n > max_seq {
+        return Err(AbiError::new(CALL, format!("{n} tokens do not fit a {max_seq}-token cache")));
+    }
+    let Some(path) = state.session_file.clone() else {
+        state.host_error = Some("no session snapshot file was chosen by the host".into());
+        return Ok(-1);
+    };
+    let c = model.config();
+    let row = c.kv_dim() * 4;
+    let kv_bytes = &data[kv];
+    // Borrowed straight from guest memory: the used rows of each layer's K and V.
+    let layers = (0..c.num_layers)
+        .map(|l| {
+            let k = kv_offset(&model, l, 0, max_seq as usize);
+            let v = kv_offset(&model, l, 1, max_seq as usize);
+            (f32s(&kv_bytes[k..k + n as usize * row]), f32s(&kv_bytes[v..v + n as usize * row]))
+        })
+        .collect();
+    let snapshot = SessionSnapshot {
+        model_fingerprint: model.fingerprint(),
+        tokenizer_fingerprint: model.tokenizer_fingerprint(),
+        num_layers: c.num_layers,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        tokens: u32s(&data[tokens]),
+        guest_state: &data[guest_state],
+        layers,
+    };
+    match write_session(&path, &snapshot) {
+        Ok(bytes) => {
+            state.record_copy(CopyKind::Snapshot, bytes as usize);
+            Ok(0)
+        }
+        Err(e) => {
+            state.host_error = Some(format!("cannot save the session to {}: {e}", path.display()));
+            Ok(-1)
+        }
+    }
+}
+
+fn session_load(
+    caller: &mut Caller<'_, ActorState>,
+    handle: u32,
+    (kv_ptr, max_seq): (u32, u32),
+    tokens_ptr: u32,
+    (state_ptr, state_cap): (u32, u32),
+) -> Result<i32, AbiError> {
+    const CALL: &str = "driftwood.session_load";
+    let (data, state) = guest_memory(caller, CALL)?;
+    let model = super::inference::model(state, CALL, handle)?;
+    let kv = check_range(CALL, "kv", kv_ptr, model.kv_floats(max_seq as usize) as u64, 4, data.len())?;
+    let tokens = check_range(CALL, "tokens", tokens_ptr, max_seq as u64, 4, data.len())?;
+    let guest_state = check_range(CALL, "state", state_ptr, state_cap as u64, 1, data.len())?;
+    disjoint(CALL, ("kv", &kv), ("tokens", &tokens))?;
+    disjoint(CALL, ("state", &guest_state), ("kv", &kv))?;
+    disjoint(CALL, ("state", &guest_state), ("tokens", &tokens))?;
+    let Some(path) = state.session_file.clone() else {
+        state.host_error = Some("no session snapshot file was chosen by the host".into());
+        return Ok(-1);
+    };
+    let c = model.config();
+    let expect = SessionExpect {
+        model_fingerprint: model.fingerprint().into(),
+        tokenizer_fingerprint: model.tokenizer_fingerprint().into(),
+        num_layers: c.num_layers,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        max_tokens: max_seq as usize,
+    };
+    let file = match read_session(&path, Some(&expect)) {
+        Ok(file) => file,
+        Err(e) => {
+            state.host_error = Some(format!("cannot restore the session from {}: {e}", path.display()));
+            return Ok(-1);
+        }
+    };
+    let saved_state = file.guest_state();
+    if saved_state.len() + 4 > state_cap as usize {
+        state.host_error = Some(format!("the snapshot's actor state ({} bytes) does not fit", saved_state.len()));
+        return Ok(-1);
+    }
+    // Everything is validated; now write into guest memory.
+    let n = file.n_tokens();
+    let row = c.kv_dim() * 4;
+    for l in 0..c.num_layers {
+        for (which, rows) in [(0, file.k(l)), (1, file.v(l))] {
+            let at = kv.start + kv_offset(&model, l, which, max_seq as usize);
+            let bytes: &[u8] = bytemuck_f32(rows);
+            data[at..at + n * row].copy_from_slice(bytes);
+        }
+    }
+    let token_bytes: Vec<u8> = file.tokens().iter().flat_map(|t| t.to_le_bytes()).collect();
+    data[tokens.start..tokens.start + token_bytes.len()].copy_from_slice(&token_bytes);
+    let s = guest_state.start;
+    data[s..s + 4].copy_from_slice(&(saved_state.len() as u32).to_le_bytes());
+    data[s + 4..s + 4 + saved_state.len()].copy_from_slice(saved_state);
+    state.record_copy(CopyKind::Snapshot, file.file_len() as usize);
+    Ok(n as i32)
+}
+
+fn bytemuck_f32(v: &[f32]) -> &[u8] {
+    // SAFETY: any f32 slice is readable as bytes of 4× its length.
+    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * 4) }
+}
