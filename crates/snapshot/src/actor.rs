@@ -1,0 +1,599 @@
+//! The whole-actor snapshot, for migration: everything needed to rebuild an actor in a fresh wasmtime `Store`
+//! in another process or on another machine — its linear memory (non-zero pages only), its globals, the models
+//! its host-side handles refer to, and free-form metadata — in a small binary format of our own.
+//!
+//! # Format, version 1
+//!
+//! All integers are little-endian. Offsets in bytes.
+//!
+//! | offset | size | field |
+//! |---|---|---|
+//! | 0 | 8 | magic `DWACTOR\0` (`44 57 41 43 54 4f 52 00`) |
+//! | 8 | 4 | format version, u32 = 1 |
+//! | 12 | 8 | header length `H`, u64, `2 ≤ H ≤ 16 MiB` ([`MAX_HEADER_BYTES`]) |
+//! | 20 | 32 | SHA-256 of every byte from offset 52 to the end of the file |
+//! | 52 | `H` | header: a UTF-8 JSON object (below) |
+//! | 52 + `H` | 4·`P` | page index: `P` u32 page numbers, strictly increasing, each `< memory_size / 4096` |
+//! | 52 + `H` + 4·`P` | 4096·`P` | page data: the 4096 bytes of each listed page, in index order |
+//!
+//! The file ends right after the page data: its length is exactly `52 + H + 4100·P`. Memory byte `o` of the actor
+//! is byte `o % 4096` of page `o / 4096` if that page is listed, else 0. Writers list only pages with a non-zero
+//! byte (this crate does); readers accept a listed all-zero page.
+//!
+//! The header object has exactly these members (unknown or duplicate members are refused):
+//!
+//! | member | JSON type | meaning |
+//! |---|---|---|
+//! | `module_digest` | string | SHA-256 of the module's wasm bytes, 64 lowercase hex digits |
+//! | `abi_version` | integer (u32) | the host ABI version the module was instantiated with |
+//! | `memory_size` | integer (u64) | linear memory size in bytes, a multiple of 65536 (the wasm page) |
+//! | `page_size` | integer | 4096, the granularity of the page index |
+//! | `pages` | integer | `P`, the number of stored pages, `≤ memory_size / 4096` |
+//! | `globals` | array of `{"name": string, "type": "i32"\|"i64"\|"f32"\|"f64", "bits": integer}` | the module's globals; names unique; `bits` is the value's bit pattern as an unsigned integer (two's complement for integers, IEEE 754 for floats, so NaN payloads survive), `< 2^32` for 32-bit types |
+//! | `models` | array of `{"name", "model_fingerprint", "tokenizer_fingerprint"}` (strings) | the host-side model handles, in handle order |
+//! | `metadata` | object of strings | free-form, no duplicate keys |
+//!
+//! **Validation on read** ([`read_actor`], [`parse_actor`]), in this order, each failure an error naming the
+//! field: file size within what [`ActorLimits`] allows, magic, version, header length bounds, JSON (UTF-8,
+//! members, types), `page_size`, `module_digest`, `memory_size` (multiple of 65536, `≤ max_memory`), `pages`,
+//! the exact file length, the checksum, the globals, and the page index. No allocation is sized by a number read
+//! from the file before that number has been checked against the file's actual size.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::io::{self, Write};
+use std::ops::Range;
+use std::path::Path;
+
+use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use crate::atomic::write_atomic;
+use crate::error::{Format, SnapshotError};
+use crate::util::{hex, is_sha256_hex, read_capped};
+
+/// The file's first 8 bytes.
+pub const MAGIC: [u8; 8] = *b"DWACTOR\0";
+/// The format version this crate writes and reads.
+pub const FORMAT_VERSION: u32 = 1;
+/// Size of the fixed header (magic, version, header length, checksum).
+pub const FIXED_HEADER_BYTES: usize = 52;
+/// Largest JSON header accepted (16 MiB).
+pub const MAX_HEADER_BYTES: u64 = 16 << 20;
+/// Granularity of the page index.
+pub const PAGE_SIZE: usize = 4096;
+/// The WebAssembly page: `memory_size` is a multiple of it.
+pub const WASM_PAGE_SIZE: u64 = 65536;
+
+const F: Format = Format::Actor;
+
+/// The value of a global, by type. Floats are held as their bit patterns so that every value, NaN payloads
+/// included, round-trips exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GlobalValue {
+    /// An `i32` global.
+    I32(i32),
+    /// An `i64` global.
+    I64(i64),
+    /// An `f32` global, as `f32::to_bits`.
+    F32(u32),
+    /// An `f64` global, as `f64::to_bits`.
+    F64(u64),
+}
+
+impl GlobalValue {
+    /// An `f32` global holding `x`.
+    pub fn from_f32(x: f32) -> Self {
+        GlobalValue::F32(x.to_bits())
+    }
+
+    /// An `f64` global holding `x`.
+    pub fn from_f64(x: f64) -> Self {
+        GlobalValue::F64(x.to_bits())
+    }
+
+    fn to_json(self) -> (GlobalType, u64) {
+        match self {
+            GlobalValue::I32(v) => (GlobalType::I32, u64::from(v as u32)),
+            GlobalValue::I64(v) => (GlobalType::I64, v as u64),
+            GlobalValue::F32(bits) => (GlobalType::F32, u64::from(bits)),
+            GlobalValue::F64(bits) => (GlobalType::F64, bits),
+        }
+    }
+
+    fn from_json(ty: GlobalType, bits: u64) -> Option<Self> {
+        Some(match ty {
+            GlobalType::I32 => GlobalValue::I32(u32::try_from(bits).ok()? as i32),
+            GlobalType::I64 => GlobalValue::I64(bits as i64),
+            GlobalType::F32 => GlobalValue::F32(u32::try_from(bits).ok()?),
+            GlobalType::F64 => GlobalValue::F64(bits),
+        })
+    }
+}
+
+/// A host-side model handle of the actor: which model and tokenizer it must be re-opened with.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelRef {
+    /// The name the actor opened the model by.
+    pub name: String,
+    /// Fingerprint of the model's weights.
+    pub model_fingerprint: String,
+    /// Fingerprint of its tokenizer.
+    pub tokenizer_fingerprint: String,
+}
+
+/// Everything about an actor except its memory's contents.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct ActorImage {
+    /// SHA-256 of the module's wasm bytes, 64 lowercase hex digits.
+    pub module_digest: String,
+    /// The host ABI version the module was instantiated with.
+    pub abi_version: u32,
+    /// Linear memory size in bytes; a multiple of 65536.
+    pub memory_size: u64,
+    /// The module's globals, by name (unique).
+    pub globals: Vec<(String, GlobalValue)>,
+    /// The host-side model handles, in handle order.
+    pub models: Vec<ModelRef>,
+    /// Free-form metadata.
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// What [`write_actor`] wrote.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActorWriteStats {
+    /// Bytes written (the file's size).
+    pub bytes: u64,
+    /// Non-zero 4 KiB pages stored.
+    pub pages_written: u64,
+    /// 4 KiB pages in the memory (`memory_size / 4096`).
+    pub pages_total: u64,
+}
+
+/// Limits applied when reading an actor snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ActorLimits {
+    /// Largest `memory_size` accepted, in bytes.
+    pub max_memory: u64,
+}
+
+impl Default for ActorLimits {
+    /// 4 GiB, the most a 32-bit WebAssembly memory can have.
+    fn default() -> Self {
+        ActorLimits { max_memory: 4 << 30 }
+    }
+}
+
+impl ActorLimits {
+    /// The largest file these limits can allow: fixed header, largest JSON header, every page stored.
+    pub fn max_file_bytes(&self) -> u64 {
+        let pages = self.max_memory / PAGE_SIZE as u64;
+        (FIXED_HEADER_BYTES as u64 + MAX_HEADER_BYTES).saturating_add(pages.saturating_mul(PAGE_SIZE as u64 + 4))
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+enum GlobalType {
+    #[serde(rename = "i32")]
+    I32,
+    #[serde(rename = "i64")]
+    I64,
+    #[serde(rename = "f32")]
+    F32,
+    #[serde(rename = "f64")]
+    F64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GlobalJson {
+    name: String,
+    #[serde(rename = "type")]
+    ty: GlobalType,
+    bits: u64,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HeaderJson {
+    module_digest: String,
+    abi_version: u32,
+    memory_size: u64,
+    page_size: u64,
+    pages: u64,
+    globals: Vec<GlobalJson>,
+    models: Vec<ModelRef>,
+    #[serde(deserialize_with = "unique_map")]
+    metadata: BTreeMap<String, String>,
+}
+
+/// A string map that refuses duplicate keys (serde's `BTreeMap` keeps the last one silently).
+fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    struct V;
+    impl<'de> Visitor<'de> for V {
+        type Value = BTreeMap<String, String>;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("an object of strings")
+        }
+        fn visit_map<A: MapAccess<'de>>(self, mut access: A) -> Result<Self::Value, A::Error> {
+            let mut map = BTreeMap::new();
+            while let Some((k, v)) = access.next_entry::<String, String>()? {
+                if map.contains_key(&k) {
+                    return Err(A::Error::custom(format!("duplicate metadata key {k:?}")));
+                }
+                map.insert(k, v);
+            }
+            Ok(map)
+        }
+    }
+    d.deserialize_map(V)
+}
+
+/// A validated image and memory, ready to stream.
+struct Prepared<'m> {
+    fixed: [u8; FIXED_HEADER_BYTES],
+    json: Vec<u8>,
+    index: Vec<u8>,
+    /// Byte ranges of `memory` made of consecutive stored pages, in order.
+    runs: Vec<&'m [u8]>,
+    stats: ActorWriteStats,
+}
+
+fn bad(field: &'static str, reason: impl Into<String>) -> SnapshotError {
+    SnapshotError::BadInput { format: F, field, reason: reason.into() }
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    // OR-reduce fixed-size chunks so the compiler vectorizes; exit early on the first non-zero chunk.
+    page.chunks(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
+}
+
+fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, SnapshotError> {
+    if !is_sha256_hex(&image.module_digest) {
+        return Err(bad("module_digest", format!("{:?} is not 64 lowercase hex digits", image.module_digest)));
+    }
+    if memory.len() as u64 != image.memory_size {
+        return Err(bad(
+            "memory",
+            format!("the memory is {} bytes but memory_size is {}", memory.len(), image.memory_size),
+        ));
+    }
+    if !image.memory_size.is_multiple_of(WASM_PAGE_SIZE) {
+        return Err(bad("memory_size", format!("{} is not a multiple of {WASM_PAGE_SIZE}", image.memory_size)));
+    }
+    let pages_total = image.memory_size / PAGE_SIZE as u64;
+    if pages_total > u64::from(u32::MAX) + 1 {
+        return Err(bad("memory_size", format!("{} is too large for 32-bit page numbers", image.memory_size)));
+    }
+    check_global_names(image.globals.iter().map(|(n, _)| n.as_str())).map_err(|(_, reason)| bad("globals", reason))?;
+
+    let mut index = Vec::new();
+    let mut runs: Vec<Range<usize>> = Vec::new();
+    for (i, page) in memory.chunks_exact(PAGE_SIZE).enumerate() {
+        if is_zero(page) {
+            continue;
+        }
+        // `i < pages_total ≤ 2^32`, checked above.
+        index.extend_from_slice(&(i as u32).to_le_bytes());
+        let start = i * PAGE_SIZE;
+        match runs.last_mut() {
+            Some(run) if run.end == start => run.end = start + PAGE_SIZE,
+            _ => runs.push(start..start + PAGE_SIZE),
+        }
+    }
+    let pages_written = (index.len() / 4) as u64;
+
+    let header = HeaderJson {
+        module_digest: image.module_digest.clone(),
+        abi_version: image.abi_version,
+        memory_size: image.memory_size,
+        page_size: PAGE_SIZE as u64,
+        pages: pages_written,
+        globals: image
+            .globals
+            .iter()
+            .map(|(name, value)| {
+                let (ty, bits) = value.to_json();
+                GlobalJson { name: name.clone(), ty, bits }
+            })
+            .collect(),
+        models: image.models.clone(),
+        metadata: image.metadata.clone(),
+    };
+    let json = serde_json::to_vec(&header).map_err(|e| bad("metadata", format!("cannot serialize the header: {e}")))?;
+    if json.len() as u64 > MAX_HEADER_BYTES {
+        return Err(bad("metadata", format!("the header would be {} bytes, over {MAX_HEADER_BYTES}", json.len())));
+    }
+
+    let runs: Vec<&[u8]> = runs.into_iter().map(|r| &memory[r]).collect();
+    let mut hasher = Sha256::new();
+    hasher.update(&json);
+    hasher.update(&index);
+    for run in &runs {
+        hasher.update(run);
+    }
+    let mut fixed = [0u8; FIXED_HEADER_BYTES];
+    fixed[0..8].copy_from_slice(&MAGIC);
+    fixed[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
+    fixed[12..20].copy_from_slice(&(json.len() as u64).to_le_bytes());
+    fixed[20..52].copy_from_slice(&hasher.finalize());
+
+    let bytes = FIXED_HEADER_BYTES as u64 + json.len() as u64 + pages_written * (PAGE_SIZE as u64 + 4);
+    Ok(Prepared { fixed, json, index, runs, stats: ActorWriteStats { bytes, pages_written, pages_total } })
+}
+
+fn stream(w: &mut dyn Write, p: &Prepared<'_>) -> io::Result<()> {
+    w.write_all(&p.fixed)?;
+    w.write_all(&p.json)?;
+    w.write_all(&p.index)?;
+    for run in &p.runs {
+        w.write_all(run)?;
+    }
+    Ok(())
+}
+
+/// Writes an actor snapshot of `image` and `memory` to `path` atomically (see [`crate::atomic`]). Only the
+/// non-zero 4 KiB pages of `memory` are stored; they are streamed from `memory` (runs of consecutive pages in
+/// one write each), not copied.
+///
+/// # Errors
+///
+/// [`SnapshotError::BadInput`] (before anything is written) when `module_digest` is not 64 lowercase hex digits,
+/// `memory.len()` differs from `memory_size`, `memory_size` is not a multiple of 65536 or needs page numbers
+/// beyond 32 bits, two globals share a name, or the JSON header would exceed [`MAX_HEADER_BYTES`];
+/// [`SnapshotError::Io`] when writing, syncing or renaming fails (an existing file is then left unchanged).
+pub fn write_actor(path: &Path, image: &ActorImage, memory: &[u8]) -> Result<ActorWriteStats, SnapshotError> {
+    let p = prepare(image, memory)?;
+    let bytes = write_atomic(path, |w| stream(w, &p))?;
+    Ok(ActorWriteStats { bytes, ..p.stats })
+}
+
+/// Writes an actor snapshot to any writer (a socket, a buffer), not atomically.
+///
+/// # Errors
+///
+/// [`SnapshotError::BadInput`] as for [`write_actor`] (nothing written); [`SnapshotError::Write`] when `w` fails.
+pub fn write_actor_to(w: &mut dyn Write, image: &ActorImage, memory: &[u8]) -> Result<ActorWriteStats, SnapshotError> {
+    let p = prepare(image, memory)?;
+    stream(w, &p).map_err(|source| SnapshotError::Write { format: F, source })?;
+    Ok(p.stats)
+}
+
+/// A validated actor snapshot: its image, and its stored pages served from the file's bytes.
+#[derive(Clone)]
+pub struct ActorFile {
+    /// Everything but the memory's contents.
+    pub image: ActorImage,
+    bytes: Vec<u8>,
+    memory_size: u64,
+    index_start: usize,
+    data_start: usize,
+    pages: usize,
+}
+
+impl fmt::Debug for ActorFile {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActorFile")
+            .field("image", &self.image)
+            .field("file_len", &self.bytes.len())
+            .field("pages", &self.pages)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ActorFile {
+    /// The stored pages in increasing order: `(byte offset in memory, its 4096 bytes)`. Memory outside them is 0.
+    pub fn pages(&self) -> impl ExactSizeIterator<Item = (u64, &[u8])> + '_ {
+        let index = &self.bytes[self.index_start..self.index_start + 4 * self.pages];
+        let data = &self.bytes[self.data_start..self.data_start + PAGE_SIZE * self.pages];
+        index.chunks_exact(4).zip(data.chunks_exact(PAGE_SIZE)).map(|(i, page)| {
+            let n = u32::from_le_bytes([i[0], i[1], i[2], i[3]]);
+            (u64::from(n) * PAGE_SIZE as u64, page)
+        })
+    }
+
+    /// Number of stored (non-zero) pages.
+    pub fn page_count(&self) -> usize {
+        self.pages
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.bytes.len() as u64
+    }
+
+    /// Makes `memory` equal to the snapshot's memory: every byte outside the stored pages is zeroed, every stored
+    /// page copied. Each byte of `memory` is written exactly once.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::BadInput`] when `memory.len()` is not the snapshot's `memory_size` (the caller must
+    /// grow the fresh instance's memory to that size first); `memory` is then untouched.
+    pub fn restore_into(&self, memory: &mut [u8]) -> Result<(), SnapshotError> {
+        if memory.len() as u64 != self.memory_size {
+            return Err(bad(
+                "memory",
+                format!(
+                    "the target memory is {} bytes but the snapshot's memory_size is {}",
+                    memory.len(),
+                    self.memory_size
+                ),
+            ));
+        }
+        let mut cursor = 0usize;
+        for (offset, page) in self.pages() {
+            // Page numbers were checked strictly increasing and below memory_size / 4096 when the file was read.
+            let offset = offset as usize;
+            memory[cursor..offset].fill(0);
+            memory[offset..offset + PAGE_SIZE].copy_from_slice(page);
+            cursor = offset + PAGE_SIZE;
+        }
+        memory[cursor..].fill(0);
+        Ok(())
+    }
+}
+
+/// Reads and validates the actor snapshot at `path`.
+///
+/// # Errors
+///
+/// [`SnapshotError::Io`] when the file cannot be read; [`SnapshotError::TooLarge`] when it is larger than
+/// `limits` allow ([`ActorLimits::max_file_bytes`]), checked before it is read; and every error of
+/// [`parse_actor`].
+pub fn read_actor(path: &Path, limits: &ActorLimits) -> Result<ActorFile, SnapshotError> {
+    parse_actor(read_capped(path, limits.max_file_bytes(), F)?, limits)
+}
+
+fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SnapshotError {
+    SnapshotError::invalid(F, field, reason)
+}
+
+fn check_global_names<'a>(names: impl Iterator<Item = &'a str>) -> Result<(), (usize, String)> {
+    let mut seen = std::collections::BTreeSet::new();
+    for (i, name) in names.enumerate() {
+        if !seen.insert(name) {
+            return Err((i, format!("duplicate global name {name:?}")));
+        }
+    }
+    Ok(())
+}
+
+fn u32_at(bytes: &[u8], at: usize) -> u32 {
+    u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
+}
+
+/// Validates an actor snapshot held in memory and takes ownership of its bytes (see [`read_actor`]).
+///
+/// # Errors
+///
+/// - [`SnapshotError::TooLarge`] when the buffer exceeds [`ActorLimits::max_file_bytes`] or `memory_size`
+///   exceeds `limits.max_memory`;
+/// - [`SnapshotError::Invalid`] naming the field: `magic`, `format version`, `header length`, `header` (not
+///   UTF-8, not JSON, a missing, unknown, duplicate or mistyped member), `page_size`, `module_digest`,
+///   `memory_size` (not a multiple of 65536), `pages` (more than the memory has), `file length` (truncated or
+///   trailing bytes), `globals[i]` (duplicate name, `bits` out of range for a 32-bit type), `page index j`
+///   (out of range or not strictly increasing);
+/// - [`SnapshotError::Checksum`] when the bytes after the fixed header do not hash to the recorded SHA-256.
+pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, SnapshotError> {
+    let len = bytes.len();
+    let max_file = limits.max_file_bytes();
+    if len as u64 > max_file {
+        return Err(SnapshotError::TooLarge { format: F, what: "file", size: len as u64, limit: max_file });
+    }
+    let prefix = &bytes[..len.min(MAGIC.len())];
+    if prefix != &MAGIC[..prefix.len()] {
+        return Err(invalid("magic", format!("expected \"DWACTOR\\0\", found \"{}\"", prefix.escape_ascii())));
+    }
+    if len < FIXED_HEADER_BYTES {
+        return Err(invalid(
+            "file length",
+            format!("{len} bytes, shorter than the {FIXED_HEADER_BYTES}-byte fixed header (truncated)"),
+        ));
+    }
+    let version = u32_at(&bytes, 8);
+    if version != FORMAT_VERSION {
+        return Err(invalid(
+            "format version",
+            format!("unsupported version {version} (this reader understands {FORMAT_VERSION})"),
+        ));
+    }
+    let mut h = [0u8; 8];
+    h.copy_from_slice(&bytes[12..20]);
+    let header_len = u64::from_le_bytes(h);
+    let room = (len - FIXED_HEADER_BYTES) as u64;
+    if !(2..=MAX_HEADER_BYTES).contains(&header_len) || header_len > room {
+        return Err(invalid(
+            "header length",
+            format!(
+                "{header_len} bytes, but it must be 2..={MAX_HEADER_BYTES} and fit in the {room} bytes after the fixed header"
+            ),
+        ));
+    }
+    let json_end = FIXED_HEADER_BYTES + header_len as usize;
+    let header: HeaderJson =
+        serde_json::from_slice(&bytes[FIXED_HEADER_BYTES..json_end]).map_err(|e| invalid("header", e.to_string()))?;
+
+    if header.page_size != PAGE_SIZE as u64 {
+        return Err(invalid("page_size", format!("{} (this reader understands {PAGE_SIZE})", header.page_size)));
+    }
+    if !is_sha256_hex(&header.module_digest) {
+        return Err(invalid("module_digest", format!("{:?} is not 64 lowercase hex digits", header.module_digest)));
+    }
+    let memory_size = header.memory_size;
+    if !memory_size.is_multiple_of(WASM_PAGE_SIZE) {
+        return Err(invalid("memory_size", format!("{memory_size} is not a multiple of {WASM_PAGE_SIZE}")));
+    }
+    if memory_size > limits.max_memory {
+        return Err(SnapshotError::TooLarge {
+            format: F,
+            what: "memory_size",
+            size: memory_size,
+            limit: limits.max_memory,
+        });
+    }
+    let pages_total = memory_size / PAGE_SIZE as u64;
+    if header.pages > pages_total {
+        return Err(invalid(
+            "pages",
+            format!("{} stored pages, but a memory of {memory_size} bytes has only {pages_total}", header.pages),
+        ));
+    }
+    let expected = header.pages.checked_mul(PAGE_SIZE as u64 + 4).and_then(|x| x.checked_add(json_end as u64));
+    if expected != Some(len as u64) {
+        let (described, what) = match expected {
+            Some(e) if (len as u64) < e => (e.to_string(), "truncated"),
+            Some(e) => (e.to_string(), "trailing bytes"),
+            None => ("more than 2^64".to_string(), "truncated"),
+        };
+        return Err(invalid(
+            "file length",
+            format!("the file is {len} bytes but its header describes {described} bytes ({what})"),
+        ));
+    }
+    let computed = hex(&Sha256::digest(&bytes[FIXED_HEADER_BYTES..]));
+    let stored = hex(&bytes[20..52]);
+    if computed != stored {
+        return Err(SnapshotError::Checksum { format: F, stored, computed });
+    }
+
+    check_global_names(header.globals.iter().map(|g| g.name.as_str()))
+        .map_err(|(i, reason)| invalid(format!("globals[{i}].name"), reason))?;
+    let mut globals = Vec::with_capacity(header.globals.len());
+    for (i, g) in header.globals.into_iter().enumerate() {
+        let value = GlobalValue::from_json(g.ty, g.bits).ok_or_else(|| {
+            invalid(format!("globals[{i}].bits"), format!("{} does not fit a {:?} global", g.bits, g.ty))
+        })?;
+        globals.push((g.name, value));
+    }
+
+    // `pages` fits in usize: pages * 4100 ≤ len.
+    let pages = header.pages as usize;
+    let index_start = json_end;
+    let data_start = index_start + 4 * pages;
+    let mut previous: Option<u32> = None;
+    for j in 0..pages {
+        let n = u32_at(&bytes, index_start + 4 * j);
+        if u64::from(n) >= pages_total {
+            return Err(invalid(
+                format!("page index {j}"),
+                format!("page {n} is beyond the memory ({memory_size} bytes, {pages_total} pages)"),
+            ));
+        }
+        if let Some(p) = previous.filter(|&p| p >= n) {
+            return Err(invalid(format!("page index {j}"), format!("pages must be strictly increasing: {p} then {n}")));
+        }
+        previous = Some(n);
+    }
+
+    let image = ActorImage {
+        module_digest: header.module_digest,
+        abi_version: header.abi_version,
+        memory_size,
+        globals,
+        models: header.models,
+        metadata: header.metadata,
+    };
+    Ok(ActorFile { image, bytes, memory_size, index_start, data_start, pages })
+}

@@ -1,0 +1,94 @@
+//! Small helpers shared by both formats.
+
+use std::borrow::Cow;
+use std::fs::File;
+use std::io::Read;
+use std::path::Path;
+
+use crate::error::{Format, SnapshotError};
+
+/// Lowercase hex of `bytes`.
+pub(crate) fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for &b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 15)]));
+    }
+    s
+}
+
+/// True for exactly 64 lowercase hex digits (a SHA-256 digest as this crate writes it).
+pub(crate) fn is_sha256_hex(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Parses a canonical unsigned decimal: ASCII digits only, no sign, no leading zero (except `"0"` itself).
+pub(crate) fn parse_canonical_u64(s: &str) -> Option<u64> {
+    let canonical = !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) && (s == "0" || !s.starts_with('0'));
+    if canonical { s.parse().ok() } else { None }
+}
+
+/// The little-endian bytes of 4-byte plain values: borrowed on little-endian targets, converted otherwise.
+pub(crate) fn le_bytes_f32(v: &[f32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(v))
+    } else {
+        Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// See [`le_bytes_f32`].
+pub(crate) fn le_bytes_u32(v: &[u32]) -> Cow<'_, [u8]> {
+    if cfg!(target_endian = "little") {
+        Cow::Borrowed(bytemuck::cast_slice(v))
+    } else {
+        Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
+    }
+}
+
+/// Reads a whole file, refusing (before allocating for it) one larger than `limit` bytes. The file's length is
+/// taken from what can actually be read, so a file that grows while it is read is still capped.
+pub(crate) fn read_capped(path: &Path, limit: u64, format: Format) -> Result<Vec<u8>, SnapshotError> {
+    let file = File::open(path).map_err(|e| SnapshotError::io("opening", path, e))?;
+    let len = file.metadata().map_err(|e| SnapshotError::io("reading metadata of", path, e))?.len();
+    if len > limit {
+        return Err(SnapshotError::TooLarge { format, what: "file", size: len, limit });
+    }
+    let capacity = usize::try_from(len).map_err(|_| SnapshotError::TooLarge {
+        format,
+        what: "file",
+        size: len,
+        limit: usize::MAX as u64,
+    })?;
+    let mut bytes = Vec::with_capacity(capacity);
+    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| SnapshotError::io("reading", path, e))?;
+    if bytes.len() as u64 > limit {
+        return Err(SnapshotError::TooLarge { format, what: "file", size: bytes.len() as u64, limit });
+    }
+    Ok(bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn canonical_decimal() {
+        assert_eq!(parse_canonical_u64("0"), Some(0));
+        assert_eq!(parse_canonical_u64("42"), Some(42));
+        assert_eq!(parse_canonical_u64("18446744073709551615"), Some(u64::MAX));
+        for bad in ["", "00", "042", "+1", "-1", " 1", "1 ", "1e3", "18446744073709551616", "٣"] {
+            assert_eq!(parse_canonical_u64(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn hex_digest() {
+        assert_eq!(hex(&[0x00, 0x1a, 0xff]), "001aff");
+        assert!(is_sha256_hex(&"ab".repeat(32)));
+        assert!(!is_sha256_hex(&"AB".repeat(32)));
+        assert!(!is_sha256_hex(&"ab".repeat(31)));
+        assert!(!is_sha256_hex(&"gg".repeat(32)));
+    }
+}
