@@ -1,0 +1,97 @@
+//! Snapshots across processes: generate 32 tokens, save (session or whole actor), restore in a new process,
+//! generate 32 more — the result equals one uninterrupted 64-token run, greedy and seeded.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn driftwood(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_driftwood"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .args(args)
+        .output()
+        .expect("the driftwood binary runs")
+}
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+fn path(dir: &Path, name: &str) -> String {
+    dir.join(name).to_string_lossy().into_owned()
+}
+
+fn split_run_matches_uninterrupted(sampling: &[&str]) {
+    let dir = tempfile::tempdir().unwrap();
+    let (session, actor) = (path(dir.path(), "s.safetensors"), path(dir.path(), "a.actor"));
+    let with = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        v.extend(sampling.iter().map(|s| s.to_string()));
+        v
+    };
+    let run = |args: Vec<String>| ok(driftwood(&args.iter().map(String::as_str).collect::<Vec<_>>()));
+    let full = run(with(&["generate", "--prompt", "Once upon a time", "--max-tokens", "64"]));
+    let first = run(with(&[
+        "generate",
+        "--prompt",
+        "Once upon a time",
+        "--max-tokens",
+        "32",
+        "--save-session",
+        &session,
+        "--save-actor",
+        &actor,
+    ]));
+    let from_session = run(with(&["generate", "--resume", &session, "--max-tokens", "32"]));
+    let from_actor = run(with(&["generate", "--resume-actor", &actor, "--max-tokens", "32"]));
+    let head = first.strip_suffix('\n').unwrap_or(&first);
+    assert_eq!(format!("{head}{from_session}"), full, "session snapshot continuation differs");
+    assert_eq!(format!("{head}{from_actor}"), full, "actor snapshot continuation differs");
+}
+
+#[test]
+fn greedy_continuation_across_processes_is_identical() {
+    split_run_matches_uninterrupted(&["--temperature", "0"]);
+}
+
+#[test]
+fn seeded_sampling_continuation_across_processes_is_identical() {
+    split_run_matches_uninterrupted(&["--temperature", "0.9", "--seed", "11"]);
+}
+
+#[test]
+fn corrupt_or_foreign_snapshots_are_refused_clearly() {
+    let dir = tempfile::tempdir().unwrap();
+    let session = path(dir.path(), "s.safetensors");
+    ok(driftwood(&["generate", "--prompt", "Hello", "--max-tokens", "4", "--save-session", &session]));
+    let good = std::fs::read(&session).unwrap();
+
+    // A bit flip in the KV data.
+    let mut bad = good.clone();
+    let at = bad.len() - 100;
+    bad[at] ^= 0x10;
+    let flipped = path(dir.path(), "flipped.safetensors");
+    std::fs::write(&flipped, &bad).unwrap();
+    let out = driftwood(&["generate", "--resume", &flipped, "--max-tokens", "4"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("checksum"), "{}", String::from_utf8_lossy(&out.stderr));
+
+    // Truncated.
+    std::fs::write(&flipped, &good[..good.len() / 2]).unwrap();
+    let out = driftwood(&["generate", "--resume", &flipped, "--max-tokens", "4"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot resume"));
+
+    // Another model.
+    let other = concat!(env!("CARGO_MANIFEST_DIR"), "/../../testdata/golden/llama2-f32");
+    let out = driftwood(&["generate", "--resume", &session, "--model", other, "--max-tokens", "4"]);
+    assert_eq!(out.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("model") && stderr.contains("snapshot is for"), "{stderr}");
+
+    // A failed save never replaces the previous snapshot.
+    let blocked = path(dir.path(), "no-such-dir/s.safetensors");
+    let out = driftwood(&["generate", "--prompt", "Hello", "--max-tokens", "2", "--save-session", &blocked]);
+    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(std::fs::read(&session).unwrap(), good);
+}
