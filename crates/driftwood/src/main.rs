@@ -6,6 +6,7 @@
 //!   tables regenerated from them.
 
 mod bench;
+mod inspect;
 mod llm;
 mod verify;
 
@@ -30,6 +31,9 @@ enum Command {
     Generate(llm::GenerateArgs),
     /// Chat with a language model; the whole conversation lives in one actor.
     Chat(llm::ChatArgs),
+    /// Inspect session and actor snapshots.
+    #[command(subcommand)]
+    Snapshot(inspect::SnapshotCommand),
     /// Run a benchmark and write its JSON under bench/results/.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -42,6 +46,7 @@ fn main() -> ExitCode {
         Command::Generate(args) => llm::generate(&args).map(|()| true),
         Command::Chat(args) => llm::chat(&args).map(|()| true),
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),
+        Command::Snapshot(cmd) => inspect::run(cmd).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -30,7 +30,8 @@ fn greedy_generation_prints_the_same_readable_text_every_run() {
 
 #[test]
 fn seeded_sampling_is_reproducible() {
-    let run = |seed: &str| driftwood(&["generate", "--prompt", "The king said", "--max-tokens", "24", "--seed", seed]).stdout;
+    let run =
+        |seed: &str| driftwood(&["generate", "--prompt", "The king said", "--max-tokens", "24", "--seed", seed]).stdout;
     assert_eq!(run("5"), run("5"));
 }
 
@@ -50,10 +51,8 @@ fn chat_holds_a_multi_turn_conversation_in_one_actor() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert_eq!(stdout.matches("assistant> ").count(), 2, "{stdout}");
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let evaluated: Vec<u32> = stderr
-        .lines()
-        .filter_map(|l| l.split(" evaluated").next()?.rsplit(' ').next()?.parse().ok())
-        .collect();
+    let evaluated: Vec<u32> =
+        stderr.lines().filter_map(|l| l.split(" evaluated").next()?.rsplit(' ').next()?.parse().ok()).collect();
     let prompts: Vec<u32> =
         stderr.lines().filter_map(|l| l.split("; prompt ").nth(1)?.split(' ').next()?.parse().ok()).collect();
     assert_eq!(evaluated.len(), 2, "{stderr}");

@@ -95,3 +95,37 @@ fn corrupt_or_foreign_snapshots_are_refused_clearly() {
     assert_eq!(out.status.code(), Some(2));
     assert_eq!(std::fs::read(&session).unwrap(), good);
 }
+
+#[test]
+fn inspect_reports_both_kinds_and_rejects_corruption() {
+    let dir = tempfile::tempdir().unwrap();
+    let (session, actor) = (path(dir.path(), "s.safetensors"), path(dir.path(), "a.actor"));
+    ok(driftwood(&[
+        "generate",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "5",
+        "--save-session",
+        &session,
+        "--save-actor",
+        &actor,
+    ]));
+    let s: serde_json::Value =
+        serde_json::from_str(&ok(driftwood(&["snapshot", "inspect", &session, "--json"]))).unwrap();
+    assert_eq!(s["kind"], "session");
+    assert_eq!(s["metadata"]["format"], "driftwood-session");
+    assert_eq!(s["n_tokens"].as_u64().unwrap() as usize, s["tokens"].as_array().unwrap().len());
+    let a: serde_json::Value =
+        serde_json::from_str(&ok(driftwood(&["snapshot", "inspect", &actor, "--json"]))).unwrap();
+    assert_eq!(a["kind"], "actor");
+    assert_eq!(a["models"][0]["name"], "default");
+    assert!(a["pages_stored"].as_u64().unwrap() < a["pages_total"].as_u64().unwrap(), "only non-zero pages");
+    let mut bytes = std::fs::read(&actor).unwrap();
+    let at = bytes.len() - 10;
+    bytes[at] ^= 1;
+    std::fs::write(&actor, bytes).unwrap();
+    let out = driftwood(&["snapshot", "inspect", &actor]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid actor snapshot"));
+}

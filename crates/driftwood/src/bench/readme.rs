@@ -84,7 +84,8 @@ fn decode_table(v: &Value) -> String {
             engines.push(e);
         }
     }
-    let mut t = format!("| weights | context | {} |\n|---|---:|{}\n", engines.join(" | "), "---:|".repeat(engines.len()));
+    let mut t =
+        format!("| weights | context | {} |\n|---|---:|{}\n", engines.join(" | "), "---:|".repeat(engines.len()));
     let mut keys: Vec<(String, u64)> = vec![];
     for r in &rows {
         let k = (r["dtype"].as_str().unwrap_or("?").to_string(), r["context"].as_u64().unwrap_or(0));
@@ -107,7 +108,8 @@ fn decode_table(v: &Value) -> String {
     if let Some(roof) = v.pointer("/roofline") {
         t += &format!(
             "\nRoofline: {} weight bytes per token at a measured {:.1} GB/s read bandwidth.\n",
-            roof["weight_bytes_per_token"], num(roof, "read_bandwidth_gb_s")
+            roof["weight_bytes_per_token"],
+            num(roof, "read_bandwidth_gb_s")
         );
     }
     t + "\nDecode tokens/s at batch 1, higher is better.\n" + &provenance(v)
