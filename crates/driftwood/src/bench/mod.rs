@@ -7,6 +7,7 @@ mod abi;
 mod decode;
 mod matmul;
 mod readme;
+mod snapshot;
 
 use std::path::{Path, PathBuf};
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -24,6 +25,8 @@ pub enum BenchCommand {
     Matmul(matmul::MatmulArgs),
     /// Decode tokens/s (batch 1) inside an actor at given context lengths, with the bandwidth roofline.
     Decode(decode::DecodeArgs),
+    /// Session snapshot save/restore time and size vs re-prefill, at several context lengths.
+    Snapshot(snapshot::SnapshotArgs),
     /// Regenerate the README's benchmark tables from bench/results/*.json.
     Readme(readme::ReadmeArgs),
 }
@@ -33,6 +36,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Abi(args) => abi::run(&args),
         BenchCommand::Matmul(args) => matmul::run(&args),
         BenchCommand::Decode(args) => decode::run(&args),
+        BenchCommand::Snapshot(args) => snapshot::run(&args),
         BenchCommand::Readme(args) => readme::run(&args),
     }
 }

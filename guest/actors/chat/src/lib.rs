@@ -229,3 +229,17 @@ pub extern "C" fn token_at(i: u32) -> u32 {
     })
     .unwrap_or(u32::MAX)
 }
+
+/// Replaces the session's contents with `n` tokens (ids cycling through the vocabulary), evaluated in one
+/// prefill. For the snapshot benchmark. Returns `n`, or -1 if they do not fit.
+#[unsafe(no_mangle)]
+pub extern "C" fn fill(n: u32) -> i32 {
+    with_actor(|a| {
+        let vocab = a.model.info().vocab_size;
+        let tokens: Vec<u32> = (0..n).map(|i| (i * 7 + 3) % vocab).collect();
+        a.session.truncate(0);
+        a.pending = None;
+        if a.session.feed(&tokens).is_some() { n as i32 } else { -1 }
+    })
+    .unwrap_or(-2)
+}
