@@ -260,9 +260,10 @@ impl Actor {
         metadata: std::collections::BTreeMap<String, String>,
     ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
         use driftwood_snapshot::{ActorImage, GlobalValue, ModelRef};
-        let digest = self.module_digest.clone().ok_or_else(|| {
-            ActorError::Host("only actors instantiated from module bytes can be snapshotted".into())
-        })?;
+        let digest = self
+            .module_digest
+            .clone()
+            .ok_or_else(|| ActorError::Host("only actors instantiated from module bytes can be snapshotted".into()))?;
         let exports: Vec<(String, wasmtime::Global)> = self
             .instance
             .exports(&mut self.store)
@@ -354,7 +355,9 @@ impl Actor {
         let current = self.memory_size();
         if size > current {
             let pages = ((size - current) / 65536) as u64;
-            self.memory.grow(&mut self.store, pages).map_err(|e| ActorError::Host(format!("cannot grow memory: {e}")))?;
+            self.memory
+                .grow(&mut self.store, pages)
+                .map_err(|e| ActorError::Host(format!("cannot grow memory: {e}")))?;
         }
         if self.memory_size() != size {
             return Err(ActorError::Host(format!(
