@@ -34,11 +34,13 @@
 pub mod abi;
 mod actor;
 mod error;
+mod hibernate;
 mod limits;
 mod runtime;
 
 pub use actor::{Actor, InferenceStats, LogLine};
 pub use driftwood_backend::Backend;
 pub use error::ActorError;
+pub use hibernate::{ActorStore, Hibernated};
 pub use limits::ActorLimits;
 pub use runtime::{LogMode, ModelRegistry, Runtime, RuntimeConfig};

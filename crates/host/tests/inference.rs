@@ -125,3 +125,31 @@ fn forward_rejects_bad_ranges_and_tokens() {
     let m = msg(&mut a, "unknown_model");
     assert!(m.contains("no model named `efa`") && m.contains("default"), "{m}");
 }
+
+#[test]
+fn hibernated_actor_wakes_and_continues_exactly() {
+    let rt = runtime(bundled());
+    let store = driftwood_host::ActorStore::open(tempfile::tempdir().unwrap().keep()).unwrap();
+    let mut awake = chat_actor(&rt, 256);
+    a_sampling(&mut awake);
+    let mut sleeper = chat_actor(&rt, 256);
+    a_sampling(&mut sleeper);
+    request(&mut awake, "generate", "It is a truth", 10);
+    request(&mut sleeper, "generate", "It is a truth", 10);
+    let live_before = rt.live_regions();
+    let info = store.hibernate("s-1", sleeper).map_err(|(e, _)| e).unwrap();
+    assert!(info.file_bytes < info.memory_bytes, "only non-zero pages are stored");
+    assert_eq!(rt.live_regions(), live_before - 1, "hibernation releases the actor's memory");
+    assert_eq!(store.ids(), vec!["s-1".to_string()]);
+    let mut woken = store.wake(&rt, "s-1", driftwood_actors::CHAT).unwrap();
+    let continued: i32 = woken.call("resume", 12u32).unwrap();
+    let reference: i32 = awake.call("resume", 12u32).unwrap();
+    assert_eq!(continued, reference);
+    assert_eq!(woken.take_emitted(), awake.take_emitted());
+    assert!(store.wake(&rt, "../etc", driftwood_actors::CHAT).is_err());
+    assert!(store.wake(&rt, "missing", driftwood_actors::CHAT).is_err());
+}
+
+fn a_sampling(a: &mut Actor) {
+    a.call::<(f32, u32, f32, f32, f32, u64), ()>("set_sampling", (0.8, 40, 0.95, 0.05, 1.1, 3)).unwrap();
+}
