@@ -17,7 +17,7 @@
 #
 # Driftwood runs as `cargo run --release -- bench decode --model DIR --context N --json` (set
 # DRIFTWOOD_CMD to use another command line, e.g. ./target/release/driftwood). A Driftwood failure (e.g. `bench decode` not there yet) is recorded in the result file and the
-# peers still run. Never run by CI. Knobs: BENCH_STEPS (64), BENCH_WARMUP (8), BENCH_CONTEXTS
+# peers still run. Never run by CI. Knobs: BENCH_STEPS (64), BENCH_WARMUP (8), BENCH_REPEATS (3), BENCH_CONTEXTS
 # ("128 1024"), BENCH_DTYPES ("f32 bf16"), CARGO_BUILD_JOBS (1), CMAKE_BUILD_PARALLEL_LEVEL (nproc).
 set -euo pipefail
 
@@ -28,9 +28,10 @@ VENV=${BENCH_VENV:-/tmp/driftwood-bench-venv}
 MODELS=${BENCH_MODELS:-target/bench-models}
 STEPS=${BENCH_STEPS:-64}
 WARMUP=${BENCH_WARMUP:-8}
+REPEATS=${BENCH_REPEATS:-3}
 CONTEXTS=${BENCH_CONTEXTS:-"128 1024"}
 DTYPES=${BENCH_DTYPES:-"f32 bf16"}
-OUT=bench/results/decode-cpu.json
+OUT=${BENCH_OUT:-bench/results/decode-cpu.json}
 export CARGO_BUILD_JOBS=${CARGO_BUILD_JOBS:-1}
 
 # Pinned peer versions (reported in the result file).
@@ -70,7 +71,7 @@ done
 
 # 3. Builds.
 log "building the candle peer"
-(cd bench/peers/candle && CARGO_TARGET_DIR="$ROOT/bench/peers/candle/target" cargo build --release --quiet)
+(cd bench/peers/candle && CARGO_TARGET_DIR="$ROOT/bench/peers/candle/target" cargo build --release --locked --quiet)
 CANDLE=bench/peers/candle/target/release/driftwood-bench-candle
 
 RAW=$(mktemp -d "${TMPDIR:-/tmp}/bench-decode.XXXXXX")
@@ -94,34 +95,46 @@ if [[ $DRIFTWOOD_BUILD_OK == 1 ]] && "${DW[@]}" bench decode --help 2>/dev/null 
   DW_EXTRA=(--no-write)
 fi
 
-# 4. Interleaved runs: per dtype and context, Driftwood then candle then llama.cpp.
-run_one() { # engine dtype context outfile cmd...
-  local engine=$1 dtype=$2 ctx=$3 out=$4
-  shift 4
-  log "$engine $dtype context $ctx"
-  local rc=0
+# 4. Interleaved runs: BENCH_REPEATS sweeps; in each, per dtype and context, Driftwood then candle then
+# llama.cpp. The result is the median over the sweeps (every sample is kept in the file).
+run_one() { # rep engine dtype context outfile cmd...
+  local rep=$1 engine=$2 dtype=$3 ctx=$4 out=$5
+  shift 5
+  local load rc=0
+  read -r load _ </proc/loadavg || load=unknown
+  log "sweep $rep: $engine $dtype context $ctx (load $load)"
   "$@" >"$out.out" 2>"$out.err" || rc=$?
-  printf '%s\t%s\t%s\t%s\t%s\n' "$engine" "$dtype" "$ctx" "$rc" "$out" >>"$RAW/runs.tsv"
+  printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$engine" "$dtype" "$ctx" "$rc" "$out" "$load" >>"$RAW/runs.tsv"
   if [[ $rc != 0 ]]; then
     log "$engine $dtype $ctx failed (rc $rc): $(tail -n 3 "$out.err" | tr '\n' ' ')"
   fi
 }
 : >"$RAW/runs.tsv"
-for dtype in $DTYPES; do
-  dir="$MODELS/smollm2-135m-shaped-$dtype"
-  for ctx in $CONTEXTS; do
-    if [[ $DRIFTWOOD_BUILD_OK == 1 ]]; then
-      run_one driftwood "$dtype" "$ctx" "$RAW/driftwood-$dtype-$ctx" \
-        "${DW[@]}" bench decode --model "$dir" --context "$ctx" --json "${DW_EXTRA[@]}"
-    else
-      cp "$RAW/driftwood-build.err" "$RAW/driftwood-$dtype-$ctx.err"
-      printf '%s\t%s\t%s\t%s\t%s\n' driftwood "$dtype" "$ctx" build-failed "$RAW/driftwood-$dtype-$ctx" >>"$RAW/runs.tsv"
-      : >"$RAW/driftwood-$dtype-$ctx.out"
-    fi
-    run_one candle "$dtype" "$ctx" "$RAW/candle-$dtype-$ctx" \
-      "$CANDLE" --model "$dir" --context "$ctx" --steps "$STEPS" --warmup "$WARMUP"
-    run_one llama.cpp "$dtype" "$ctx" "$RAW/llama.cpp-$dtype-$ctx" \
-      "$PY" bench/peers/llama_cpp_decode.py --gguf "$dir.gguf" --context "$ctx" --steps "$STEPS" --warmup "$WARMUP"
+# Two-thread engines (llama.cpp's OpenMP spin-waits above all) slow down many times over when anything
+# else runs: warn, and record the load average with every sample.
+read -r LOAD1 _ </proc/loadavg || LOAD1=unknown
+echo "$LOAD1" >"$RAW/load-start"
+if awk -v l="$LOAD1" 'BEGIN { exit !(l + 0 > 0.5) }'; then
+  log "warning: load average is $LOAD1 before the runs; the numbers will be low if something else is running"
+fi
+for rep in $(seq 1 "$REPEATS"); do
+  for dtype in $DTYPES; do
+    dir="$MODELS/smollm2-135m-shaped-$dtype"
+    for ctx in $CONTEXTS; do
+      base="$RAW/$rep-$dtype-$ctx"
+      if [[ $DRIFTWOOD_BUILD_OK == 1 ]]; then
+        run_one "$rep" driftwood "$dtype" "$ctx" "$base-driftwood" \
+          "${DW[@]}" bench decode --model "$dir" --context "$ctx" --json "${DW_EXTRA[@]}"
+      else
+        cp "$RAW/driftwood-build.err" "$base-driftwood.err"
+        : >"$base-driftwood.out"
+        printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" driftwood "$dtype" "$ctx" build-failed "$base-driftwood" - >>"$RAW/runs.tsv"
+      fi
+      run_one "$rep" candle "$dtype" "$ctx" "$base-candle" \
+        "$CANDLE" --model "$dir" --context "$ctx" --steps "$STEPS" --warmup "$WARMUP"
+      run_one "$rep" llama.cpp "$dtype" "$ctx" "$base-llama.cpp" \
+        "$PY" bench/peers/llama_cpp_decode.py --gguf "$dir.gguf" --context "$ctx" --steps "$STEPS" --warmup "$WARMUP"
+    done
   done
 done
 
@@ -131,10 +144,11 @@ if [[ -n "$(git status --porcelain --untracked-files=no -- . ':!bench/results' '
   COMMIT="$COMMIT-dirty"
 fi
 mkdir -p "$(dirname "$OUT")"
-"$PY" - "$RAW/runs.tsv" "$OUT" "$COMMIT" <<'PY'
-import json, os, platform, sys, time
+read -r LOAD1_END _ </proc/loadavg || LOAD1_END=unknown
+"$PY" - "$RAW/runs.tsv" "$OUT" "$COMMIT" "$(cat "$RAW/load-start")" "$LOAD1_END" "$STEPS" "$WARMUP" "$REPEATS" <<'PY'
+import json, os, platform, statistics, sys, time
 
-runs_path, out_path, commit = sys.argv[1:4]
+runs_path, out_path, commit, load_start, load_end, steps, warmup, repeats = sys.argv[1:9]
 
 
 def cpu_model():
@@ -179,13 +193,11 @@ def json_docs(text):
     return docs
 
 
-def rate_rows(v, inherited_dtype=None):
-    """(dict, tokens/s key) for every object that carries a decode rate."""
+def rate_rows(v):
+    """Every object that carries a measured decode rate (key decode_tokens_per_s)."""
     if isinstance(v, dict):
-        keys = [k for k in v if isinstance(v[k], (int, float)) and "tokens_per_s" in k and "prefill" not in k]
-        if keys:
-            key = "decode_tokens_per_s" if "decode_tokens_per_s" in keys else keys[0]
-            yield v, key
+        if isinstance(v.get("decode_tokens_per_s"), (int, float)):
+            yield v
         for x in v.values():
             yield from rate_rows(x)
     elif isinstance(v, list):
@@ -193,39 +205,60 @@ def rate_rows(v, inherited_dtype=None):
             yield from rate_rows(x)
 
 
-results, peers, errors, driftwood_raw = [], {}, [], []
+def roofline_info(doc):
+    """Driftwood's roofline figures (weight bytes per token, read bandwidth), wherever they sit."""
+    if isinstance(doc, dict):
+        if "weight_bytes_per_token" in doc and "read_bandwidth_gb_s" in doc:
+            return doc
+        for x in doc.values():
+            r = roofline_info(x)
+            if r:
+                return r
+    return None
+
+
+samples, peers, errors, driftwood_raw, roofs = {}, {}, [], [], {}
 for line in open(runs_path):
-    engine, dtype, ctx, rc, base = line.rstrip("\n").split("\t")
+    rep, engine, dtype, ctx, rc, base, load = line.rstrip("\n").split("\t")
     ctx = int(ctx)
     out = open(base + ".out").read() if os.path.exists(base + ".out") else ""
     err = open(base + ".err").read() if os.path.exists(base + ".err") else ""
     if rc != "0":
-        errors.append({"engine": engine, "dtype": dtype, "context": ctx, "exit": rc,
+        errors.append({"engine": engine, "dtype": dtype, "context": ctx, "sweep": int(rep), "exit": rc,
                        "error": "\n".join(err.strip().splitlines()[-12:])})
         continue
     found = False
     for doc in json_docs(out):
         if engine == "driftwood":
             driftwood_raw.append(doc)
-        for row, key in rate_rows(doc):
+            roof = roofline_info(doc)
+            if roof:
+                roofs.setdefault(dtype, []).append(roof)
+        for row in rate_rows(doc):
             row_ctx = row.get("context", row.get("context_tokens", ctx))
             row_dtype = row.get("dtype", dtype)
             if row_ctx != ctx or row_dtype != dtype:
                 continue
-            r = {"engine": engine, "dtype": dtype, "context": ctx, "decode_tokens_per_s": float(row[key])}
-            for extra in ("threads", "steps", "first_token", "kv_type"):
-                if extra in row:
-                    r[extra] = row[extra]
-            results.append(r)
+            samples.setdefault((engine, dtype, ctx), []).append((float(row["decode_tokens_per_s"]), load, row))
             found = True
             if engine != "driftwood" and "version" in row:
                 peers[engine] = {"version": row["version"]}
                 if "system_info" in row:
                     peers[engine]["system_info"] = row["system_info"]
     if not found:
-        errors.append({"engine": engine, "dtype": dtype, "context": ctx, "exit": rc,
+        errors.append({"engine": engine, "dtype": dtype, "context": ctx, "sweep": int(rep), "exit": rc,
                        "error": "no decode tokens/s for this dtype and context in its output: "
                                 + out.strip()[-400:]})
+
+results = []
+for (engine, dtype, ctx), ss in samples.items():
+    rates = [x for x, _, _ in ss]
+    r = {"engine": engine, "dtype": dtype, "context": ctx, "decode_tokens_per_s": statistics.median(rates),
+         "samples": rates, "load_avg_1m": [l for _, l, _ in ss]}
+    for extra in ("threads", "steps", "first_token", "kv_type", "flash_attn"):
+        if extra in ss[0][2]:
+            r[extra] = ss[0][2][extra]
+    results.append(r)
 
 # Greedy-token agreement after the same context (same weights, same token ids).
 agree = {}
@@ -239,25 +272,40 @@ for dtype in sorted({r["dtype"] for r in results}):
 doc = {
     "bench": "decode",
     "machine": {"cpu": cpu_model(), "threads": os.cpu_count(), "os": sys.platform, "arch": platform.machine(),
-                "cpu_features": cpu_flags()},
+                "cpu_features": cpu_flags(), "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": load_end},
     "commit": commit,
     "command": "scripts/bench_decode.sh",
     "unix_time": int(time.time()),
     "model": "SmolLM2-135M-shaped Llama, random weights (bench/peers/make_model.py); batch 1, greedy",
+    "protocol": f"per engine run: prefill the context in one pass, {warmup} untimed decode steps, then {steps} "
+                "timed decode steps (Driftwood: its own bench decode protocol); tokens/s = timed steps / their wall "
+                f"time, argmax included; {repeats} interleaved sweeps, decode_tokens_per_s is the median",
     "results": results,
     "peers": peers,
     "greedy_agreement": agree,
     "errors": errors,
 }
+if roofs:
+    # What Driftwood measured: bytes of weights read per token and the machine's read bandwidth.
+    by_dtype = {}
+    for dt, rs in roofs.items():
+        bw = sorted(float(r["read_bandwidth_gb_s"]) for r in rs)
+        by_dtype[dt] = {"weight_bytes_per_token": rs[0]["weight_bytes_per_token"],
+                        "read_bandwidth_gb_s": bw[len(bw) // 2]}
+        if "roofline_tokens_per_s" in rs[0]:
+            by_dtype[dt]["roofline_tokens_per_s"] = rs[0]["roofline_tokens_per_s"]
+    head = "bf16" if "bf16" in by_dtype else sorted(by_dtype)[0]
+    doc["roofline"] = {"dtype": head, **by_dtype[head], "by_dtype": by_dtype}
 if driftwood_raw:
     doc["driftwood_output"] = driftwood_raw
 with open(out_path, "w") as f:
     json.dump(doc, f, indent=2)
     f.write("\n")
 
-print(f"{'engine':<10} {'dtype':<5} {'context':>7} {'tokens/s':>9}", file=sys.stderr)
+print(f"{'engine':<10} {'dtype':<5} {'context':>7} {'tokens/s':>9}  samples", file=sys.stderr)
 for r in results:
-    print(f"{r['engine']:<10} {r['dtype']:<5} {r['context']:>7} {r['decode_tokens_per_s']:>9.1f}", file=sys.stderr)
+    print(f"{r['engine']:<10} {r['dtype']:<5} {r['context']:>7} {r['decode_tokens_per_s']:>9.1f}  "
+          + " ".join(f"{x:.1f}" for x in r["samples"]), file=sys.stderr)
 for e in errors:
     print(f"{e['engine']:<10} {e['dtype']:<5} {e['context']:>7}   failed: {e['error'].splitlines()[-1] if e['error'] else e['exit']}", file=sys.stderr)
 print(f"wrote {out_path}", file=sys.stderr)

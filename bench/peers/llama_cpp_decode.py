@@ -32,6 +32,24 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def ggml_version() -> str:
+    """ggml's version and commit, from the bundled library (llama-cpp-python does not bind them)."""
+    import ctypes
+
+    import llama_cpp
+
+    try:
+        lib = ctypes.CDLL(os.path.join(os.path.dirname(llama_cpp.__file__), "lib", "libggml-base.so"))
+        out = []
+        for name in ("ggml_version", "ggml_commit"):
+            fn = getattr(lib, name)
+            fn.restype = ctypes.c_char_p
+            out.append(fn().decode())
+        return f"ggml {out[0]} ({out[1]})"
+    except (OSError, AttributeError):
+        return "ggml unknown"
+
+
 def gguf_dtype(path: str) -> str:
     import gguf
 
@@ -63,6 +81,7 @@ def main() -> int:
         t = {"f16": llama_cpp.GGML_TYPE_F16, "f32": llama_cpp.GGML_TYPE_F32, "bf16": llama_cpp.GGML_TYPE_BF16}[args.kv_type]
         extra = {"type_k": t, "type_v": t}
 
+    ggml = ggml_version()
     system_info = llama_cpp.llama_print_system_info().decode(errors="replace").strip()
     for n in [int(c) for c in args.context.split(",")]:
         n_ctx = n + args.warmup + args.steps
@@ -105,7 +124,7 @@ def main() -> int:
 
         print(json.dumps({
             "peer": "llama.cpp",
-            "version": f"llama-cpp-python {llama_cpp.__version__} (bundled llama.cpp, CPU, built with GGML_NATIVE=ON)",
+            "version": f"llama-cpp-python {llama_cpp.__version__}, bundled llama.cpp with {ggml} (CPU, GGML_NATIVE=ON)",
             "dtype": dtype,
             "context": n,
             "decode_tokens_per_s": args.steps / decode_s,
@@ -119,7 +138,8 @@ def main() -> int:
             "flash_attn": args.flash_attn,
             "system_info": system_info,
         }), flush=True)
-        llm.close() if hasattr(llm, "close") else None
+        if hasattr(llm, "close"):
+            llm.close()
         del llm
     return 0
 
