@@ -152,6 +152,11 @@ impl Session {
         &self.tokens
     }
 
+    /// Offset of the KV cache in this actor's memory and its size in bytes.
+    pub fn kv_region(&self) -> (u32, u32) {
+        (self.kv.as_ptr() as u32, (self.kv.len() * 4) as u32)
+    }
+
     /// Tokens the cache can hold.
     pub fn max_seq(&self) -> u32 {
         self.max_seq

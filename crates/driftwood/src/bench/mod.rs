@@ -5,6 +5,7 @@
 
 mod abi;
 mod decode;
+mod density;
 mod matmul;
 mod readme;
 mod snapshot;
@@ -27,6 +28,8 @@ pub enum BenchCommand {
     Decode(decode::DecodeArgs),
     /// Session snapshot save/restore time and size vs re-prefill, at several context lengths.
     Snapshot(snapshot::SnapshotArgs),
+    /// Live actors per memory budget, zero-copy vs a copy path; hibernated actors' size and wake latency.
+    Density(density::DensityArgs),
     /// Regenerate the README's benchmark tables from bench/results/*.json.
     Readme(readme::ReadmeArgs),
 }
@@ -37,6 +40,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Matmul(args) => matmul::run(&args),
         BenchCommand::Decode(args) => decode::run(&args),
         BenchCommand::Snapshot(args) => snapshot::run(&args),
+        BenchCommand::Density(args) => density::run(&args),
         BenchCommand::Readme(args) => readme::run(&args),
     }
 }

@@ -243,3 +243,13 @@ pub extern "C" fn fill(n: u32) -> i32 {
     })
     .unwrap_or(-2)
 }
+
+/// The session's KV cache in this actor's memory: 0 → its offset, 1 → its size in bytes.
+#[unsafe(no_mangle)]
+pub extern "C" fn kv_region(i: u32) -> u32 {
+    with_actor(|a| {
+        let (offset, bytes) = a.session.kv_region();
+        if i == 0 { offset } else { bytes }
+    })
+    .unwrap_or(0)
+}

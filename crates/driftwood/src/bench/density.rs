@@ -1,0 +1,148 @@
+//! `driftwood bench density`: how many live actors with N-token contexts fit in a memory budget on the
+//! zero-copy path vs a copy path that keeps a second, host-side copy of each actor's KV cache (what a runtime
+//! does when guest memory and compute memory are separate), and how hibernated actors store and wake.
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+use super::{Output, emit, median};
+use crate::llm::{bundled_model_dir, load_model};
+use driftwood_host::{Actor, ActorLimits, ActorStore, LogMode, Runtime, RuntimeConfig};
+use driftwood_memory::rss::resident_bytes;
+
+/// Arguments of `driftwood bench density`.
+#[derive(clap::Args, Debug)]
+pub struct DensityArgs {
+    /// Model directory (default: the bundled model).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Tokens of context each actor holds.
+    #[arg(long, default_value_t = 512)]
+    context: u32,
+    /// Live actors measured per path.
+    #[arg(long, default_value_t = 16)]
+    actors: u32,
+    /// Memory budget the fit is computed for, in MiB.
+    #[arg(long, default_value_t = 4096)]
+    budget_mib: u64,
+    /// Actors hibernated and woken for the latency figures.
+    #[arg(long, default_value_t = 64)]
+    hibernated: u32,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Serialize, Debug)]
+struct DensityResults {
+    model: String,
+    context: u32,
+    kv_bytes_per_actor: u64,
+    budget_mib: u64,
+    zero_copy_bytes_per_actor: f64,
+    copy_path_bytes_per_actor: f64,
+    zero_copy_actors_in_budget: u64,
+    copy_path_actors_in_budget: u64,
+    density_ratio: f64,
+    hibernated_actors: u32,
+    hibernated_bytes_per_actor: f64,
+    wake_ms_p50: f64,
+    wake_ms_p99: f64,
+}
+
+fn rss() -> anyhow::Result<f64> {
+    resident_bytes().map(|b| b as f64).ok_or_else(|| anyhow::anyhow!("this platform does not report RSS"))
+}
+
+fn filled_actor(runtime: &Runtime, context: u32) -> anyhow::Result<Actor> {
+    let mut actor = runtime.instantiate(driftwood_actors::CHAT)?;
+    actor.call::<u32, ()>("init", context)?;
+    let n: i32 = actor.call("fill", context)?;
+    anyhow::ensure!(n == context as i32, "context {context} does not fit the model");
+    Ok(actor)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
+    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let runtime = Runtime::new(RuntimeConfig {
+        log: LogMode::Capture,
+        limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
+        ..Default::default()
+    })?;
+    runtime.register_model("default", load_model(&dir)?);
+    // Warm-up: compile the module, touch the weights, size the thread pool.
+    drop(filled_actor(&runtime, args.context)?);
+
+    // Zero-copy path: the KV cache lives only in each actor's memory.
+    let before = rss()?;
+    let mut live: Vec<Actor> =
+        (0..args.actors).map(|_| filled_actor(&runtime, args.context)).collect::<Result<_, _>>()?;
+    let zero_copy = (rss()? - before) / args.actors as f64;
+    // Copy path: the same actors, plus the host-side copy of each KV cache a copying runtime keeps.
+    let before = rss()?;
+    let mut copies = vec![];
+    let mut kv_bytes = 0u64;
+    for actor in &mut live {
+        let offset: u32 = actor.call("kv_region", 0u32)?;
+        let bytes: u32 = actor.call("kv_region", 1u32)?;
+        kv_bytes = bytes as u64;
+        let mut copy = vec![0u8; bytes as usize];
+        actor.read_memory(offset as usize, &mut copy)?;
+        copies.push(copy);
+    }
+    let copy_path = zero_copy + (rss()? - before) / args.actors as f64;
+    drop(copies);
+    drop(live);
+
+    // Hibernation: snapshot, release, wake.
+    let tmp = tempfile::tempdir()?;
+    let store = ActorStore::open(tmp.path())?;
+    let mut stored = 0u64;
+    for i in 0..args.hibernated {
+        let actor = filled_actor(&runtime, args.context)?;
+        stored += store.hibernate(&format!("a{i}"), actor).map_err(|(e, _)| e)?.file_bytes;
+    }
+    let mut wake = vec![];
+    for i in 0..args.hibernated {
+        let t = Instant::now();
+        let actor = store.wake(&runtime, &format!("a{i}"), driftwood_actors::CHAT)?;
+        wake.push(t.elapsed().as_secs_f64() * 1e3);
+        drop(actor);
+    }
+    wake.sort_by(f64::total_cmp);
+    let budget = (args.budget_mib << 20) as f64;
+    let results = DensityResults {
+        model: dir.display().to_string(),
+        context: args.context,
+        kv_bytes_per_actor: kv_bytes,
+        budget_mib: args.budget_mib,
+        zero_copy_bytes_per_actor: zero_copy,
+        copy_path_bytes_per_actor: copy_path,
+        zero_copy_actors_in_budget: (budget / zero_copy) as u64,
+        copy_path_actors_in_budget: (budget / copy_path) as u64,
+        density_ratio: copy_path / zero_copy,
+        hibernated_actors: args.hibernated,
+        hibernated_bytes_per_actor: stored as f64 / args.hibernated as f64,
+        wake_ms_p50: median(&mut wake.clone()),
+        wake_ms_p99: percentile(&wake, 0.99),
+    };
+    eprintln!(
+        "{}-token contexts: {:.1} MiB/actor zero-copy vs {:.1} MiB/actor with a KV copy → {} vs {} actors in {} MiB ({:.2}×); hibernated: {:.1} MiB/actor on disk, wake p50 {:.2} ms, p99 {:.2} ms",
+        args.context,
+        zero_copy / 1048576.0,
+        copy_path / 1048576.0,
+        results.zero_copy_actors_in_budget,
+        results.copy_path_actors_in_budget,
+        args.budget_mib,
+        results.density_ratio,
+        results.hibernated_bytes_per_actor / 1048576.0,
+        results.wake_ms_p50,
+        results.wake_ms_p99
+    );
+    emit("density", "density-cpu", &args.output, results)
+}
