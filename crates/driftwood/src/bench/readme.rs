@@ -115,6 +115,45 @@ fn decode_table(v: &Value) -> String {
     t + "\nDecode tokens/s at batch 1, higher is better.\n" + &provenance(v)
 }
 
+fn snapshot_table(v: &Value) -> String {
+    let mut t = String::from(
+        "| context | file | save | restore | re-prefill | restore speedup |\n|---:|---:|---:|---:|---:|---:|\n",
+    );
+    for row in v["results"]["rows"].as_array().into_iter().flatten() {
+        t += &format!(
+            "| {} | {:.2} MB | {:.2} ms | {:.2} ms | {:.1} ms | {:.0}× |\n",
+            num(row, "context"),
+            num(row, "file_bytes") / 1e6,
+            num(row, "save_ms"),
+            num(row, "restore_ms"),
+            num(row, "reprefill_ms"),
+            num(row, "speedup"),
+        );
+    }
+    let model = v["results"]["model"].as_str().unwrap_or("?");
+    t + &format!("\nModel `{model}`; medians.\n") + &provenance(v)
+}
+
+fn density_table(v: &Value) -> String {
+    let r = &v["results"];
+    let mib = |k: &str| num(r, k) / 1048576.0;
+    format!(
+        "| | per actor | actors in {} MiB |\n|---|---:|---:|\n| zero-copy (KV only in the actor) | {:.1} MiB | {} |\n| copy path (second KV copy on the host) | {:.1} MiB | {} |\n| hibernated (on disk) | {:.1} MiB | wake p50 {:.2} ms, p99 {:.2} ms over {} actors |\n\n{}-token contexts, {:.2}× more live actors zero-copy.\n{}",
+        num(r, "budget_mib"),
+        mib("zero_copy_bytes_per_actor"),
+        num(r, "zero_copy_actors_in_budget"),
+        mib("copy_path_bytes_per_actor"),
+        num(r, "copy_path_actors_in_budget"),
+        mib("hibernated_bytes_per_actor"),
+        num(r, "wake_ms_p50"),
+        num(r, "wake_ms_p99"),
+        num(r, "hibernated_actors"),
+        num(r, "context"),
+        num(r, "density_ratio"),
+        provenance(v)
+    )
+}
+
 fn replace_between(doc: &str, name: &str, body: &str) -> anyhow::Result<String> {
     let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
     let (Some(start), Some(end)) = (doc.find(&open), doc.find(&close)) else {
@@ -133,6 +172,12 @@ pub fn run(args: &ReadmeArgs) -> anyhow::Result<()> {
     doc = replace_between(&doc, "matmul", &matmul_table(&load(args, "matmul-cpu")?))?;
     if let Ok(decode) = load(args, "decode-cpu") {
         doc = replace_between(&doc, "decode", &decode_table(&decode))?;
+    }
+    if let Ok(snapshot) = load(args, "snapshot-cpu") {
+        doc = replace_between(&doc, "snapshot", &snapshot_table(&snapshot))?;
+    }
+    if let Ok(density) = load(args, "density-cpu") {
+        doc = replace_between(&doc, "density", &density_table(&density))?;
     }
     std::fs::write(&args.readme, doc).with_context(|| format!("cannot write {}", args.readme.display()))?;
     eprintln!("updated {}", args.readme.display());
