@@ -61,7 +61,7 @@ fn chat_holds_a_multi_turn_conversation_in_one_actor() {
 
 #[test]
 fn bad_parameters_and_models_are_clear_errors() {
-    let out = driftwood(&["generate", "--prompt", "x", "--temperature", "-1"]);
+    let out = driftwood(&["generate", "--prompt", "x", "--temperature=-1"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("--temperature must be"));
     let out = driftwood(&["generate", "--prompt", "x", "--model", "/nonexistent/model"]);
