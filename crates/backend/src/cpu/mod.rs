@@ -165,7 +165,7 @@ impl Backend for CpuBackend {
         let half = head_dim / 2;
         let needed = checked(OP, &[pos + t, half])?;
         let table = cos.len();
-        if table < needed || sin.len() != table || head_dim % 2 != 0 {
+        if table < needed || sin.len() != table || !head_dim.is_multiple_of(2) {
             return Err(BackendError::OutOfRange {
                 op: OP,
                 detail: format!("positions {pos}..{} need {needed} table entries, the tables hold {table}", pos + t),
@@ -185,7 +185,7 @@ impl Backend for CpuBackend {
         d: AttentionDims,
     ) -> Result<(), BackendError> {
         const OP: &str = "attention";
-        if d.kv_heads == 0 || d.heads % d.kv_heads != 0 {
+        if d.kv_heads == 0 || !d.heads.is_multiple_of(d.kv_heads) {
             return Err(BackendError::OutOfRange {
                 op: OP,
                 detail: format!("{} heads cannot share {} key/value heads", d.heads, d.kv_heads),
