@@ -226,13 +226,13 @@ impl ModelConfig {
                 return Err(format!("`{name}` = {value} is out of range"));
             }
         }
-        if self.num_heads % self.num_kv_heads != 0 {
+        if !self.num_heads.is_multiple_of(self.num_kv_heads) {
             return Err(format!(
                 "`num_attention_heads` ({}) is not a multiple of `num_key_value_heads` ({})",
                 self.num_heads, self.num_kv_heads
             ));
         }
-        if self.head_dim % 2 != 0 {
+        if !self.head_dim.is_multiple_of(2) {
             return Err(format!("`head_dim` ({}) must be even for rotary embeddings", self.head_dim));
         }
         if !(self.rms_norm_eps.is_finite() && self.rms_norm_eps >= 0.0) {

@@ -51,23 +51,20 @@ impl ActorStore {
         Ok(self.dir.join(format!("{id}.actor")))
     }
 
-    /// Snapshots `actor` under `id` (atomically replacing an earlier snapshot) and drops it, releasing its
+    /// Snapshots `actor` under `id` (atomically replacing an earlier snapshot), then drops it, releasing its
     /// memory.
     ///
     /// # Errors
     ///
-    /// An invalid id or a failed write; the actor is dropped only after its snapshot is safely on disk, so on
-    /// error it is handed back unchanged.
-    pub fn hibernate(&self, id: &str, mut actor: Actor) -> Result<Hibernated, (ActorError, Actor)> {
-        let path = match self.path(id) {
-            Ok(p) => p,
-            Err(e) => return Err((e, actor)),
-        };
-        let memory_bytes = actor.memory_size() as u64;
-        match actor.save_snapshot(&path, Default::default()) {
-            Ok(stats) => Ok(Hibernated { file_bytes: stats.bytes, memory_bytes }),
-            Err(e) => Err((e, actor)),
-        }
+    /// An invalid id or a failed write. The actor is dropped only once its snapshot is safely on disk: on error
+    /// it is still in `actor`, unchanged.
+    pub fn hibernate(&self, id: &str, actor: &mut Option<Actor>) -> Result<Hibernated, ActorError> {
+        let path = self.path(id)?;
+        let live = actor.as_mut().ok_or_else(|| ActorError::Host("no actor to hibernate".into()))?;
+        let memory_bytes = live.memory_size() as u64;
+        let stats = live.save_snapshot(&path, Default::default())?;
+        *actor = None;
+        Ok(Hibernated { file_bytes: stats.bytes, memory_bytes })
     }
 
     /// Restores the actor hibernated as `id` from the module `wasm`. The snapshot stays in the store until

@@ -137,7 +137,9 @@ fn hibernated_actor_wakes_and_continues_exactly() {
     request(&mut awake, "generate", "It is a truth", 10);
     request(&mut sleeper, "generate", "It is a truth", 10);
     let live_before = rt.live_regions();
-    let info = store.hibernate("s-1", sleeper).map_err(|(e, _)| e).unwrap();
+    let mut sleeper = Some(sleeper);
+    let info = store.hibernate("s-1", &mut sleeper).unwrap();
+    assert!(sleeper.is_none());
     assert!(info.file_bytes < info.memory_bytes, "only non-zero pages are stored");
     assert_eq!(rt.live_regions(), live_before - 1, "hibernation releases the actor's memory");
     assert_eq!(store.ids(), vec!["s-1".to_string()]);

@@ -104,8 +104,8 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
     let store = ActorStore::open(tmp.path())?;
     let mut stored = 0u64;
     for i in 0..args.hibernated {
-        let actor = filled_actor(&runtime, args.context)?;
-        stored += store.hibernate(&format!("a{i}"), actor).map_err(|(e, _)| e)?.file_bytes;
+        let mut actor = Some(filled_actor(&runtime, args.context)?);
+        stored += store.hibernate(&format!("a{i}"), &mut actor)?.file_bytes;
     }
     let mut wake = vec![];
     for i in 0..args.hibernated {
