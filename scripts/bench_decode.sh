@@ -7,18 +7,21 @@
 #
 # Steps (each skipped when already done):
 #   1. a Python venv at $BENCH_VENV (default /tmp/driftwood-bench-venv) with numpy, safetensors,
-#      tokenizers, gguf and llama-cpp-python (built from source: CPU only, GGML_NATIVE=ON; ~15 min
+#      tokenizers, gguf and llama-cpp-python (built from source: CPU only, GGML_NATIVE=ON; ~20 min
 #      on 2 cores);
 #   2. the two model dirs (bench/peers/make_model.py) and their GGUF files (bench/peers/to_gguf.py)
 #      under $BENCH_MODELS (default target/bench-models);
 #   3. the candle peer (bench/peers/candle, release) and Driftwood (release);
-#   4. for dtype in f32 bf16, for context in 128 1024: Driftwood, candle, llama.cpp, one after another;
-#   5. bench/results/decode-cpu.json.
+#   4. BENCH_REPEATS sweeps of: for dtype in f32 bf16, for context in 128 1024: Driftwood, candle,
+#      llama.cpp, one after another;
+#   5. bench/results/decode-cpu.json (BENCH_OUT), with the median over the sweeps.
 #
 # Driftwood runs as `cargo run --release -- bench decode --model DIR --context N --json` (set
-# DRIFTWOOD_CMD to use another command line, e.g. ./target/release/driftwood). A Driftwood failure (e.g. `bench decode` not there yet) is recorded in the result file and the
-# peers still run. Never run by CI. Knobs: BENCH_STEPS (64), BENCH_WARMUP (8), BENCH_REPEATS (3), BENCH_CONTEXTS
-# ("128 1024"), BENCH_DTYPES ("f32 bf16"), CARGO_BUILD_JOBS (1), CMAKE_BUILD_PARALLEL_LEVEL (nproc).
+# DRIFTWOOD_CMD to use another command line, e.g. ./target/release/driftwood). A Driftwood failure
+# (e.g. `bench decode` not there yet) is recorded in the result file and the peers still run.
+# Never run by CI. Run it on an idle machine: see bench/peers/README.md.
+# Knobs: BENCH_STEPS (64), BENCH_WARMUP (8), BENCH_REPEATS (3), BENCH_CONTEXTS ("128 1024"),
+# BENCH_DTYPES ("f32 bf16"), CARGO_BUILD_JOBS (1), CMAKE_BUILD_PARALLEL_LEVEL (nproc).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -144,11 +147,16 @@ if [[ -n "$(git status --porcelain --untracked-files=no -- . ':!bench/results' '
   COMMIT="$COMMIT-dirty"
 fi
 mkdir -p "$(dirname "$OUT")"
+# The command line, with the knobs that were set.
+COMMAND="scripts/bench_decode.sh"
+for v in DRIFTWOOD_CMD BENCH_STEPS BENCH_WARMUP BENCH_REPEATS BENCH_CONTEXTS BENCH_DTYPES BENCH_OUT; do
+  if [[ -n "${!v:-}" ]]; then COMMAND="$v='${!v}' $COMMAND"; fi
+done
 read -r LOAD1_END _ </proc/loadavg || LOAD1_END=unknown
-"$PY" - "$RAW/runs.tsv" "$OUT" "$COMMIT" "$(cat "$RAW/load-start")" "$LOAD1_END" "$STEPS" "$WARMUP" "$REPEATS" <<'PY'
+"$PY" - "$RAW/runs.tsv" "$OUT" "$COMMIT" "$(cat "$RAW/load-start")" "$LOAD1_END" "$STEPS" "$WARMUP" "$REPEATS" "$COMMAND" <<'PY'
 import json, os, platform, statistics, sys, time
 
-runs_path, out_path, commit, load_start, load_end, steps, warmup, repeats = sys.argv[1:9]
+runs_path, out_path, commit, load_start, load_end, steps, warmup, repeats, command = sys.argv[1:10]
 
 
 def cpu_model():
@@ -274,7 +282,7 @@ doc = {
     "machine": {"cpu": cpu_model(), "threads": os.cpu_count(), "os": sys.platform, "arch": platform.machine(),
                 "cpu_features": cpu_flags(), "load_avg_1m_at_start": load_start, "load_avg_1m_at_end": load_end},
     "commit": commit,
-    "command": "scripts/bench_decode.sh",
+    "command": command,
     "unix_time": int(time.time()),
     "model": "SmolLM2-135M-shaped Llama, random weights (bench/peers/make_model.py); batch 1, greedy",
     "protocol": f"per engine run: prefill the context in one pass, {warmup} untimed decode steps, then {steps} "
@@ -286,14 +294,14 @@ doc = {
     "errors": errors,
 }
 if roofs:
-    # What Driftwood measured: bytes of weights read per token and the machine's read bandwidth.
+    # What Driftwood measured: bytes of weights read per token and the machine's read bandwidth
+    # (medians over the sweeps).
     by_dtype = {}
     for dt, rs in roofs.items():
-        bw = sorted(float(r["read_bandwidth_gb_s"]) for r in rs)
         by_dtype[dt] = {"weight_bytes_per_token": rs[0]["weight_bytes_per_token"],
-                        "read_bandwidth_gb_s": bw[len(bw) // 2]}
-        if "roofline_tokens_per_s" in rs[0]:
-            by_dtype[dt]["roofline_tokens_per_s"] = rs[0]["roofline_tokens_per_s"]
+                        "read_bandwidth_gb_s": statistics.median(float(r["read_bandwidth_gb_s"]) for r in rs)}
+        if all("roofline_tokens_per_s" in r for r in rs):
+            by_dtype[dt]["roofline_tokens_per_s"] = statistics.median(float(r["roofline_tokens_per_s"]) for r in rs)
     head = "bf16" if "bf16" in by_dtype else sorted(by_dtype)[0]
     doc["roofline"] = {"dtype": head, **by_dtype[head], "by_dtype": by_dtype}
 if driftwood_raw:
