@@ -35,46 +35,225 @@ pub(crate) fn rope(x: &mut [f32], cos: &[f32], sin: &[f32], pos: usize, heads: u
     }
 }
 
+/// Dot product with 16 independent accumulators, so the compiler can keep whole SIMD registers busy (a plain
+/// `sum()` is one serial chain of adds: f32 addition order is fixed).
+#[inline(always)]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    let (ac, bc) = (a.chunks_exact(16), b.chunks_exact(16));
+    let (ar, br) = (ac.remainder(), bc.remainder());
+    for (x, y) in ac.zip(bc) {
+        for l in 0..16 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    let mut sum = 0f32;
+    for (x, y) in ar.iter().zip(br) {
+        sum += x * y;
+    }
+    acc.iter().sum::<f32>() + sum
+}
+
+/// Positions per attention task: long contexts are split into chunks processed in parallel and merged
+/// (a partial softmax per chunk), so decode uses every core even with few key/value heads.
+const CHUNK: usize = 128;
+
 /// Causal attention of `q (t, heads, hd)` over `k`, `v` `(pos + t, kv_heads · hd)` into `out (t, heads, hd)`.
 /// Query `i` sits at absolute position `pos + i` and sees keys `0..=pos + i` (or the last `window` of them).
+///
+/// Each task takes one token, one key/value head and one chunk of positions, and serves all the query heads
+/// that share that key/value head, so each key and value row is read once per chunk, not once per query head.
 pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], d: AttentionDims) {
-    let AttentionDims { t, pos, heads, kv_heads, head_dim: hd, window } = d;
+    let AttentionDims { t, pos, heads, kv_heads, head_dim: hd, .. } = d;
+    let group = heads / kv_heads;
+    let chunks = (pos + t).div_ceil(CHUNK);
+    let part_len = group * (hd + 2); // per query head: acc (hd), max, sum
+    let mut parts = vec![0f32; t * kv_heads * chunks * part_len]; // (t, kv_heads, chunks, group, hd + 2)
+    let mut kernel: ChunkKernel = chunk_generic;
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            kernel = chunk_avx512;
+        } else if std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma") {
+            kernel = chunk_avx2;
+        }
+    }
+    parts.par_chunks_mut(part_len).enumerate().for_each_init(
+        || vec![0f32; group * CHUNK],
+        |scores, (task, part)| {
+            let (i, rest) = (task / (kv_heads * chunks), task % (kv_heads * chunks));
+            let (g, c) = (rest / chunks, rest % chunks);
+            // SAFETY: `kernel` matches this CPU (chosen above).
+            unsafe { kernel(q, k, v, d, (i, g, c), scores, part) }
+        },
+    );
+    // Merge the chunks of each (token, query head): rescale each partial sum to the global maximum.
+    for i in 0..t {
+        for h in 0..heads {
+            let (g, hq) = (h / group, h % group);
+            let o = &mut out[(i * heads + h) * hd..(i * heads + h + 1) * hd];
+            let part = |c: usize| {
+                let at = ((i * kv_heads + g) * chunks + c) * part_len + hq * (hd + 2);
+                &parts[at..at + hd + 2]
+            };
+            let max = (0..chunks).map(|c| part(c)[hd]).fold(f32::NEG_INFINITY, f32::max);
+            o.fill(0.0);
+            let mut sum = 0f32;
+            for c in 0..chunks {
+                let p = part(c);
+                if p[hd + 1] == 0.0 {
+                    continue; // no visible position in this chunk
+                }
+                let scale = (p[hd] - max).exp();
+                sum += p[hd + 1] * scale;
+                for (x, &a) in o.iter_mut().zip(&p[..hd]) {
+                    *x += a * scale;
+                }
+            }
+            let inv = 1.0 / sum;
+            for x in o.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
+type ChunkKernel = unsafe fn(&[f32], &[f32], &[f32], AttentionDims, (usize, usize, usize), &mut [f32], &mut [f32]);
+
+/// [`chunk`] without extra target features.
+///
+/// # Safety
+///
+/// None beyond the types; `unsafe` only to share a signature with the feature-specific versions.
+unsafe fn chunk_generic(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttentionDims,
+    at: (usize, usize, usize),
+    scores: &mut [f32],
+    part: &mut [f32],
+) {
+    chunk(q, k, v, d, at, scores, part)
+}
+
+/// [`chunk`] compiled for AVX-512.
+///
+/// # Safety
+///
+/// The CPU must support AVX-512F.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn chunk_avx512(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttentionDims,
+    at: (usize, usize, usize),
+    scores: &mut [f32],
+    part: &mut [f32],
+) {
+    chunk(q, k, v, d, at, scores, part)
+}
+
+/// [`chunk`] compiled for AVX2 with FMA.
+///
+/// # Safety
+///
+/// The CPU must support AVX2 and FMA.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn chunk_avx2(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttentionDims,
+    at: (usize, usize, usize),
+    scores: &mut [f32],
+    part: &mut [f32],
+) {
+    chunk(q, k, v, d, at, scores, part)
+}
+
+/// Rows ahead to prefetch: a head's rows are `kv_dim` apart, a stride the hardware prefetchers follow poorly.
+const PREFETCH_ROWS: usize = 10;
+
+/// Asks the CPU to start loading `hd` floats at `data[at..]` (no effect past the end or off x86-64).
+#[inline(always)]
+fn prefetch_row(data: &[f32], at: usize, hd: usize) {
+    #[cfg(target_arch = "x86_64")]
+    if at + hd <= data.len() {
+        for line in (0..hd).step_by(16) {
+            // SAFETY: prefetching is a hint and never faults; the address is inside `data` anyway.
+            unsafe {
+                std::arch::x86_64::_mm_prefetch(data.as_ptr().add(at + line).cast(), std::arch::x86_64::_MM_HINT_T0)
+            };
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, at, hd);
+}
+
+/// Partial attention of token `i`'s query heads of key/value head `g` over chunk `c` of positions: writes,
+/// per query head, the unnormalized weighted sum of values (`hd`), the chunk's maximum score and its sum of
+/// `exp(score − max)` (0 when the chunk has no visible position).
+#[inline(always)]
+fn chunk(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    d: AttentionDims,
+    (i, g, c): (usize, usize, usize),
+    scores: &mut [f32], // (group, CHUNK)
+    part: &mut [f32],   // (group, hd + 2)
+) {
+    let AttentionDims { pos, heads, kv_heads, head_dim: hd, window, .. } = d;
     let group = heads / kv_heads;
     let kv_stride = kv_heads * hd;
     let scale = 1.0 / (hd as f32).sqrt();
-    let out_ptr = SendPtr(out.as_mut_ptr());
-    (0..heads).into_par_iter().for_each(|h| {
-        let kvh = h / group;
-        let mut scores = vec![0f32; pos + t];
-        let mut acc = vec![0f32; hd];
-        for i in 0..t {
-            let p = pos + i;
-            let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
-            let qh = &q[(i * heads + h) * hd..(i * heads + h + 1) * hd];
-            let mut max = f32::NEG_INFINITY;
-            for s in first..=p {
-                let kr = &k[s * kv_stride + kvh * hd..s * kv_stride + (kvh + 1) * hd];
-                let dot = qh.iter().zip(kr).map(|(a, b)| a * b).sum::<f32>() * scale;
-                scores[s] = dot;
-                max = max.max(dot);
-            }
-            let mut sum = 0f32;
-            for sc in &mut scores[first..=p] {
-                *sc = (*sc - max).exp();
-                sum += *sc;
-            }
-            acc.fill(0.0);
-            for s in first..=p {
-                let w = scores[s] / sum;
-                let vr = &v[s * kv_stride + kvh * hd..s * kv_stride + (kvh + 1) * hd];
-                for (a, &x) in acc.iter_mut().zip(vr) {
-                    *a += w * x;
-                }
-            }
-            // SAFETY: head `h` of token `i` is written by this task only; in bounds as out is (t, heads, hd).
-            unsafe { std::ptr::copy_nonoverlapping(acc.as_ptr(), out_ptr.get().add((i * heads + h) * hd), hd) };
+    let p = pos + i;
+    let first = window.map_or(0, |w| (p + 1).saturating_sub(w));
+    let (lo, hi) = (first.max(c * CHUNK), (p + 1).min((c + 1) * CHUNK));
+    part.fill(0.0);
+    if lo >= hi {
+        for hq in 0..group {
+            part[hq * (hd + 2) + hd] = f32::NEG_INFINITY;
         }
-    });
+        return;
+    }
+    let n = hi - lo;
+    let q0 = (i * heads + g * group) * hd; // this group's query heads are contiguous
+    for s in lo..hi {
+        let row = s * kv_stride + g * hd;
+        prefetch_row(k, row + PREFETCH_ROWS * kv_stride, hd);
+        let kr = &k[row..row + hd];
+        for hq in 0..group {
+            scores[hq * CHUNK + s - lo] = dot(&q[q0 + hq * hd..q0 + (hq + 1) * hd], kr) * scale;
+        }
+    }
+    for hq in 0..group {
+        let sc = &mut scores[hq * CHUNK..hq * CHUNK + n];
+        let max = sc.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut sum = 0f32;
+        for x in sc.iter_mut() {
+            *x = (*x - max).exp();
+            sum += *x;
+        }
+        part[hq * (hd + 2) + hd] = max;
+        part[hq * (hd + 2) + hd + 1] = sum;
+    }
+    for s in lo..hi {
+        let row = s * kv_stride + g * hd;
+        prefetch_row(v, row + PREFETCH_ROWS * kv_stride, hd);
+        let vr = &v[row..row + hd];
+        for hq in 0..group {
+            let w = scores[hq * CHUNK + s - lo];
+            let acc = &mut part[hq * (hd + 2)..hq * (hd + 2) + hd];
+            for (a, &x) in acc.iter_mut().zip(vr) {
+                *a += w * x;
+            }
+        }
+    }
 }
 
 /// `gate = silu(gate) · up`, elementwise.
@@ -88,17 +267,5 @@ pub(crate) fn silu_mul(gate: &mut [f32], up: &[f32]) {
 pub(crate) fn add_assign(x: &mut [f32], y: &[f32]) {
     for (a, &b) in x.iter_mut().zip(y) {
         *a += b;
-    }
-}
-
-#[derive(Clone, Copy)]
-struct SendPtr(*mut f32);
-// SAFETY: hands disjoint output ranges to pool threads (see `attention`).
-unsafe impl Send for SendPtr {}
-// SAFETY: as above.
-unsafe impl Sync for SendPtr {}
-impl SendPtr {
-    fn get(self) -> *mut f32 {
-        self.0
     }
 }
