@@ -163,9 +163,9 @@ fn time(mut f: impl FnMut(usize)) -> f64 {
         .fold(f64::INFINITY, f64::min)
 }
 
-/// Seconds per call of `linear` at one shape. Cold: the best of 5 full passes over as many copies of the
-/// weights as fit in the pool, each call reading the next (the same traffic as [`stream_read`]). Hot: [`time`]
-/// with one copy.
+/// Seconds per call of `linear` at one shape. Cold: the best of 5 passes, each call of a pass reading the
+/// next copy of the weights from a pool larger than the caches (at t = 1 a pass reads the whole pool: the
+/// traffic of [`stream_read`]; at t > 1, compute-bound, a pass lasts about 0.1 s). Hot: [`time`] on one copy.
 #[allow(clippy::too_many_arguments)]
 fn measure(pool: &Pool, isa: Isa, dtype: DType, t: usize, input: usize, output: usize, cold: bool) -> f64 {
     let x: Vec<f32> = (0..t * input).map(|i| ((i * 7919) % 1000) as f32 / 1000.0 - 0.5).collect();
@@ -179,9 +179,10 @@ fn measure(pool: &Pool, isa: Isa, dtype: DType, t: usize, input: usize, output: 
         return time(|_| call(0));
     }
     let copies = pool.bytes() / (input * output * dtype.size());
-    // A pass costs a fixed number of bytes; at t > 1 fewer calls suffice (they are compute-bound).
-    let calls = if t == 1 { copies } else { copies.min(64) };
+    let start = Instant::now();
     call(0);
+    let once = start.elapsed().as_secs_f64();
+    let calls = if t == 1 { copies } else { ((0.1 / once) as usize).clamp(2, copies) };
     (0..5)
         .map(|_| {
             let start = Instant::now();
@@ -193,17 +194,67 @@ fn measure(pool: &Pool, isa: Isa, dtype: DType, t: usize, input: usize, output: 
         .fold(f64::INFINITY, f64::min)
 }
 
+/// Fastest seconds seen per measurement, over the rounds.
+#[derive(Default)]
+struct Best(std::collections::HashMap<String, f64>);
+
+impl Best {
+    fn keep(&mut self, key: String, seconds: f64) -> f64 {
+        let best = self.0.entry(key).or_insert(f64::INFINITY);
+        *best = best.min(seconds);
+        *best
+    }
+}
+
+/// The 1-minute load average, where the system reports one: other work on the machine skews the numbers.
+fn load() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map_or_else(|_| "unknown".into(), |l| l.split(' ').next().unwrap_or("").into())
+}
+
 fn main() {
     let threads = rayon::current_num_threads();
     let isa = Isa::best();
-    println!("linear benchmark: {threads} rayon threads, best path {isa:?}");
     // Arguments (after `--`) pick shapes by part of their name; cargo adds `--bench`.
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--")).collect();
     let picked = |name: &str| filter.is_empty() || filter.iter().any(|f| name.contains(f.as_str()));
+    let rounds: usize = std::env::var("LINEAR_BENCH_ROUNDS").ok().and_then(|r| r.parse().ok()).unwrap_or(3);
+    println!("linear benchmark: {threads} rayon threads, best path {isa:?}, best of {rounds} rounds, load {}", load());
     let pool = Pool::new();
+    let dtypes = [DType::F32, DType::BF16, DType::F16];
+    let shapes: Vec<_> = SHAPES.iter().copied().filter(|s| picked(s.0)).collect();
+    let paths: Vec<_> = Isa::ALL.into_iter().filter(|p| p.available()).collect();
 
-    let bw1 = stream_read(pool.f32(), 1);
-    let bw = stream_read(pool.f32(), threads);
+    // Every round measures everything; each figure keeps its best round (the least disturbed by other work).
+    let mut best = Best::default();
+    for round in 0..rounds {
+        let bytes = pool.bytes() as f64;
+        best.keep("stream 1".into(), bytes / stream_read(pool.f32(), 1) / 1e9);
+        best.keep("stream".into(), bytes / stream_read(pool.f32(), threads) / 1e9);
+        for &(name, input, output, _) in &shapes {
+            for dtype in dtypes {
+                for t in TOKENS {
+                    best.keep(format!("{name} {dtype:?} {t}"), measure(&pool, isa, dtype, t, input, output, true));
+                }
+                best.keep(format!("{name} {dtype:?} hot"), measure(&pool, isa, dtype, 1, input, output, false));
+            }
+        }
+        for &(name, input, output, _) in [SHAPES[2], SHAPES[4]].iter().filter(|s| picked(s.0)) {
+            for dtype in dtypes {
+                for &path in &paths {
+                    for t in [1, 128] {
+                        let s = measure(&pool, path, dtype, t, input, output, true);
+                        best.keep(format!("{name} {dtype:?} {path:?} {t}"), s);
+                    }
+                }
+            }
+        }
+        eprintln!("round {} of {rounds} done, load {}", round + 1, load());
+    }
+    let get = |key: String| best.0[&key];
+
+    let gb = pool.bytes() as f64 / 1e9;
+    let (bw1, bw) = (gb / get("stream 1".into()), gb / get("stream".into()));
     println!("\nstreaming read of {} MiB: {bw1:.1} GB/s on 1 thread, {bw:.1} GB/s on {threads}", POOL_BYTES >> 20);
 
     // Whole-model decode roofline: every projection weight and the tied head are read once per token.
@@ -224,18 +275,17 @@ fn main() {
     );
     println!("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let mut decode = [0f64; 3];
-    for &(name, input, output, per_token) in SHAPES.iter().filter(|s| picked(s.0)) {
-        for (d, dtype) in [DType::F32, DType::BF16, DType::F16].into_iter().enumerate() {
+    for &(name, input, output, per_token) in &shapes {
+        for (d, dtype) in dtypes.into_iter().enumerate() {
             let bytes = (input * output * dtype.size()) as f64;
-            let mut t1 = 0.0;
+            let t1 = get(format!("{name} {dtype:?} 1"));
+            decode[d] += t1 * per_token as f64;
             for t in TOKENS {
-                let s = measure(&pool, isa, dtype, t, input, output, true);
+                let s = get(format!("{name} {dtype:?} {t}"));
                 let gbs = bytes / s / 1e9;
                 let gflops = 2.0 * (t * input * output) as f64 / s / 1e9;
                 let (pct, hot) = if t == 1 {
-                    t1 = s;
-                    decode[d] += s * per_token as f64;
-                    let hot = bytes / measure(&pool, isa, dtype, t, input, output, false) / 1e9;
+                    let hot = bytes / get(format!("{name} {dtype:?} hot")) / 1e9;
                     (format!("{:.0} %", 100.0 * gbs / bw), format!("{hot:.1}"))
                 } else {
                     (String::new(), String::new())
@@ -250,33 +300,32 @@ fn main() {
             }
         }
     }
-    if filter.is_empty() {
+    if shapes.len() == SHAPES.len() {
         println!("\nProjections + head of one decode step (cold weights, sum of the t = 1 rows above):");
-    }
-    for (d, dtype) in [DType::F32, DType::BF16, DType::F16].into_iter().enumerate().filter(|_| filter.is_empty()) {
-        let bytes = (params * dtype.size()) as f64;
-        println!(
-            "  {:>4}: {:.2} ms/token = {:.1} tokens/s, {:.1} GB/s ({:.0} % of the roofline)",
-            dtype.name(),
-            decode[d] * 1e3,
-            1.0 / decode[d],
-            bytes / decode[d] / 1e9,
-            100.0 * bytes / decode[d] / 1e9 / bw,
-        );
+        for (d, dtype) in dtypes.into_iter().enumerate() {
+            let bytes = (params * dtype.size()) as f64;
+            println!(
+                "  {:>4}: {:.2} ms/token = {:.1} tokens/s, {:.1} GB/s ({:.0} % of the roofline)",
+                dtype.name(),
+                decode[d] * 1e3,
+                1.0 / decode[d],
+                bytes / decode[d] / 1e9,
+                100.0 * bytes / decode[d] / 1e9 / bw,
+            );
+        }
     }
 
     println!("\nPaths (cold weights), GB/s at t = 1 and GFLOP/s at t = 128:");
     println!("| shape | dtype | path | t=1 GB/s | t=128 GFLOP/s |");
     println!("|---|---|---|---:|---:|");
     for &(name, input, output, _) in [SHAPES[2], SHAPES[4]].iter().filter(|s| picked(s.0)) {
-        for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for path in Isa::ALL.into_iter().filter(|p| p.available()) {
-                let bytes = (input * output * dtype.size()) as f64;
-                let gbs = bytes / measure(&pool, path, dtype, 1, input, output, true) / 1e9;
-                let gflops =
-                    2.0 * (128 * input * output) as f64 / measure(&pool, path, dtype, 128, input, output, true) / 1e9;
+        for dtype in dtypes {
+            for &path in &paths {
+                let gbs = (input * output * dtype.size()) as f64 / get(format!("{name} {dtype:?} {path:?} 1")) / 1e9;
+                let gflops = 2.0 * (128 * input * output) as f64 / get(format!("{name} {dtype:?} {path:?} 128")) / 1e9;
                 println!("| {name} | {} | {path:?} | {gbs:.1} | {gflops:.1} |", dtype.name());
             }
         }
     }
+    println!("\nload at the end: {}", load());
 }
