@@ -1,8 +1,11 @@
 //! The CPU backend: multithreaded SIMD kernels that compute directly on views of shared memory.
 
+mod bandwidth;
 mod linear;
 mod matmul;
 mod ops;
+
+pub use bandwidth::stream_read_gb_s;
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 

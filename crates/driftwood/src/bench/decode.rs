@@ -9,7 +9,6 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use rayon::prelude::*;
 use serde::Serialize;
 
 use super::{Output, emit, median};
@@ -35,7 +34,8 @@ pub struct DecodeArgs {
     /// Backend: auto, cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
     backend: BackendKind,
-    /// Print JSON only (the result is written to a file unless --no-write either way).
+    /// Accepted for scripts: the JSON result is always printed on standard output (progress goes to standard
+    /// error).
     #[arg(long)]
     json: bool,
     #[command(flatten)]
@@ -61,23 +61,6 @@ struct DecodeResults {
     read_bandwidth_gb_s: f64,
     roofline_tokens_per_s: f64,
     rows: Vec<Row>,
-}
-
-/// Streaming-read bandwidth of this machine over all pool threads, in GB/s (median of 5 passes over 1 GiB).
-pub fn read_bandwidth_gb_s() -> f64 {
-    let words = (1usize << 30) / 8;
-    let buf: Vec<u64> = (0..words as u64).into_par_iter().map(|i| i.wrapping_mul(0x9E37_79B9)).collect();
-    let mut samples = vec![];
-    for _ in 0..5 {
-        let t = Instant::now();
-        let sum = buf
-            .par_chunks(1 << 16)
-            .map(|c| c.iter().fold(0u64, |a, &x| a.wrapping_add(x)))
-            .reduce(|| 0, u64::wrapping_add);
-        std::hint::black_box(sum);
-        samples.push((words * 8) as f64 / t.elapsed().as_secs_f64() / 1e9);
-    }
-    median(&mut samples)
 }
 
 pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
@@ -120,10 +103,11 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
             forward_only.push(s.decode_tokens as f64 / s.decode_secs);
             prefill.push(s.prefill_tokens as f64 / s.prefill_secs);
         }
+        let decode_tokens_per_s = median(&mut decode);
         let row = Row {
             context,
-            decode_tokens_per_s: median(&mut decode),
-            ms_per_token: 1e3 / median(&mut decode.clone()),
+            decode_tokens_per_s,
+            ms_per_token: 1e3 / decode_tokens_per_s,
             forward_only_tokens_per_s: median(&mut forward_only),
             prefill_tokens_per_s: median(&mut prefill),
         };
@@ -133,7 +117,7 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         );
         rows.push(row);
     }
-    let bandwidth = read_bandwidth_gb_s();
+    let bandwidth = driftwood_backend::cpu::stream_read_gb_s(1 << 30);
     let results = DecodeResults {
         engine: "driftwood",
         model: dir.display().to_string(),
@@ -149,6 +133,5 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         weight_bytes as f64 / 1e6,
         results.roofline_tokens_per_s
     );
-    let _ = args.json;
     emit("decode", &format!("decode-driftwood-{weights_dtype}"), &args.output, results)
 }
