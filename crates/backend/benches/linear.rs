@@ -14,6 +14,7 @@ mod linear;
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
+use driftwood_backend::cpu::stream_read_gb_s_of as stream_read;
 use half::{bf16, f16};
 use linear::{Isa, Weights, linear_with};
 use rayon::prelude::*;
@@ -95,47 +96,6 @@ impl Pool {
             DType::F16 => Weights::F16(&h[start..start + len]),
         }
     }
-}
-
-/// Sum of `data`, read with the widest loads the CPU has.
-fn sum(data: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx512f") {
-        // SAFETY: AVX-512F is available.
-        return unsafe { sum_avx512(data) };
-    }
-    data.iter().sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-fn sum_avx512(data: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let (body, tail) = data.as_chunks::<128>();
-    let mut acc = [_mm512_setzero_ps(); 8];
-    for block in body {
-        for (a, v) in acc.iter_mut().zip(block.as_chunks::<16>().0) {
-            // SAFETY: `v` is 16 readable floats.
-            *a = _mm512_add_ps(*a, unsafe { _mm512_loadu_ps(v.as_ptr()) });
-        }
-    }
-    let total = acc.iter().fold(_mm512_setzero_ps(), |s, &a| _mm512_add_ps(s, a));
-    _mm512_reduce_add_ps(total) + tail.iter().sum::<f32>()
-}
-
-/// Best of several full reads of `data`, split into one contiguous run per thread, in GB/s.
-fn stream_read(data: &[f32], threads: usize) -> f64 {
-    let per = data.len().div_ceil(threads);
-    let best = (0..9)
-        .map(|_| {
-            let start = Instant::now();
-            let s: f32 = if threads == 1 { sum(data) } else { data.par_chunks(per).map(sum).sum() };
-            black_box(s);
-            start.elapsed()
-        })
-        .min()
-        .unwrap();
-    (data.len() * 4) as f64 / best.as_secs_f64() / 1e9
 }
 
 /// Seconds per call of `f(i)`: the fastest of 15 batches of about 10 ms (the least disturbed by other work

@@ -41,16 +41,21 @@ fn sum_avx512(data: &[f32]) -> f32 {
     _mm512_reduce_add_ps(total) + tail.iter().sum::<f32>()
 }
 
-/// Streaming-read bandwidth over all pool threads in GB/s: the best of 9 full reads of a `bytes`-sized buffer
-/// (use one far larger than the caches), split into one contiguous run per thread.
+/// Streaming-read bandwidth over all pool threads in GB/s, measured on a fresh `bytes`-sized buffer (use one
+/// far larger than the caches).
 pub fn stream_read_gb_s(bytes: usize) -> f64 {
     let data: Vec<f32> = (0..bytes / 4).into_par_iter().map(|i| (i % 251) as f32).collect();
-    let threads = rayon::current_num_threads().max(1);
-    let per = data.len().div_ceil(threads).max(1);
+    stream_read_gb_s_of(&data, rayon::current_num_threads())
+}
+
+/// Bandwidth of reading `data` in GB/s: the best of 9 full reads, split into one contiguous run per thread
+/// (`threads` of them; 1 reads on the calling thread).
+pub fn stream_read_gb_s_of(data: &[f32], threads: usize) -> f64 {
+    let per = data.len().div_ceil(threads.max(1)).max(1);
     let best = (0..9)
         .map(|_| {
             let start = Instant::now();
-            let s: f32 = data.par_chunks(per).map(sum).sum();
+            let s: f32 = if threads <= 1 { sum(data) } else { data.par_chunks(per).map(sum).sum() };
             black_box(s);
             start.elapsed().as_secs_f64()
         })

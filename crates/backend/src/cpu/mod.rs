@@ -5,7 +5,7 @@ mod linear;
 mod matmul;
 mod ops;
 
-pub use bandwidth::stream_read_gb_s;
+pub use bandwidth::{stream_read_gb_s, stream_read_gb_s_of};
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
