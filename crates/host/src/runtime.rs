@@ -145,7 +145,11 @@ impl Runtime {
     ///
     /// [`ActorError::Compile`] when the bytes are not a valid module.
     pub fn compile(&self, wasm: &[u8]) -> Result<Module, ActorError> {
-        let key = digest(wasm);
+        self.compile_keyed(wasm, digest(wasm))
+    }
+
+    /// [`compile`](Self::compile) with the module's digest already computed.
+    fn compile_keyed(&self, wasm: &[u8], key: [u8; 32]) -> Result<Module, ActorError> {
         let cached = self.modules.lock().unwrap_or_else(|p| p.into_inner()).get(&key).cloned();
         if let Some(module) = cached {
             return Ok(module);
@@ -161,8 +165,9 @@ impl Runtime {
     ///
     /// See [`instantiate_module`](Self::instantiate_module).
     pub fn instantiate(&self, wasm: &[u8]) -> Result<Actor, ActorError> {
-        let module = self.compile(wasm)?;
-        let hex: String = digest(wasm).iter().map(|b| format!("{b:02x}")).collect();
+        let key = digest(wasm);
+        let module = self.compile_keyed(wasm, key)?;
+        let hex: String = key.iter().map(|b| format!("{b:02x}")).collect();
         Actor::instantiate(self, &module, Some(hex), self.new_state(self.config.limits))
     }
 
