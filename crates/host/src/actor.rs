@@ -78,6 +78,28 @@ pub(crate) struct ActorState {
     pub(crate) session_file: Option<std::path::PathBuf>,
     /// Why the last host call that returned an error code failed.
     pub(crate) host_error: Option<String>,
+    /// The last `session_save`, written but still being synced and renamed into place on its own thread.
+    pending_save: Option<PendingSave>,
+}
+
+/// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
+///
+/// Invariant: at most one per actor, and it is settled (joined) before the next `session_save` or
+/// `session_load`, before the actor is dropped, and by [`Actor::settle_session_saves`]; so saves land in call
+/// order and a load never reads a file that a save of this actor is still replacing.
+struct PendingSave {
+    target: std::path::PathBuf,
+    commit: std::thread::JoinHandle<Result<u64, driftwood_snapshot::SnapshotError>>,
+}
+
+impl Drop for ActorState {
+    fn drop(&mut self) {
+        // Nothing is lost by dropping an actor right after a save: the save finishes here. Its error, if any,
+        // has no caller left to take it.
+        if let Err(e) = self.settle_save() {
+            eprintln!("driftwood: {e}");
+        }
+    }
 }
 
 impl ActorState {
@@ -104,6 +126,41 @@ impl ActorState {
             emitted: String::new(),
             session_file: None,
             host_error: None,
+            pending_save: None,
+        }
+    }
+
+    /// Runs `save` (which writes the session file at `target` and makes it durable) on its own thread, after
+    /// the previous background save has finished.
+    ///
+    /// # Errors
+    ///
+    /// The previous save's failure, if it failed (`save` is then not started), or a thread that cannot start.
+    pub(crate) fn save_in_background(
+        &mut self,
+        target: std::path::PathBuf,
+        save: impl FnOnce() -> Result<u64, driftwood_snapshot::SnapshotError> + Send + 'static,
+    ) -> Result<(), String> {
+        self.settle_save()?;
+        let commit = std::thread::Builder::new()
+            .name("driftwood-session-save".into())
+            .spawn(save)
+            .map_err(|e| format!("cannot start the thread that saves {}: {e}", target.display()))?;
+        self.pending_save = Some(PendingSave { target, commit });
+        Ok(())
+    }
+
+    /// Waits for the background save, if any.
+    ///
+    /// # Errors
+    ///
+    /// Why that save could not be synced or renamed into place (the previous file is then unchanged).
+    pub(crate) fn settle_save(&mut self) -> Result<(), String> {
+        let Some(PendingSave { target, commit }) = self.pending_save.take() else { return Ok(()) };
+        match commit.join() {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(format!("the session save to {} did not complete: {e}", target.display())),
+            Err(_) => Err(format!("the session save to {} panicked", target.display())),
         }
     }
 
@@ -390,6 +447,21 @@ impl Actor {
     /// Chooses the file the actor's `session_save` / `session_load` calls write and read.
     pub fn set_session_file(&mut self, path: impl Into<std::path::PathBuf>) {
         self.store.data_mut().session_file = Some(path.into());
+    }
+
+    /// Waits until the actor's last `session_save` is durable: synced and renamed over the session file.
+    ///
+    /// `session_save` returns to the guest once the snapshot is complete in a temporary file (the cost of
+    /// writing into the page cache); syncing it to disk and renaming it into place happens on another thread,
+    /// so the actor is not held up by the disk. Until then the previous session file stays in place, whole. The
+    /// wait also happens before the actor's next `session_save` or `session_load` and when the actor is
+    /// dropped, so saves land in order and none is lost by exiting.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Host`] when that save could not be synced or renamed (the previous file is then unchanged).
+    pub fn settle_session_saves(&mut self) -> Result<(), ActorError> {
+        self.store.data_mut().settle_save().map_err(ActorError::Host)
     }
 
     /// Why the last host call that returned an error code to the guest failed, if one did.

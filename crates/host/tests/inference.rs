@@ -155,3 +155,42 @@ fn hibernated_actor_wakes_and_continues_exactly() {
 fn a_sampling(a: &mut Actor) {
     a.call::<(f32, u32, f32, f32, f32, u64), ()>("set_sampling", (0.8, 40, 0.95, 0.05, 1.1, 3)).unwrap();
 }
+
+#[test]
+fn session_saves_finish_in_the_background_in_order_and_report_failures() {
+    let rt = runtime(bundled());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.safetensors");
+    let mut a = chat_actor(&rt, 128);
+    request(&mut a, "generate", "It is a truth", 6);
+    a.set_session_file(&file);
+    let first: i32 = a.call("save_session", ()).unwrap();
+    assert!(first > 0, "{:?}", a.take_host_error());
+    a.settle_session_saves().unwrap();
+    let saved = std::fs::read(&file).unwrap();
+    // A second save lands after the first: once settled, the file holds the longer session.
+    request(&mut a, "chat", "More.", 4);
+    let second: i32 = a.call("save_session", ()).unwrap();
+    assert!(second > first);
+    a.settle_session_saves().unwrap();
+    assert_ne!(std::fs::read(&file).unwrap(), saved);
+    let mut b = chat_actor(&rt, 128);
+    b.set_session_file(&file);
+    assert_eq!(b.call::<(), i32>("load_session", ()).unwrap(), second);
+
+    // A save that cannot be made durable (its directory is gone) is reported by the next settle, and the
+    // actor's next save refuses to run ahead of it.
+    let gone = tempfile::tempdir().unwrap();
+    a.set_session_file(gone.path().join("s.safetensors"));
+    let gone_path = gone.path().to_path_buf();
+    drop(gone);
+    assert!(!gone_path.exists());
+    let _: i32 = a.call("save_session", ()).unwrap();
+    let err = a.settle_session_saves().unwrap_err().to_string();
+    assert!(err.contains("did not complete") && err.contains("s.safetensors"), "{err}");
+    // Settled means reported once: the actor can save again elsewhere.
+    a.set_session_file(&file);
+    assert!(a.call::<(), i32>("save_session", ()).unwrap() > 0);
+    drop(a); // dropping settles the last save
+    assert_eq!(b.call::<(), i32>("load_session", ()).unwrap(), second);
+}

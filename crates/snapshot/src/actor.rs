@@ -2,16 +2,16 @@
 //! in another process or on another machine — its linear memory (non-zero pages only), its globals, the models
 //! its host-side handles refer to, and free-form metadata — in a small binary format of our own.
 //!
-//! # Format, version 1
+//! # Format, version 2
 //!
 //! All integers are little-endian. Offsets in bytes.
 //!
 //! | offset | size | field |
 //! |---|---|---|
 //! | 0 | 8 | magic `DWACTOR\0` (`44 57 41 43 54 4f 52 00`) |
-//! | 8 | 4 | format version, u32 = 1 |
+//! | 8 | 4 | format version, u32 = 2 |
 //! | 12 | 8 | header length `H`, u64, `2 ≤ H ≤ 16 MiB` ([`MAX_HEADER_BYTES`]) |
-//! | 20 | 32 | SHA-256 of every byte from offset 52 to the end of the file |
+//! | 20 | 32 | BLAKE3 (32-byte output) of every byte from offset 52 to the end of the file |
 //! | 52 | `H` | header: a UTF-8 JSON object (below) |
 //! | 52 + `H` | 4·`P` | page index: `P` u32 page numbers, strictly increasing, each `< memory_size / 4096` |
 //! | 52 + `H` + 4·`P` | 4096·`P` | page data: the 4096 bytes of each listed page, in index order |
@@ -47,16 +47,15 @@ use std::path::Path;
 
 use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 
 use crate::atomic::write_atomic;
 use crate::error::{Format, SnapshotError};
-use crate::util::{hex, is_sha256_hex, read_capped};
+use crate::util::{hex, is_digest_hex, read_capped};
 
 /// The file's first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"DWACTOR\0";
 /// The format version this crate writes and reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Size of the fixed header (magic, version, header length, checksum).
 pub const FIXED_HEADER_BYTES: usize = 52;
 /// Largest JSON header accepted (16 MiB).
@@ -251,7 +250,7 @@ fn is_zero(page: &[u8]) -> bool {
 }
 
 fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, SnapshotError> {
-    if !is_sha256_hex(&image.module_digest) {
+    if !is_digest_hex(&image.module_digest) {
         return Err(bad("module_digest", format!("{:?} is not 64 lowercase hex digits", image.module_digest)));
     }
     if memory.len() as u64 != image.memory_size {
@@ -308,7 +307,7 @@ fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, Sna
     }
 
     let runs: Vec<&[u8]> = runs.into_iter().map(|r| &memory[r]).collect();
-    let mut hasher = Sha256::new();
+    let mut hasher = blake3::Hasher::new();
     hasher.update(&json);
     hasher.update(&index);
     for run in &runs {
@@ -318,7 +317,7 @@ fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, Sna
     fixed[0..8].copy_from_slice(&MAGIC);
     fixed[8..12].copy_from_slice(&FORMAT_VERSION.to_le_bytes());
     fixed[12..20].copy_from_slice(&(json.len() as u64).to_le_bytes());
-    fixed[20..52].copy_from_slice(&hasher.finalize());
+    fixed[20..52].copy_from_slice(hasher.finalize().as_bytes());
 
     let bytes = FIXED_HEADER_BYTES as u64 + json.len() as u64 + pages_written * (PAGE_SIZE as u64 + 4);
     Ok(Prepared { fixed, json, index, runs, stats: ActorWriteStats { bytes, pages_written, pages_total } })
@@ -475,7 +474,7 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
 ///   `memory_size` (not a multiple of 65536), `pages` (more than the memory has), `file length` (truncated or
 ///   trailing bytes), `globals[i]` (duplicate name, `bits` out of range for a 32-bit type), `page index j`
 ///   (out of range or not strictly increasing);
-/// - [`SnapshotError::Checksum`] when the bytes after the fixed header do not hash to the recorded SHA-256.
+/// - [`SnapshotError::Checksum`] when the bytes after the fixed header do not hash to the recorded BLAKE3 checksum.
 pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, SnapshotError> {
     let len = bytes.len();
     let max_file = limits.max_file_bytes();
@@ -518,7 +517,7 @@ pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, Sn
     if header.page_size != PAGE_SIZE as u64 {
         return Err(invalid("page_size", format!("{} (this reader understands {PAGE_SIZE})", header.page_size)));
     }
-    if !is_sha256_hex(&header.module_digest) {
+    if !is_digest_hex(&header.module_digest) {
         return Err(invalid("module_digest", format!("{:?} is not 64 lowercase hex digits", header.module_digest)));
     }
     let memory_size = header.memory_size;
@@ -552,7 +551,7 @@ pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, Sn
             format!("the file is {len} bytes but its header describes {described} bytes ({what})"),
         ));
     }
-    let computed = hex(&Sha256::digest(&bytes[FIXED_HEADER_BYTES..]));
+    let computed = hex(blake3::hash(&bytes[FIXED_HEADER_BYTES..]).as_bytes());
     let stored = hex(&bytes[20..52]);
     if computed != stored {
         return Err(SnapshotError::Checksum { format: F, stored, computed });

@@ -26,6 +26,7 @@ use crate::error::SnapshotError;
 static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// Removes the temporary file on drop unless disarmed (covers errors, early returns and panics).
+#[derive(Debug)]
 struct TempGuard {
     path: PathBuf,
     armed: bool,
@@ -61,7 +62,8 @@ impl Write for Counting<'_> {
 ///
 /// `write` receives an unbuffered writer on a fresh temporary file in the same directory as `path`; large
 /// slices can be passed to it directly. When it returns `Ok`, the temporary file is `fsync`ed, renamed over
-/// `path`, and the directory is `fsync`ed. Returns the number of bytes written.
+/// `path`, and the directory is `fsync`ed. Returns the number of bytes written. This is
+/// [`stage_atomic`] followed at once by [`Staged::commit`].
 ///
 /// # Errors
 ///
@@ -71,6 +73,72 @@ impl Write for Counting<'_> {
 /// an existing file at `path` is unchanged; if only the directory sync fails, the new file is in place but its
 /// durability across a power loss is not guaranteed.
 pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> io::Result<()>) -> Result<u64, SnapshotError> {
+    stage_atomic(path, write)?.commit()
+}
+
+/// A complete temporary file, written but not yet synced or renamed into place: the first half of
+/// [`write_atomic`].
+///
+/// Staging costs what writing into the page cache costs; [`Staged::commit`] pays for durability (two `fsync`s,
+/// milliseconds on most disks) and can run on another thread, so the writer's caller need not wait for the disk.
+/// Until `commit` returns, the file at the target path is still the old one (or absent). Dropping a `Staged`
+/// without committing removes the temporary file.
+#[derive(Debug)]
+pub struct Staged {
+    file: File,
+    guard: TempGuard,
+    target: PathBuf,
+    written: u64,
+}
+
+impl Staged {
+    /// The path the file will replace on [`Staged::commit`].
+    pub fn target(&self) -> &Path {
+        &self.target
+    }
+
+    /// Bytes written into the temporary file.
+    pub fn bytes(&self) -> u64 {
+        self.written
+    }
+
+    /// `fsync`s the temporary file, renames it over the target and `fsync`s the directory. Returns the number of
+    /// bytes written.
+    ///
+    /// # Errors
+    ///
+    /// As for [`write_atomic`]'s syncing and renaming steps: on any failure before the rename the temporary file
+    /// is removed and the target is unchanged.
+    pub fn commit(self) -> Result<u64, SnapshotError> {
+        let Staged { file, mut guard, target, written } = self;
+        file.sync_all().map_err(|e| SnapshotError::io("syncing", &guard.path, e))?;
+        drop(file);
+        fs::rename(&guard.path, &target).map_err(|e| SnapshotError::io("renaming temporary file onto", &target, e))?;
+        guard.armed = false;
+        let dir = parent_dir(&target);
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| SnapshotError::io("syncing directory", dir, e))?;
+        Ok(written)
+    }
+}
+
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
+}
+
+/// Writes what `write` writes into a fresh temporary file next to `path` and returns it unsynced and not yet in
+/// place; [`Staged::commit`] finishes the replacement. See [`write_atomic`] for the writer's contract.
+///
+/// # Errors
+///
+/// [`SnapshotError::Io`] when `path` has no file name, the temporary file cannot be created, or `write` fails; the
+/// temporary file is then removed and the target is unchanged.
+pub fn stage_atomic(
+    path: &Path,
+    write: impl FnOnce(&mut dyn Write) -> io::Result<()>,
+) -> Result<Staged, SnapshotError> {
     let Some(name) = path.file_name() else {
         return Err(SnapshotError::io(
             "writing",
@@ -78,22 +146,11 @@ pub fn write_atomic(path: &Path, write: impl FnOnce(&mut dyn Write) -> io::Resul
             io::Error::new(io::ErrorKind::InvalidInput, "the path has no file name"),
         ));
     };
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
-
-    let (mut file, guard) = create_temp(dir, name, path)?;
+    let (mut file, guard) = create_temp(parent_dir(path), name, path)?;
     let mut counting = Counting { inner: &mut file, written: 0 };
     write(&mut counting).and_then(|()| counting.flush()).map_err(|e| SnapshotError::io("writing", path, e))?;
     let written = counting.written;
-    file.sync_all().map_err(|e| SnapshotError::io("syncing", &guard.path, e))?;
-    drop(file);
-    fs::rename(&guard.path, path).map_err(|e| SnapshotError::io("renaming temporary file onto", path, e))?;
-    let mut guard = guard;
-    guard.armed = false;
-    File::open(dir).and_then(|d| d.sync_all()).map_err(|e| SnapshotError::io("syncing directory", dir, e))?;
-    Ok(written)
+    Ok(Staged { file, guard, target: path.to_path_buf(), written })
 }
 
 fn create_temp(dir: &Path, name: &std::ffi::OsStr, target: &Path) -> Result<(File, TempGuard), SnapshotError> {

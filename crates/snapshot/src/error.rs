@@ -77,7 +77,7 @@ pub enum SnapshotError {
     Checksum {
         /// The format being read.
         format: Format,
-        /// The checksum recorded in the file (lowercase hex SHA-256).
+        /// The checksum recorded in the file (lowercase hex BLAKE3).
         stored: String,
         /// The checksum of the contents as read.
         computed: String,

@@ -24,8 +24,9 @@ pub use actor::{
     ActorFile, ActorImage, ActorLimits, ActorWriteStats, GlobalValue, ModelRef, parse_actor, read_actor, write_actor,
     write_actor_to,
 };
-pub use atomic::write_atomic;
+pub use atomic::{Staged, stage_atomic, write_atomic};
 pub use error::{Format, SnapshotError};
 pub use session::{
-    SessionExpect, SessionFile, SessionSnapshot, parse_session, read_session, write_session, write_session_to,
+    SessionExpect, SessionFile, SessionSnapshot, parse_session, read_session, stage_session, write_session,
+    write_session_to,
 };

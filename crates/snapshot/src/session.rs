@@ -1,7 +1,7 @@
 //! The portable session snapshot: an actor's KV cache, its tokens and its own opaque state, as a
 //! [safetensors](https://github.com/huggingface/safetensors) file that any safetensors reader opens.
 //!
-//! # Format, version 1
+//! # Format, version 2
 //!
 //! A standard safetensors file: an 8-byte little-endian header length `N`, `N` bytes of UTF-8 JSON header, then
 //! the tensor data. In files this crate writes, the header is padded with spaces (`0x20`) to a multiple of 8
@@ -30,9 +30,9 @@
 //! | `layout` | `(tokens, kv_heads, head_dim) per layer; keys after RoPE` |
 //! | `num_layers`, `kv_heads`, `head_dim` | canonical decimal (ASCII digits, no sign, no leading zero), each ≥ 1 |
 //! | `n_tokens` | canonical decimal, ≥ 0 |
-//! | `checksum` | 64 lowercase hex digits: SHA-256 as defined below |
+//! | `checksum` | 64 lowercase hex digits: BLAKE3 (32-byte output) as defined below |
 //!
-//! **Checksum.** SHA-256 over, in this order:
+//! **Checksum.** BLAKE3 over, in this order:
 //! 1. every metadata entry except `checksum`, in ascending byte order of the keys, each as
 //!    `u64le(len(key)) ‖ key ‖ u64le(len(value)) ‖ value` (UTF-8 bytes);
 //! 2. the raw little-endian data of `tokens`, `guest_state`, `layers.0.k`, `layers.0.v`, `layers.1.k`, … each as
@@ -62,16 +62,15 @@ use std::path::Path;
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorInfo};
 use serde::ser::{Serialize, SerializeMap, Serializer};
-use sha2::{Digest, Sha256};
 
-use crate::atomic::write_atomic;
+use crate::atomic::{Staged, stage_atomic};
 use crate::error::{Format, SnapshotError};
-use crate::util::{hex, is_sha256_hex, le_bytes_f32, le_bytes_u32, parse_canonical_u64, read_capped};
+use crate::util::{hex, is_digest_hex, le_bytes_f32, le_bytes_u32, parse_canonical_u64, read_capped};
 
 /// Value of the `format` metadata key.
 pub const FORMAT_NAME: &str = "driftwood-session";
 /// The format version this crate writes and reads (`version` metadata key).
-pub const FORMAT_VERSION: u32 = 1;
+pub const FORMAT_VERSION: u32 = 2;
 /// Value of the `layout` metadata key.
 pub const LAYOUT: &str = "(tokens, kv_heads, head_dim) per layer; keys after RoPE";
 /// Largest session snapshot file written or read (64 GiB).
@@ -81,7 +80,7 @@ const MAX_HEADER_BYTES: usize = 100_000_000;
 
 const F: Format = Format::Session;
 
-/// The metadata keys of version 1, in ascending order.
+/// The metadata keys of version 2, in ascending order.
 const META_KEYS: [&str; 11] = [
     "checksum",
     "dtype",
@@ -151,11 +150,11 @@ pub struct SessionExpect {
 }
 
 /// Feeds the checksum as the module documentation defines it.
-struct Checksum(Sha256);
+struct Checksum(blake3::Hasher);
 
 impl Checksum {
     fn new<'m>(meta: impl IntoIterator<Item = (&'m str, &'m str)>) -> Self {
-        let mut c = Checksum(Sha256::new());
+        let mut c = Checksum(blake3::Hasher::new());
         for (k, v) in meta {
             if k != "checksum" {
                 c.field(k.as_bytes());
@@ -166,12 +165,12 @@ impl Checksum {
     }
 
     fn field(&mut self, bytes: &[u8]) {
-        self.0.update((bytes.len() as u64).to_le_bytes());
+        self.0.update(&(bytes.len() as u64).to_le_bytes());
         self.0.update(bytes);
     }
 
     fn finish(self) -> String {
-        hex(&self.0.finalize())
+        hex(self.0.finalize().as_bytes())
     }
 }
 
@@ -311,8 +310,18 @@ fn stream(w: &mut dyn Write, s: &SessionSnapshot<'_>, p: &Prepared) -> io::Resul
 /// `num_layers`, a layer's `k` or `v` has the wrong length, or the file would exceed [`MAX_FILE_BYTES`];
 /// [`SnapshotError::Io`] when writing, syncing or renaming fails (an existing file is then left unchanged).
 pub fn write_session(path: &Path, s: &SessionSnapshot<'_>) -> Result<u64, SnapshotError> {
+    stage_session(path, s)?.commit()
+}
+
+/// Writes `s` into a temporary file next to `path` and returns it [`Staged`]: complete, but neither synced nor
+/// in place until [`Staged::commit`] (which may run on another thread; `s` is no longer needed by then).
+///
+/// # Errors
+///
+/// As for [`write_session`], except that syncing and renaming happen in [`Staged::commit`].
+pub fn stage_session(path: &Path, s: &SessionSnapshot<'_>) -> Result<Staged, SnapshotError> {
     let p = prepare(s)?;
-    write_atomic(path, |w| stream(w, s, &p))
+    stage_atomic(path, |w| stream(w, s, &p))
 }
 
 /// Writes `s` in the session format to any writer (a socket, a buffer), not atomically. Returns the number of
@@ -551,7 +560,7 @@ pub fn parse_session(bytes: Vec<u8>, expect: Option<&SessionExpect>) -> Result<S
     let head_dim = dim("head_dim", 1)?;
     let n_tokens = dim("n_tokens", 0)?;
     let stored_sum = get("checksum");
-    if !is_sha256_hex(stored_sum) {
+    if !is_digest_hex(stored_sum) {
         return Err(invalid("checksum", format!("{stored_sum:?} is not 64 lowercase hex digits")));
     }
 

@@ -18,8 +18,8 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// True for exactly 64 lowercase hex digits (a SHA-256 digest as this crate writes it).
-pub(crate) fn is_sha256_hex(s: &str) -> bool {
+/// True for exactly 64 lowercase hex digits (a 32-byte digest as this crate writes it: SHA-256 module digests, BLAKE3 checksums).
+pub(crate) fn is_digest_hex(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
@@ -86,9 +86,9 @@ mod tests {
     #[test]
     fn hex_digest() {
         assert_eq!(hex(&[0x00, 0x1a, 0xff]), "001aff");
-        assert!(is_sha256_hex(&"ab".repeat(32)));
-        assert!(!is_sha256_hex(&"AB".repeat(32)));
-        assert!(!is_sha256_hex(&"ab".repeat(31)));
-        assert!(!is_sha256_hex(&"gg".repeat(32)));
+        assert!(is_digest_hex(&"ab".repeat(32)));
+        assert!(!is_digest_hex(&"AB".repeat(32)));
+        assert!(!is_digest_hex(&"ab".repeat(31)));
+        assert!(!is_digest_hex(&"gg".repeat(32)));
     }
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::fs;
 
-use common::{FailAfter, dir_entries, sample_image, sha256_hex, sparse_memory};
+use common::{FailAfter, blake3_hex, dir_entries, sample_image, sparse_memory};
 use driftwood_snapshot::actor::{FIXED_HEADER_BYTES, MAGIC};
 use driftwood_snapshot::{
     ActorImage, ActorLimits, GlobalValue, SnapshotError, parse_actor, read_actor, write_actor, write_actor_to,
@@ -181,7 +181,7 @@ fn craft(version: u32, json: &str, index: &[u32], pages: usize) -> Vec<u8> {
     let mut out = MAGIC.to_vec();
     out.extend_from_slice(&version.to_le_bytes());
     out.extend_from_slice(&(json.len() as u64).to_le_bytes());
-    let sum = sha256_hex(&body);
+    let sum = blake3_hex(&body);
     out.extend((0..32).map(|i| u8::from_str_radix(&sum[2 * i..2 * i + 2], 16).unwrap()));
     out.extend_from_slice(&body);
     out
@@ -194,37 +194,40 @@ fn header(memory_size: u64, pages: u64, extra: &str) -> String {
     )
 }
 
+/// The format version the crate writes.
+const V: u32 = driftwood_snapshot::actor::FORMAT_VERSION;
+
 #[test]
 fn hostile_files_are_refused_with_a_clear_message() {
-    let ok = craft(1, &header(65536, 2, ""), &[0, 15], 2);
+    let ok = craft(V, &header(65536, 2, ""), &[0, 15], 2);
     assert_eq!(parse_actor(ok.clone(), &LIMITS).unwrap().page_count(), 2, "the crafting helper is valid");
 
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("empty", vec![], "file length: 0 bytes, shorter than the 52-byte fixed header"),
         ("other magic", b"GGUF\x03\0\0\0".to_vec(), "magic: expected \"DWACTOR\\0\", found \"GGUF\\x03\\x00\\x00\\x00\""),
         ("magic prefix only", b"DWAC".to_vec(), "file length: 4 bytes"),
-        ("version 2", craft(2, &header(65536, 0, ""), &[], 0), "format version: unsupported version 2 (this reader understands 1)"),
-        ("not JSON", craft(1, "{\"module_digest\":", &[], 0), "header: EOF while parsing"),
-        ("not UTF-8", { let mut b = craft(1, "{\"\u{1}\":1}", &[], 0); b[54] = 0xff; b }, "header: invalid unicode"),
-        ("unknown member", craft(1, &header(65536, 0, ",\"extra\":1"), &[], 0), "header: unknown field `extra`"),
-        ("missing member", craft(1, &header(65536, 0, "").replace("\"pages\":0,", ""), &[], 0), "header: missing field `pages`"),
-        ("duplicate member", craft(1, &header(65536, 0, ",\"pages\":0"), &[], 0), "header: duplicate field `pages`"),
-        ("duplicate metadata", craft(1, &header(65536, 0, "").replace("\"metadata\":{}", "\"metadata\":{\"a\":\"1\",\"a\":\"2\"}"), &[], 0), "duplicate metadata key \"a\""),
-        ("abi_version too big", craft(1, &header(65536, 0, "").replace("\"abi_version\":1", "\"abi_version\":4294967296"), &[], 0), "header: invalid value"),
-        ("page size", craft(1, &header(65536, 0, "").replace("\"page_size\":4096", "\"page_size\":65536"), &[], 0), "page_size: 65536"),
-        ("digest", craft(1, &header(65536, 0, "").replace(&"ab".repeat(32), &"AB".repeat(32)), &[], 0), "module_digest: "),
-        ("memory_size", craft(1, &header(65537, 0, ""), &[], 0), "memory_size: 65537 is not a multiple of 65536"),
-        ("too many pages", craft(1, &header(65536, 17, ""), &[], 0), "pages: 17 stored pages, but a memory of 65536 bytes has only 16"),
-        ("huge page count", craft(1, &header(65536, u64::MAX, ""), &[], 0), "pages: 18446744073709551615 stored pages"),
-        ("claims more pages than present", craft(1, &header(65536, 3, ""), &[0, 1], 2), "file length: the file is 8438 bytes but its header describes 12538 bytes (truncated)"),
-        ("index out of range", craft(1, &header(65536, 2, ""), &[0, 16], 2), "page index 1: page 16 is beyond the memory (65536 bytes, 16 pages)"),
-        ("index u32::MAX", craft(1, &header(65536, 1, ""), &[u32::MAX], 1), "page index 0: page 4294967295 is beyond"),
-        ("index repeated", craft(1, &header(65536, 2, ""), &[3, 3], 2), "page index 1: pages must be strictly increasing: 3 then 3"),
-        ("index decreasing", craft(1, &header(65536, 2, ""), &[4, 3], 2), "page index 1: pages must be strictly increasing: 4 then 3"),
-        ("i32 bits too wide", craft(1, &header(0, 0, "").replace("\"globals\":[]", "\"globals\":[{\"name\":\"g\",\"type\":\"i32\",\"bits\":4294967296}]"), &[], 0), "globals[0].bits: 4294967296 does not fit a I32 global"),
-        ("unknown global type", craft(1, &header(0, 0, "").replace("\"globals\":[]", "\"globals\":[{\"name\":\"g\",\"type\":\"v128\",\"bits\":0}]"), &[], 0), "unknown variant `v128`"),
-        ("duplicate global", craft(1, &header(0, 0, "").replace("\"globals\":[]", "\"globals\":[{\"name\":\"g\",\"type\":\"i32\",\"bits\":0},{\"name\":\"g\",\"type\":\"i64\",\"bits\":0}]"), &[], 0), "globals[1].name: duplicate global name \"g\""),
-        ("deep nesting", craft(1, &format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)), &[], 0), "header: invalid type: sequence"),
+        ("version 1", craft(1, &header(65536, 0, ""), &[], 0), "format version: unsupported version 1 (this reader understands 2)"),
+        ("not JSON", craft(V, "{\"module_digest\":", &[], 0), "header: EOF while parsing"),
+        ("not UTF-8", { let mut b = craft(V, "{\"\u{1}\":1}", &[], 0); b[54] = 0xff; b }, "header: invalid unicode"),
+        ("unknown member", craft(V, &header(65536, 0, ",\"extra\":1"), &[], 0), "header: unknown field `extra`"),
+        ("missing member", craft(V, &header(65536, 0, "").replace("\"pages\":0,", ""), &[], 0), "header: missing field `pages`"),
+        ("duplicate member", craft(V, &header(65536, 0, ",\"pages\":0"), &[], 0), "header: duplicate field `pages`"),
+        ("duplicate metadata", craft(V, &header(65536, 0, "").replace("\"metadata\":{}", "\"metadata\":{\"a\":\"1\",\"a\":\"2\"}"), &[], 0), "duplicate metadata key \"a\""),
+        ("abi_version too big", craft(V, &header(65536, 0, "").replace("\"abi_version\":1", "\"abi_version\":4294967296"), &[], 0), "header: invalid value"),
+        ("page size", craft(V, &header(65536, 0, "").replace("\"page_size\":4096", "\"page_size\":65536"), &[], 0), "page_size: 65536"),
+        ("digest", craft(V, &header(65536, 0, "").replace(&"ab".repeat(32), &"AB".repeat(32)), &[], 0), "module_digest: "),
+        ("memory_size", craft(V, &header(65537, 0, ""), &[], 0), "memory_size: 65537 is not a multiple of 65536"),
+        ("too many pages", craft(V, &header(65536, 17, ""), &[], 0), "pages: 17 stored pages, but a memory of 65536 bytes has only 16"),
+        ("huge page count", craft(V, &header(65536, u64::MAX, ""), &[], 0), "pages: 18446744073709551615 stored pages"),
+        ("claims more pages than present", craft(V, &header(65536, 3, ""), &[0, 1], 2), "file length: the file is 8438 bytes but its header describes 12538 bytes (truncated)"),
+        ("index out of range", craft(V, &header(65536, 2, ""), &[0, 16], 2), "page index 1: page 16 is beyond the memory (65536 bytes, 16 pages)"),
+        ("index u32::MAX", craft(V, &header(65536, 1, ""), &[u32::MAX], 1), "page index 0: page 4294967295 is beyond"),
+        ("index repeated", craft(V, &header(65536, 2, ""), &[3, 3], 2), "page index 1: pages must be strictly increasing: 3 then 3"),
+        ("index decreasing", craft(V, &header(65536, 2, ""), &[4, 3], 2), "page index 1: pages must be strictly increasing: 4 then 3"),
+        ("i32 bits too wide", craft(V, &header(0, 0, "").replace("\"globals\":[]", "\"globals\":[{\"name\":\"g\",\"type\":\"i32\",\"bits\":4294967296}]"), &[], 0), "globals[0].bits: 4294967296 does not fit a I32 global"),
+        ("unknown global type", craft(V, &header(0, 0, "").replace("\"globals\":[]", "\"globals\":[{\"name\":\"g\",\"type\":\"v128\",\"bits\":0}]"), &[], 0), "unknown variant `v128`"),
+        ("duplicate global", craft(V, &header(0, 0, "").replace("\"globals\":[]", "\"globals\":[{\"name\":\"g\",\"type\":\"i32\",\"bits\":0},{\"name\":\"g\",\"type\":\"i64\",\"bits\":0}]"), &[], 0), "globals[1].name: duplicate global name \"g\""),
+        ("deep nesting", craft(V, &format!("{}{}", "[".repeat(100_000), "]".repeat(100_000)), &[], 0), "header: invalid type: sequence"),
     ];
     for (what, bytes, needle) in cases {
         let err = parse_actor(bytes, &LIMITS).expect_err(what).to_string();
@@ -254,7 +257,7 @@ fn hostile_files_are_refused_with_a_clear_message() {
     assert!(err.starts_with("actor snapshot: checksum mismatch: the file records "), "{err}");
 
     // Oversized claims.
-    let big = craft(1, &header(2 << 30, 0, ""), &[], 0);
+    let big = craft(V, &header(2 << 30, 0, ""), &[], 0);
     let err = parse_actor(big, &LIMITS).unwrap_err();
     assert_eq!(err.to_string(), "actor snapshot: memory_size is 2147483648 bytes, over the limit of 1073741824 bytes");
     let err = parse_actor(ok, &ActorLimits { max_memory: 0 }).unwrap_err();
@@ -262,7 +265,7 @@ fn hostile_files_are_refused_with_a_clear_message() {
     // With no memory limit, a page count whose size overflows u64.
     let unlimited = ActorLimits { max_memory: u64::MAX };
     let memory_size = u64::MAX - 65535;
-    let claim = craft(1, &header(memory_size, memory_size / 4096, ""), &[], 0);
+    let claim = craft(V, &header(memory_size, memory_size / 4096, ""), &[], 0);
     let err = parse_actor(claim, &unlimited).unwrap_err().to_string();
     assert!(err.contains("header describes more than 2^64 bytes (truncated)"), "{err}");
     let limits = ActorLimits { max_memory: 0 };

@@ -117,21 +117,26 @@ fn decode_table(v: &Value) -> String {
 
 fn snapshot_table(v: &Value) -> String {
     let mut t = String::from(
-        "| context | file | save | restore | re-prefill | restore speedup |\n|---:|---:|---:|---:|---:|---:|\n",
+        "| context | file | save | save, durable | restore | re-prefill | restore speedup |\n\
+         |---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for row in v["results"]["rows"].as_array().into_iter().flatten() {
         t += &format!(
-            "| {} | {:.2} MB | {:.2} ms | {:.2} ms | {:.1} ms | {:.0}× |\n",
+            "| {} | {:.2} MB | {:.2} ms | {:.2} ms | {:.2} ms | {:.1} ms | {:.0}× |\n",
             num(row, "context"),
             num(row, "file_bytes") / 1e6,
             num(row, "save_ms"),
+            num(row, "save_durable_ms"),
             num(row, "restore_ms"),
             num(row, "reprefill_ms"),
             num(row, "speedup"),
         );
     }
     let model = v["results"]["model"].as_str().unwrap_or("?");
-    t + &format!("\nModel `{model}`; medians.\n") + &provenance(v)
+    t + &format!(
+        "\nModel `{model}`; medians. *save*: until `session_save` returns to the actor (snapshot complete in a \
+         temporary file); *save, durable*: until it is fsynced and renamed into place (on a background thread).\n"
+    ) + &provenance(v)
 }
 
 fn density_table(v: &Value) -> String {

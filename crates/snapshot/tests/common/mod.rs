@@ -104,6 +104,11 @@ pub fn bits(v: &[f32]) -> Vec<u32> {
     v.iter().map(|x| x.to_bits()).collect()
 }
 
+/// BLAKE3 of `bytes` as lowercase hex (the formats' checksum).
+pub fn blake3_hex(bytes: &[u8]) -> String {
+    blake3::hash(bytes).as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     Sha256::digest(bytes).iter().map(|b| format!("{b:02x}")).collect()
 }
