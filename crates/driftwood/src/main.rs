@@ -8,6 +8,7 @@
 mod bench;
 mod inspect;
 mod llm;
+mod serve;
 mod verify;
 
 use std::process::ExitCode;
@@ -34,6 +35,8 @@ enum Command {
     /// Inspect session and actor snapshots.
     #[command(subcommand)]
     Snapshot(inspect::SnapshotCommand),
+    /// Serve the OpenAI API over HTTP; every conversation is a persistent actor.
+    Serve(serve::ServeArgs),
     /// Run a benchmark and write its JSON under bench/results/.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -47,6 +50,7 @@ fn main() -> ExitCode {
         Command::Chat(args) => llm::chat(&args).map(|()| true),
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),
         Command::Snapshot(cmd) => inspect::run(cmd).map(|()| true),
+        Command::Serve(args) => serve::run(args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,

@@ -67,6 +67,17 @@ impl ActorStore {
         Ok(Hibernated { file_bytes: stats.bytes, memory_bytes })
     }
 
+    /// Snapshots `actor` under `id` (atomically replacing an earlier snapshot) and keeps it running: after
+    /// a crash, [`wake`](Self::wake) brings back the actor as it stood at this call.
+    ///
+    /// # Errors
+    ///
+    /// An invalid id or a failed write; the actor is unchanged either way.
+    pub fn save(&self, id: &str, actor: &mut Actor) -> Result<u64, ActorError> {
+        let path = self.path(id)?;
+        Ok(actor.save_snapshot(&path, Default::default())?.bytes)
+    }
+
     /// Restores the actor hibernated as `id` from the module `wasm`. The snapshot stays in the store until
     /// [`remove`](Self::remove)d, so a crash after waking loses nothing.
     ///

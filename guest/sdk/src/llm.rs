@@ -80,6 +80,16 @@ impl Model {
         String::from_utf8_lossy(&bytes).into_owned()
     }
 
+    /// Renders messages given as JSON (a list of `{"role": …, "content": …}` objects) with the model's chat
+    /// template; the host traps if the JSON is not such a list.
+    pub fn chat_template_json(&self, json: &str, add_generation_prompt: bool) -> String {
+        // SAFETY: as in `detokenize`.
+        let bytes = fill(|out, cap| unsafe {
+            raw::chat_template(self.handle, json.as_ptr(), json.len(), add_generation_prompt as u32, out, cap)
+        });
+        String::from_utf8_lossy(&bytes).into_owned()
+    }
+
     /// Renders `(role, content)` messages with the model's chat template.
     pub fn chat_template(&self, messages: &[(String, String)], add_generation_prompt: bool) -> String {
         let mut json = String::from("[");

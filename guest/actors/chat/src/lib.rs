@@ -6,6 +6,10 @@
 //! Host protocol: `init(max_seq)`, then optionally `set_sampling(...)` and `set_stops(ptr, len)`; text goes
 //! in through `alloc(len)` + a host write, then `generate(ptr, len, max_tokens)` or `chat(ptr, len,
 //! max_tokens)`. Generated text streams out through `driftwood.emit`. `stat(i)` reports the last call.
+//!
+//! A server speaking the chat-completions protocol uses `chat_messages(ptr, len, max_tokens)`: the whole
+//! conversation as JSON each time. The actor remembers the text and tokens of the conversation it has seen,
+//! so a request that extends it evaluates only the tokens of the new messages.
 
 use std::cell::RefCell;
 
@@ -23,6 +27,11 @@ struct Actor {
     stats: [u32; 4],
     /// The last generated token when generation stopped before evaluating it.
     pending: Option<u32>,
+    /// The last call's reply: its text and tokens.
+    reply: (String, Vec<u32>),
+    /// For `chat_messages`: the conversation seen so far as rendered text and the tokens it was evaluated
+    /// as (the prompt plus the generated reply), when the two are known to agree.
+    known: Option<(String, Vec<u32>)>,
 }
 
 thread_local! {
@@ -72,6 +81,8 @@ pub extern "C" fn init(max_seq: u32) {
         messages: Vec::new(),
         stats: [0; 4],
         pending: None,
+        reply: (String::new(), Vec::new()),
+        known: None,
     };
     ACTOR.with(|a| *a.borrow_mut() = Some(actor));
 }
@@ -90,6 +101,13 @@ pub extern "C" fn set_stops(ptr: u32, len: u32) {
     with_actor(|a| a.stops = stops);
 }
 
+/// Sets stop strings: the text at `ptr`, separated by NUL bytes (so a stop string may hold a line break).
+#[unsafe(no_mangle)]
+pub extern "C" fn set_stop_list(ptr: u32, len: u32) {
+    let stops: Vec<String> = input(ptr, len).split('\0').filter(|s| !s.is_empty()).map(str::to_string).collect();
+    with_actor(|a| a.stops = stops);
+}
+
 /// Evaluates `prompt` (reusing whatever prefix the cache already holds) and generates up to `max_tokens`.
 fn run(a: &mut Actor, prompt: &[u32], max_tokens: u32) -> i32 {
     let reused = a.session.reuse_prefix(prompt);
@@ -101,9 +119,11 @@ fn run(a: &mut Actor, prompt: &[u32], max_tokens: u32) -> i32 {
     a.stats = [prompt.len() as u32, (prompt.len() - reused) as u32, out.tokens.len() as u32, out.stop as u32];
     a.pending = (a.session.tokens().len() < prompt.len() + out.tokens.len()).then(|| out.tokens.last().copied()).flatten();
     if a.messages.last().is_some_and(|(role, _)| role == "user") {
-        a.messages.push(("assistant".into(), out.text));
+        a.messages.push(("assistant".into(), out.text.clone()));
     }
-    out.tokens.len() as i32
+    let generated = out.tokens.len() as i32;
+    a.reply = (out.text, out.tokens);
+    generated
 }
 
 /// Continues the text at `ptr` (with the model's BOS when its tokenizer asks for one). Returns the number of
@@ -131,6 +151,38 @@ pub extern "C" fn chat(ptr: u32, len: u32, max_tokens: u32) -> i32 {
         let generated = run(a, &prompt, max_tokens);
         if generated < 0 {
             a.messages.pop();
+        }
+        generated
+    })
+    .unwrap_or(-2)
+}
+
+/// Generates the assistant's next reply to the conversation at `ptr`: JSON, a list of `{"role", "content"}`
+/// objects, the whole conversation each time. When the conversation extends the one this actor last saw
+/// (its text starts with that conversation and the reply generated for it), only the tokens after it are
+/// evaluated; otherwise the longest common token prefix with the cache is kept. Returns as [`generate`].
+#[unsafe(no_mangle)]
+pub extern "C" fn chat_messages(ptr: u32, len: u32, max_tokens: u32) -> i32 {
+    let json = input(ptr, len);
+    with_actor(|a| {
+        a.messages.clear();
+        let rendered = a.model.chat_template_json(&json, true);
+        let prompt = match a.known.take() {
+            Some((text, mut tokens)) if rendered.len() > text.len() && rendered.starts_with(text.as_str()) => {
+                tokens.extend(a.model.tokenize(&rendered[text.len()..], false));
+                tokens
+            }
+            _ => a.model.tokenize(&rendered, false),
+        };
+        let generated = run(a, &prompt, max_tokens);
+        // Remember the conversation only when the reply's tokens are exactly its text: a reply cut at a stop
+        // string, or holding special tokens the text skips, is re-tokenized next time instead.
+        let (text, tokens) = &a.reply;
+        let exact = generated >= 0 && a.stats[3] != 1 && a.model.detokenize(tokens, false) == *text;
+        if exact {
+            let mut all = prompt;
+            all.extend_from_slice(tokens);
+            a.known = Some((rendered + text, all));
         }
         generated
     })

@@ -1,0 +1,90 @@
+//! `driftwood serve`: flags only; the server is the `driftwood-serve` crate.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use driftwood_backend::BackendKind;
+use driftwood_host::ActorLimits;
+use driftwood_serve::ServeConfig;
+
+/// Arguments of `driftwood serve`.
+#[derive(clap::Args, Debug)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    addr: SocketAddr,
+    /// Hugging Face model directory. Default: the bundled model.
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// The model id clients send as `model` (default: the model directory's name).
+    #[arg(long)]
+    model_id: Option<String>,
+    /// The actor module each session runs (default: the bundled chat actor). It must export the serving
+    /// protocol of the chat actor (`init`, `set_sampling`, `set_stop_list`, `chat_messages`, `generate`, `stat`,
+    /// `alloc`, `dealloc`).
+    #[arg(long, value_name = "FILE")]
+    actor: Option<PathBuf>,
+    /// Directory of session snapshots; sessions found in it are served again.
+    #[arg(long, value_name = "DIR", default_value = "driftwood-store")]
+    store: PathBuf,
+    /// Backend: auto, cpu or cuda.
+    #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
+    backend: BackendKind,
+    /// Tokens each session holds (0: the model's context length).
+    #[arg(long, default_value_t = 0)]
+    max_seq: u32,
+    /// `max_tokens` of requests that give none.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    default_max_tokens: u32,
+    /// Memory cap of each actor, in MiB.
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    memory_mib: u64,
+    /// Longest a turn may run in its actor, in seconds.
+    #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
+    deadline_secs: u64,
+    /// Turns running at once.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    workers: u64,
+    /// Requests that may wait for a worker; more are refused with 429.
+    #[arg(long, default_value_t = 256)]
+    queue: usize,
+    /// Release an idle actor's memory after this many seconds (its snapshot stays in the store); 0 releases
+    /// it after every turn.
+    #[arg(long, default_value_t = 300.0)]
+    hibernate_after_secs: f64,
+    /// Most actors live in memory; past it the least recently used idle ones hibernate.
+    #[arg(long, default_value_t = 256)]
+    max_live: usize,
+}
+
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    if !(args.hibernate_after_secs.is_finite() && args.hibernate_after_secs >= 0.0) {
+        anyhow::bail!("--hibernate-after-secs must be a non-negative number, got {}", args.hibernate_after_secs);
+    }
+    let model_dir = args.model.clone().unwrap_or_else(crate::llm::bundled_model_dir);
+    let mut config = ServeConfig::new(model_dir, args.store.clone());
+    config.addr = args.addr;
+    config.model_id = args.model_id.clone();
+    config.backend = args.backend;
+    config.max_seq = args.max_seq;
+    config.default_max_tokens = args.default_max_tokens;
+    config.limits = ActorLimits {
+        memory_bytes: usize::try_from(args.memory_mib << 20).context("--memory-mib is too large")?,
+        deadline: Duration::from_secs(args.deadline_secs),
+        ..Default::default()
+    };
+    config.workers = args.workers as usize;
+    config.queue = args.queue;
+    config.hibernate_after = Duration::from_secs_f64(args.hibernate_after_secs);
+    config.max_live = args.max_live;
+    if let Some(path) = &args.actor {
+        config.actor_wasm =
+            Some(std::fs::read(path).with_context(|| format!("cannot read the actor module {}", path.display()))?);
+    }
+    let store = args.store.display().to_string();
+    driftwood_serve::run_until_signal(config, |addr| {
+        eprintln!("driftwood serve: listening on http://{addr} (store {store}); SIGTERM or Ctrl-C to stop");
+    })
+}

@@ -1,0 +1,491 @@
+//! The router, the handlers and the admission queue.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use serde_json::{Value, json};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio_stream::wrappers::UnboundedReceiverStream;
+
+use crate::AppState;
+use crate::api::{self, ApiError, Sampling};
+use crate::sessions::{Claim, Input, TurnOutcome, session_not_found};
+
+/// The header that carries the session key.
+pub const SESSION_HEADER: &str = "x-session-id";
+
+/// Admission: at most `workers` turns run at once; up to `queue` more wait, first come first served; past
+/// that, requests are refused with 429.
+pub(crate) struct Scheduler {
+    permits: Arc<Semaphore>,
+    waiting: AtomicUsize,
+    queue: usize,
+    closed: AtomicBool,
+}
+
+impl Scheduler {
+    pub(crate) fn new(workers: usize, queue: usize) -> Self {
+        Scheduler {
+            permits: Arc::new(Semaphore::new(workers)),
+            waiting: AtomicUsize::new(0),
+            queue,
+            closed: AtomicBool::new(false),
+        }
+    }
+
+    /// Refuses new requests from now on (503); requests already admitted finish.
+    pub(crate) fn close(&self) {
+        self.closed.store(true, Ordering::Release);
+    }
+
+    pub(crate) fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+
+    async fn admit(&self, metrics: &crate::metrics::Metrics) -> Result<OwnedSemaphorePermit, ApiError> {
+        let unavailable = || {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shutting_down",
+                "the server is shutting down; retry against its successor",
+            );
+            e.retry_after = Some(1);
+            e
+        };
+        if self.closed.load(Ordering::Acquire) {
+            return Err(unavailable());
+        }
+        if let Ok(permit) = self.permits.clone().try_acquire_owned() {
+            return Ok(permit);
+        }
+        if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
+            self.waiting.fetch_sub(1, Ordering::AcqRel);
+            metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+            let mut e = ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "queue_full",
+                format!("all workers are busy and {} requests are already waiting; retry shortly", self.queue),
+            );
+            e.retry_after = Some(1);
+            return Err(e);
+        }
+        let permit = self.permits.clone().acquire_owned().await;
+        self.waiting.fetch_sub(1, Ordering::AcqRel);
+        permit.map_err(|_| unavailable())
+    }
+}
+
+/// The HTTP API over `state`; bodies over `max_body_bytes` are refused with 413.
+pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/v1/chat/completions", post(chat_completions))
+        .route("/v1/completions", post(completions))
+        .route("/v1/models", get(models))
+        .route("/v1/sessions/{key}", get(session_info).delete(session_delete))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn not_found() -> Response {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint").into_response()
+}
+
+async fn health() -> Response {
+    axum::Json(json!({"status": "ok"})).into_response()
+}
+
+async fn models(State(state): State<Arc<AppState>>) -> Response {
+    state.sessions.metrics.request("models", 200);
+    axum::Json(json!({
+        "object": "list",
+        "data": [{"id": state.model_id, "object": "model", "created": state.created, "owned_by": "driftwood"}],
+    }))
+    .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let (live, hibernated) = state.sessions.counts();
+    let text = state.sessions.metrics.render(state.sessions.runtime(), live, hibernated, state.scheduler.waiting());
+    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+}
+
+fn check_key(key: &str) -> Result<(), ApiError> {
+    if api::valid_session_key(key) {
+        Ok(())
+    } else {
+        Err(ApiError::invalid(
+            Some("session_id"),
+            "invalid_session_key",
+            format!(
+                "session key {key:?} is not valid: use 1–{} ASCII letters, digits, `-` or `_`",
+                api::MAX_SESSION_KEY
+            ),
+        ))
+    }
+}
+
+async fn session_info(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Response {
+    let result = check_key(&key).and_then(|()| state.sessions.info(&key).ok_or_else(|| session_not_found(&key)));
+    match result {
+        Ok(info) => axum::Json(info).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn session_delete(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Response {
+    if let Err(e) = check_key(&key) {
+        return e.into_response();
+    }
+    let state2 = state.clone();
+    let key2 = key.clone();
+    let result = tokio::task::spawn_blocking(move || state2.sessions.delete(&key2))
+        .await
+        .unwrap_or_else(|e| Err(ApiError::server("internal", e.to_string())));
+    match result {
+        Ok(()) => axum::Json(json!({"id": key, "object": "session", "deleted": true})).into_response(),
+        Err(e) => e.into_response(),
+    }
+}
+
+/// The session key of a request: the header, or the body's `session_id` (they must agree if both are given).
+fn session_key(headers: &HeaderMap, field: Option<&str>) -> Result<Option<String>, ApiError> {
+    let header = match headers.get(SESSION_HEADER) {
+        None => None,
+        Some(v) => Some(v.to_str().map_err(|_| {
+            ApiError::invalid(Some("session_id"), "invalid_session_key", "the X-Session-Id header is not ASCII")
+        })?),
+    };
+    let key = match (header, field) {
+        (Some(h), Some(f)) if h != f => {
+            return Err(ApiError::invalid(
+                Some("session_id"),
+                "invalid_session_key",
+                format!("the X-Session-Id header ({h:?}) and the session_id field ({f:?}) differ"),
+            ));
+        }
+        (Some(k), _) | (None, Some(k)) => k,
+        (None, None) => return Ok(None),
+    };
+    check_key(key)?;
+    Ok(Some(key.to_string()))
+}
+
+fn check_model(state: &AppState, model: Option<&str>) -> Result<(), ApiError> {
+    match model {
+        None => Err(ApiError::invalid(Some("model"), "missing_model", "you must provide a model parameter")),
+        Some(m) if m == state.model_id || m == "default" => Ok(()),
+        Some(m) => {
+            let mut e = ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "model_not_found",
+                format!("the model `{m}` does not exist; this server serves `{}`", state.model_id),
+            );
+            e.param = Some("model");
+            Err(e)
+        }
+    }
+}
+
+fn check_prompt_len(state: &AppState, tokens: usize) -> Result<(), ApiError> {
+    if tokens >= state.max_seq as usize {
+        return Err(ApiError::invalid(
+            Some("messages"),
+            "context_length_exceeded",
+            format!(
+                "the prompt is {tokens} tokens; a session holds {} tokens, and at least one must be left to generate",
+                state.max_seq
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn body_or_error(body: Result<Bytes, BytesRejection>) -> Result<Bytes, ApiError> {
+    body.map_err(|r| {
+        let status = r.status();
+        let code = if status == StatusCode::PAYLOAD_TOO_LARGE { "request_too_large" } else { "invalid_body" };
+        ApiError::new(status, "invalid_request_error", code, r.body_text())
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Completion,
+}
+
+impl Kind {
+    fn endpoint(self) -> &'static str {
+        match self {
+            Kind::Chat => "chat_completions",
+            Kind::Completion => "completions",
+        }
+    }
+}
+
+async fn chat_completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let body = body_or_error(body)?;
+        let req: api::ChatRequest = api::parse_body(&body)?;
+        check_model(&state, req.params.model.as_deref())?;
+        let sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        let messages = api::template_messages(&req.messages)?;
+        let model = state.sessions.model();
+        let rendered = model
+            .render_chat(&messages, true)
+            .map_err(|e| ApiError::invalid(Some("messages"), "template_error", e.to_string()))?;
+        let tokens = model
+            .tokenize(&rendered, false)
+            .map_err(|e| ApiError::invalid(Some("messages"), "tokenizer_error", e.to_string()))?;
+        check_prompt_len(&state, tokens.len())?;
+        let key = session_key(&headers, req.params.session_id.as_deref())?;
+        let json = serde_json::to_string(&messages).map_err(|e| ApiError::server("internal", e.to_string()))?;
+        run(&state, Kind::Chat, key, Input::Chat(json), sampling).await
+    }
+    .await;
+    respond(&state, Kind::Chat, result)
+}
+
+async fn completions(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Bytes, BytesRejection>,
+) -> Response {
+    let result = async {
+        let body = body_or_error(body)?;
+        let req: api::CompletionRequest = api::parse_body(&body)?;
+        check_model(&state, req.params.model.as_deref())?;
+        let sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        let prompt = api::completion_prompt(&req.prompt)?;
+        let tokens = state
+            .sessions
+            .model()
+            .tokenize(&prompt, true)
+            .map_err(|e| ApiError::invalid(Some("prompt"), "tokenizer_error", e.to_string()))?;
+        check_prompt_len(&state, tokens.len()).map_err(|mut e| {
+            e.param = Some("prompt");
+            e
+        })?;
+        if tokens.is_empty() {
+            return Err(ApiError::invalid(Some("prompt"), "invalid_value", "the prompt is empty"));
+        }
+        let key = session_key(&headers, req.params.session_id.as_deref())?;
+        run(&state, Kind::Completion, key, Input::Completion(prompt), sampling).await
+    }
+    .await;
+    respond(&state, Kind::Completion, result)
+}
+
+fn respond(state: &AppState, kind: Kind, result: Result<Response, ApiError>) -> Response {
+    match result {
+        Ok(response) => {
+            state.sessions.metrics.request(kind.endpoint(), response.status().as_u16());
+            response
+        }
+        Err(e) => {
+            state.sessions.metrics.request(kind.endpoint(), e.status.as_u16());
+            e.into_response()
+        }
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+fn request_id(kind: Kind) -> String {
+    static NEXT: AtomicUsize = AtomicUsize::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed);
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    format!("{prefix}-{:x}{n:06x}", now_secs())
+}
+
+fn usage(o: &TurnOutcome) -> Value {
+    json!({
+        "prompt_tokens": o.prompt_tokens,
+        "completion_tokens": o.completion_tokens,
+        "total_tokens": o.prompt_tokens + o.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": o.prompt_tokens.saturating_sub(o.evaluated_tokens)},
+    })
+}
+
+/// What Driftwood adds to a response: the tokens evaluated for the prompt and whether the session's actor
+/// was restored from its snapshot for this turn.
+fn extension(key: &Option<String>, o: &TurnOutcome) -> Value {
+    json!({"session_id": key, "evaluated_tokens": o.evaluated_tokens, "restored": o.restored})
+}
+
+/// Admits the request and runs its turn on a blocking thread; answers JSON or a stream of events.
+async fn run(
+    state: &Arc<AppState>,
+    kind: Kind,
+    key: Option<String>,
+    input: Input,
+    sampling: Sampling,
+) -> Result<Response, ApiError> {
+    let claim: Option<Claim> = key.as_deref().map(|k| state.sessions.claim(k)).transpose()?;
+    let permit = state.scheduler.admit(&state.sessions.metrics).await?;
+    let id = request_id(kind);
+    let created = now_secs();
+    let model_id = state.model_id.clone();
+    if !sampling.stream {
+        let state2 = state.clone();
+        let outcome = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            state2.sessions.run_turn(claim.as_ref(), &input, &sampling, |_| {})
+        })
+        .await
+        .map_err(|e| ApiError::server("internal", format!("the turn's thread failed: {e}")))??;
+        let body = match kind {
+            Kind::Chat => json!({
+                "id": id, "object": "chat.completion", "created": created, "model": model_id,
+                "choices": [{
+                    "index": 0,
+                    "message": {"role": "assistant", "content": outcome.text},
+                    "finish_reason": outcome.finish_reason,
+                    "logprobs": null,
+                }],
+                "usage": usage(&outcome),
+                "driftwood": extension(&key, &outcome),
+            }),
+            Kind::Completion => json!({
+                "id": id, "object": "text_completion", "created": created, "model": model_id,
+                "choices": [{"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": null}],
+                "usage": usage(&outcome),
+                "driftwood": extension(&key, &outcome),
+            }),
+        };
+        let mut response = axum::Json(body).into_response();
+        if let Some(k) = &key
+            && let Ok(v) = HeaderValue::from_str(k)
+        {
+            response.headers_mut().insert(SESSION_HEADER, v);
+        }
+        response
+            .headers_mut()
+            .insert("x-driftwood-restored", HeaderValue::from_static(if outcome.restored { "true" } else { "false" }));
+        return Ok(response);
+    }
+
+    // Streaming: the turn's thread sends each piece of text as an event as soon as the actor emits it.
+    let (tx, rx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
+    let chunk = {
+        let (id, model_id) = (id.clone(), model_id.clone());
+        move |choice: Value, usage: Option<Value>| -> Event {
+            let object = if kind == Kind::Chat { "chat.completion.chunk" } else { "text_completion" };
+            let choices = if choice.is_null() { json!([]) } else { json!([choice]) };
+            let mut body =
+                json!({"id": id, "object": object, "created": created, "model": model_id, "choices": choices});
+            if let Some(u) = usage {
+                body["usage"] = u;
+            }
+            Event::default().data(body.to_string())
+        }
+    };
+    if kind == Kind::Chat {
+        let first = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null});
+        let _ = tx.send(Ok(chunk(first, None)));
+    }
+    let state2 = state.clone();
+    let include_usage = sampling.include_usage;
+    tokio::task::spawn_blocking(move || {
+        let _permit = permit;
+        let sink = {
+            let (tx, chunk) = (tx.clone(), chunk.clone());
+            move |piece: &str| {
+                let choice = match kind {
+                    Kind::Chat => json!({"index": 0, "delta": {"content": piece}, "finish_reason": null}),
+                    Kind::Completion => json!({"index": 0, "text": piece, "finish_reason": null, "logprobs": null}),
+                };
+                let _ = tx.send(Ok(chunk(choice, None)));
+            }
+        };
+        match state2.sessions.run_turn(claim.as_ref(), &input, &sampling, sink) {
+            Ok(outcome) => {
+                let last = match kind {
+                    Kind::Chat => json!({"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}),
+                    Kind::Completion => {
+                        json!({"index": 0, "text": "", "finish_reason": outcome.finish_reason, "logprobs": null})
+                    }
+                };
+                let _ = tx.send(Ok(chunk(last, None)));
+                if include_usage {
+                    let mut u = usage(&outcome);
+                    u["driftwood"] = extension(&key, &outcome);
+                    let _ = tx.send(Ok(chunk(Value::Null, Some(u))));
+                }
+            }
+            Err(e) => {
+                let _ = tx.send(Ok(Event::default().data(e.body().to_string())));
+            }
+        }
+        let _ = tx.send(Ok(Event::default().data("[DONE]")));
+    });
+    Ok(Sse::new(UnboundedReceiverStream::new(rx)).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::metrics::Metrics;
+
+    #[tokio::test]
+    async fn a_full_queue_answers_429_and_a_closed_one_503() {
+        let metrics = Metrics::default();
+        let scheduler = Scheduler::new(1, 0);
+        let held = scheduler.admit(&metrics).await.expect("the first request gets the worker");
+        let refused = scheduler.admit(&metrics).await.expect_err("no worker and no queue");
+        assert_eq!((refused.status, refused.code, refused.retry_after), (StatusCode::TOO_MANY_REQUESTS, "queue_full", Some(1)));
+        assert_eq!(metrics.rejected_queue_full.load(Ordering::Relaxed), 1);
+        drop(held);
+        let again = scheduler.admit(&metrics).await.expect("the worker is free again");
+        drop(again);
+        scheduler.close();
+        assert_eq!(scheduler.admit(&metrics).await.expect_err("closed").status, StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[tokio::test]
+    async fn waiting_requests_are_served_in_arrival_order() {
+        let metrics = Arc::new(Metrics::default());
+        let scheduler = Arc::new(Scheduler::new(1, 8));
+        let held = scheduler.admit(&metrics).await.expect("worker");
+        let order = Arc::new(std::sync::Mutex::new(vec![]));
+        let mut tasks = vec![];
+        for i in 0..4 {
+            let (sched, metrics, order) = (scheduler.clone(), metrics.clone(), order.clone());
+            tasks.push(tokio::spawn(async move {
+                let permit = sched.admit(&metrics).await.expect("queued");
+                order.lock().unwrap().push(i);
+                drop(permit);
+            }));
+            // Each waiter is queued before the next one arrives.
+            while scheduler.waiting() < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        drop(held);
+        for t in tasks {
+            t.await.expect("task");
+        }
+        assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
+    }
+}

@@ -1,0 +1,272 @@
+//! `driftwood serve`: an OpenAI-compatible HTTP server whose conversations are persistent actors.
+//!
+//! Every session key names one actor running the chat guest (or a deployment's own module). The actor keeps
+//! the conversation and its KV cache in its own memory, so a request whose messages extend the session's
+//! history evaluates only the new tokens. After every completed turn the actor is snapshotted to the store
+//! directory (atomically); idle actors are released from memory and restored from their snapshot on their
+//! next request, also after a restart or a crash.
+//!
+//! | endpoint | |
+//! |---|---|
+//! | `POST /v1/chat/completions` | OpenAI chat completions, `stream: true` as server-sent events |
+//! | `POST /v1/completions` | OpenAI text completions |
+//! | `GET /v1/models` | the model served |
+//! | `GET /v1/sessions/{key}`, `DELETE /v1/sessions/{key}` | a session's state; ending it |
+//! | `GET /health` | liveness |
+//! | `GET /metrics` | Prometheus text |
+//!
+//! The session key comes from the `X-Session-Id` header or the request's `session_id` field (1–128 ASCII
+//! letters, digits, `-`, `_`). Without one, the request runs in a fresh actor that is discarded afterwards.
+//! A second request on a session while one runs is answered 409.
+//!
+//! # Example
+//!
+//! ```no_run
+//! # async fn demo() -> anyhow::Result<()> {
+//! let config = driftwood_serve::ServeConfig::new("models/driftwood-mini".into(), "/tmp/driftwood-store".into());
+//! let server = driftwood_serve::Server::start(config).await?;
+//! println!("listening on http://{}", server.addr());
+//! server.shutdown().await?;
+//! # Ok(())
+//! # }
+//! ```
+
+#![warn(missing_docs)]
+
+pub mod api;
+mod http;
+pub mod metrics;
+pub mod sessions;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use driftwood_backend::BackendKind;
+use driftwood_engine::Model;
+use driftwood_host::{ActorLimits, ActorStore, LogMode, Runtime, RuntimeConfig};
+use tokio::sync::oneshot;
+
+use metrics::Metrics;
+use sessions::{SessionConfig, Sessions};
+
+/// How to run the server.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    /// Hugging Face model directory.
+    pub model_dir: PathBuf,
+    /// The model id clients name (`model` field); default: the directory's name.
+    pub model_id: Option<String>,
+    /// The actor module; default: the bundled chat actor.
+    pub actor_wasm: Option<Vec<u8>>,
+    /// The snapshot store directory.
+    pub store: PathBuf,
+    /// Address to listen on (port 0 picks a free one).
+    pub addr: SocketAddr,
+    /// Backend.
+    pub backend: BackendKind,
+    /// Tokens each session holds (0: the model's context length).
+    pub max_seq: u32,
+    /// `max_tokens` when a request gives none.
+    pub default_max_tokens: u32,
+    /// Each actor's memory cap and per-call deadline.
+    pub limits: ActorLimits,
+    /// Turns running at once.
+    pub workers: usize,
+    /// Requests waiting for a worker before new ones are refused with 429.
+    pub queue: usize,
+    /// Idle time after which an actor's memory is released (its snapshot stays); zero releases after
+    /// every turn.
+    pub hibernate_after: Duration,
+    /// Most actors live in memory; past it the least recently used idle ones hibernate.
+    pub max_live: usize,
+    /// Largest request body, in bytes (413 beyond).
+    pub max_body_bytes: usize,
+}
+
+impl ServeConfig {
+    /// Defaults for the model in `model_dir` and the store `store`: loopback on port 8080, 4 workers, a
+    /// 256-request queue, hibernation after 5 minutes idle or past 256 live actors.
+    pub fn new(model_dir: PathBuf, store: PathBuf) -> Self {
+        ServeConfig {
+            model_dir,
+            model_id: None,
+            actor_wasm: None,
+            store,
+            addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            backend: BackendKind::Auto,
+            max_seq: 0,
+            default_max_tokens: 256,
+            limits: ActorLimits { memory_bytes: 1 << 30, deadline: Duration::from_secs(120), ..Default::default() },
+            workers: 4,
+            queue: 256,
+            hibernate_after: Duration::from_secs(300),
+            max_live: 256,
+            max_body_bytes: 4 << 20,
+        }
+    }
+}
+
+/// State shared by every request.
+pub(crate) struct AppState {
+    pub sessions: Sessions,
+    pub model_id: String,
+    pub max_seq: u32,
+    pub default_max_tokens: u32,
+    pub scheduler: http::Scheduler,
+    pub created: u64,
+}
+
+/// A running server.
+pub struct Server {
+    addr: SocketAddr,
+    state: Arc<AppState>,
+    stop: Option<oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+    reaper: tokio::task::JoinHandle<()>,
+}
+
+impl Server {
+    /// Loads the model, opens the store (sessions found in it are known, hibernated), binds and starts
+    /// serving.
+    ///
+    /// # Errors
+    ///
+    /// A model that cannot be loaded, an actor module that does not fit the protocol, a store that cannot be
+    /// created, an address that cannot be bound.
+    pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
+        let model = Arc::new(
+            Model::load(&config.model_dir, &mut |_| {})
+                .with_context(|| format!("cannot load the model in {}", config.model_dir.display()))?,
+        );
+        let max_position = model.config().max_position_embeddings as u32;
+        let max_seq = if config.max_seq == 0 { max_position } else { config.max_seq.min(max_position) };
+        let model_id = config
+            .model_id
+            .clone()
+            .unwrap_or_else(|| config.model_dir.file_name().and_then(|n| n.to_str()).unwrap_or("default").to_string());
+        let runtime = Runtime::new(RuntimeConfig {
+            backend: config.backend,
+            log: LogMode::Capture,
+            limits: config.limits,
+            ..Default::default()
+        })?;
+        runtime.register_model("default", model.clone());
+        let store = ActorStore::open(&config.store)?;
+        let wasm = config.actor_wasm.clone().unwrap_or_else(|| driftwood_actors::CHAT.to_vec());
+        let metrics = Arc::new(Metrics::default());
+        let session_config =
+            SessionConfig { max_seq, hibernate_after: config.hibernate_after, max_live: config.max_live.max(1) };
+        let sessions =
+            tokio::task::spawn_blocking(move || Sessions::new(runtime, model, wasm, store, session_config, metrics))
+                .await??;
+        let created =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+        let state = Arc::new(AppState {
+            sessions,
+            model_id,
+            max_seq,
+            default_max_tokens: config.default_max_tokens.max(1),
+            scheduler: http::Scheduler::new(config.workers.max(1), config.queue),
+            created,
+        });
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.addr))?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        let app = http::router(state.clone(), config.max_body_bytes);
+        let task = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await
+        });
+        let reaper = {
+            let state = state.clone();
+            let period = (config.hibernate_after / 4).clamp(Duration::from_millis(50), Duration::from_secs(5));
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(period).await;
+                    let state = state.clone();
+                    let _ = tokio::task::spawn_blocking(move || state.sessions.hibernate_idle()).await;
+                }
+            })
+        };
+        Ok(Server { addr, state, stop: Some(stop), task, reaper })
+    }
+
+    /// The address the server listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The session table (to inspect or claim sessions from the embedding program).
+    pub fn sessions(&self) -> &Sessions {
+        &self.state.sessions
+    }
+
+    /// The server's counters.
+    pub fn metrics(&self) -> &Metrics {
+        &self.state.sessions.metrics
+    }
+
+    /// Stops accepting connections, lets requests in progress finish, then snapshots every live actor.
+    /// Returns the number of actors snapshotted.
+    ///
+    /// # Errors
+    ///
+    /// When the server task failed or a snapshot could not be written (each failure named).
+    pub async fn shutdown(mut self) -> anyhow::Result<usize> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        self.state.scheduler.close();
+        let served = (&mut self.task).await;
+        self.reaper.abort();
+        let state = self.state.clone();
+        let (saved, failures) = tokio::task::spawn_blocking(move || state.sessions.snapshot_all()).await?;
+        served.context("the server task panicked")?.context("the server failed")?;
+        if !failures.is_empty() {
+            anyhow::bail!("snapshotting at shutdown failed for {}", failures.join("; "));
+        }
+        Ok(saved)
+    }
+}
+
+/// Runs a server until SIGTERM or SIGINT, then shuts it down gracefully (every live actor snapshotted).
+/// `on_ready` is called with the bound address once the server accepts connections.
+///
+/// # Errors
+///
+/// As [`Server::start`] and [`Server::shutdown`].
+pub fn run_until_signal(config: ServeConfig, on_ready: impl FnOnce(SocketAddr)) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        let server = Server::start(config).await?;
+        on_ready(server.addr());
+        wait_for_signal().await?;
+        eprintln!("driftwood serve: shutting down; snapshotting live actors");
+        let saved = server.shutdown().await?;
+        eprintln!("driftwood serve: {saved} live actors snapshotted; bye");
+        Ok(())
+    })
+}
+
+async fn wait_for_signal() -> anyhow::Result<()> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => {}
+            r = tokio::signal::ctrl_c() => r?,
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::signal::ctrl_c().await?;
+    Ok(())
+}

@@ -1,0 +1,163 @@
+//! Counters of the server, rendered as Prometheus text by [`Metrics::render`].
+
+use std::fmt::Write;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::time::Duration;
+
+use driftwood_host::Runtime;
+
+/// Upper bounds (seconds) of the restore-latency histogram's buckets.
+const RESTORE_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
+
+/// A cumulative histogram.
+#[derive(Debug, Default)]
+struct Histogram {
+    /// Count per bucket of [`RESTORE_BUCKETS`] (not cumulative; summed when rendered).
+    buckets: [u64; RESTORE_BUCKETS.len()],
+    count: u64,
+    sum: f64,
+}
+
+/// Everything `/metrics` reports, updated by the request path.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// Requests answered, by (endpoint, status).
+    requests: Mutex<std::collections::BTreeMap<(&'static str, u16), u64>>,
+    /// Prompt tokens of completed turns.
+    pub prompt_tokens: AtomicU64,
+    /// Prompt tokens actually evaluated (prefill).
+    pub prefill_tokens: AtomicU64,
+    /// Prompt tokens reused from an actor's KV cache instead of being evaluated.
+    pub prefill_saved_tokens: AtomicU64,
+    /// Of those, the ones reused by turns that started from a restored snapshot.
+    pub restore_prefill_saved_tokens: AtomicU64,
+    /// Tokens generated.
+    pub completion_tokens: AtomicU64,
+    /// Sessions restored from the store.
+    pub restores: AtomicU64,
+    /// Actors hibernated (dropped from memory, their snapshot kept).
+    pub hibernations: AtomicU64,
+    /// Snapshots written after turns and at shutdown.
+    pub snapshots: AtomicU64,
+    /// Actors that trapped (their turn answered 500).
+    pub traps: AtomicU64,
+    /// Requests refused because the queue was full.
+    pub rejected_queue_full: AtomicU64,
+    /// Requests refused because their session was busy.
+    pub rejected_busy: AtomicU64,
+    /// Batched decode passes and the sequences they carried (continuous batching).
+    pub batches: AtomicU64,
+    /// Sequences carried by batched decode passes.
+    pub batched_sequences: AtomicU64,
+    restore_latency: Mutex<Histogram>,
+}
+
+impl Metrics {
+    /// Counts one answered request.
+    pub fn request(&self, endpoint: &'static str, status: u16) {
+        *self.requests.lock().unwrap_or_else(|p| p.into_inner()).entry((endpoint, status)).or_default() += 1;
+    }
+
+    /// Records how long restoring a session took.
+    pub fn restored(&self, took: Duration) {
+        self.restores.fetch_add(1, Relaxed);
+        let secs = took.as_secs_f64();
+        let mut h = self.restore_latency.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(i) = RESTORE_BUCKETS.iter().position(|&b| secs <= b) {
+            h.buckets[i] += 1;
+        }
+        h.count += 1;
+        h.sum += secs;
+    }
+
+    /// The Prometheus text exposition of every metric. `live` and `hibernated` are the actor gauges,
+    /// `waiting` the queue's length.
+    pub fn render(&self, runtime: &Runtime, live: usize, hibernated: usize, waiting: usize) -> String {
+        let mut out = String::new();
+        let mut counter = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter\n{name} {value}");
+        };
+        counter("driftwood_prompt_tokens_total", "Prompt tokens of completed turns.", self.prompt_tokens.load(Relaxed));
+        counter(
+            "driftwood_prefill_tokens_total",
+            "Prompt tokens evaluated (the rest came from the actor's KV cache).",
+            self.prefill_tokens.load(Relaxed),
+        );
+        counter(
+            "driftwood_prefill_tokens_saved_total",
+            "Prompt tokens reused from an actor's KV cache instead of being evaluated.",
+            self.prefill_saved_tokens.load(Relaxed),
+        );
+        counter(
+            "driftwood_restore_prefill_tokens_saved_total",
+            "Prompt tokens not evaluated because the session was restored from its snapshot.",
+            self.restore_prefill_saved_tokens.load(Relaxed),
+        );
+        counter("driftwood_completion_tokens_total", "Tokens generated.", self.completion_tokens.load(Relaxed));
+        counter("driftwood_sessions_restored_total", "Sessions restored from the store.", self.restores.load(Relaxed));
+        counter(
+            "driftwood_actors_hibernated_total",
+            "Actors released from memory (their snapshot kept in the store).",
+            self.hibernations.load(Relaxed),
+        );
+        counter("driftwood_snapshots_written_total", "Actor snapshots written.", self.snapshots.load(Relaxed));
+        counter("driftwood_actor_traps_total", "Turns whose actor trapped.", self.traps.load(Relaxed));
+        counter(
+            "driftwood_batched_decode_passes_total",
+            "Decode passes that carried more than one session.",
+            self.batches.load(Relaxed),
+        );
+        counter(
+            "driftwood_batched_decode_sequences_total",
+            "Sequences carried by batched decode passes.",
+            self.batched_sequences.load(Relaxed),
+        );
+        let _ = writeln!(
+            out,
+            "# HELP driftwood_requests_rejected_total Requests refused before running.\n\
+             # TYPE driftwood_requests_rejected_total counter\n\
+             driftwood_requests_rejected_total{{reason=\"queue_full\"}} {}\n\
+             driftwood_requests_rejected_total{{reason=\"session_busy\"}} {}",
+            self.rejected_queue_full.load(Relaxed),
+            self.rejected_busy.load(Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP driftwood_requests_total Requests answered.\n# TYPE driftwood_requests_total counter"
+        );
+        for ((endpoint, status), n) in self.requests.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "driftwood_requests_total{{endpoint=\"{endpoint}\",status=\"{status}\"}} {n}");
+        }
+        let mut gauge = |name: &str, help: &str, value: u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+        };
+        gauge("driftwood_actors_active", "Session actors live in memory.", live as u64);
+        gauge("driftwood_actors_hibernated", "Sessions held only as a snapshot in the store.", hibernated as u64);
+        gauge("driftwood_queue_waiting", "Requests waiting for a worker.", waiting as u64);
+        let ledger = runtime.ledger();
+        let _ = writeln!(
+            out,
+            "# HELP driftwood_copy_ledger_bytes Bytes copied between actor memory and anything else, by kind.\n\
+             # TYPE driftwood_copy_ledger_bytes counter\n\
+             driftwood_copy_ledger_bytes{{kind=\"tensor\"}} {}\n\
+             driftwood_copy_ledger_bytes{{kind=\"text\"}} {}\n\
+             driftwood_copy_ledger_bytes{{kind=\"snapshot\"}} {}",
+            ledger.tensor_bytes, ledger.text_bytes, ledger.snapshot_bytes
+        );
+        let h = self.restore_latency.lock().unwrap_or_else(|p| p.into_inner());
+        let _ = writeln!(
+            out,
+            "# HELP driftwood_restore_seconds Time to restore a session's actor from its snapshot.\n\
+             # TYPE driftwood_restore_seconds histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, n) in RESTORE_BUCKETS.iter().zip(h.buckets) {
+            cumulative += n;
+            let _ = writeln!(out, "driftwood_restore_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "driftwood_restore_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
+        let _ = writeln!(out, "driftwood_restore_seconds_sum {}\ndriftwood_restore_seconds_count {}", h.sum, h.count);
+        out
+    }
+}

@@ -1,0 +1,494 @@
+//! The session table: one actor per session key, live in memory or hibernated in the store; turns run on
+//! blocking threads; a snapshot after every completed turn.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use axum::http::StatusCode;
+use driftwood_engine::Model;
+use driftwood_host::{Actor, ActorError, ActorStore, Runtime};
+use serde_json::{Value, json};
+
+use crate::api::{ApiError, Sampling};
+use crate::metrics::Metrics;
+
+/// What a turn feeds the actor.
+#[derive(Debug, Clone)]
+pub enum Input {
+    /// A chat conversation as the JSON list of `{role, content}` (the actor's `chat_messages` export).
+    Chat(String),
+    /// Text to continue (the actor's `generate` export).
+    Completion(String),
+}
+
+/// What a completed turn did.
+#[derive(Debug, Clone, Default)]
+pub struct TurnOutcome {
+    /// Tokens of the prompt.
+    pub prompt_tokens: u32,
+    /// Prompt tokens evaluated; the others were already in the actor's KV cache.
+    pub evaluated_tokens: u32,
+    /// Tokens generated.
+    pub completion_tokens: u32,
+    /// `stop` or `length`.
+    pub finish_reason: &'static str,
+    /// The generated text.
+    pub text: String,
+    /// Whether the session's actor was restored from its snapshot for this turn.
+    pub restored: bool,
+}
+
+/// Settings of the session table.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    /// Tokens each session's KV cache holds.
+    pub max_seq: u32,
+    /// Release an actor's memory (keeping its snapshot) after this long without a request; zero releases
+    /// it right after each turn.
+    pub hibernate_after: Duration,
+    /// Most actors live in memory at once; past it, the least recently used idle ones hibernate.
+    pub max_live: usize,
+}
+
+#[derive(Default)]
+struct SlotState {
+    actor: Option<Actor>,
+    last_used: Option<Instant>,
+    turns: u64,
+    restores: u64,
+    /// A snapshot of the actor's last completed turn is in the store.
+    saved: bool,
+    last: Option<TurnOutcome>,
+}
+
+/// One session.
+#[derive(Default)]
+pub struct Slot {
+    state: Mutex<SlotState>,
+    busy: AtomicBool,
+}
+
+impl Slot {
+    fn lock(&self) -> MutexGuard<'_, SlotState> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Exclusive use of one session for one request; released when dropped.
+pub struct Claim {
+    key: String,
+    slot: Arc<Slot>,
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.slot.busy.store(false, Ordering::Release);
+    }
+}
+
+/// The exports the serving protocol needs from an actor.
+const REQUIRED_EXPORTS: &[&str] =
+    &["alloc", "dealloc", "init", "set_sampling", "set_stop_list", "chat_messages", "generate", "stat"];
+
+/// Every session, the runtime its actors run in, and the store they hibernate to.
+pub struct Sessions {
+    runtime: Runtime,
+    model: Arc<Model>,
+    wasm: Arc<Vec<u8>>,
+    store: ActorStore,
+    config: SessionConfig,
+    table: Mutex<HashMap<String, Arc<Slot>>>,
+    live: AtomicUsize,
+    /// The server's counters.
+    pub metrics: Arc<Metrics>,
+}
+
+fn actor_error(err: ActorError) -> ApiError {
+    match &err {
+        ActorError::Trap { .. } | ActorError::Deadline { .. } | ActorError::MemoryCap { .. } => {
+            ApiError::server("actor_trap", err.to_string())
+        }
+        _ => ApiError::server("actor_error", err.to_string()),
+    }
+}
+
+impl Sessions {
+    /// A session table over `runtime` (which has `model` registered as `default`), running actors of
+    /// `wasm`, with every session found in `store` known as hibernated.
+    ///
+    /// # Errors
+    ///
+    /// When an actor of `wasm` cannot be created and initialised, or lacks an export of the protocol.
+    pub fn new(
+        runtime: Runtime,
+        model: Arc<Model>,
+        wasm: Vec<u8>,
+        store: ActorStore,
+        config: SessionConfig,
+        metrics: Arc<Metrics>,
+    ) -> anyhow::Result<Self> {
+        let sessions = Sessions {
+            runtime,
+            model,
+            wasm: Arc::new(wasm),
+            store,
+            config,
+            table: Mutex::new(HashMap::new()),
+            live: AtomicUsize::new(0),
+            metrics,
+        };
+        // Check the module once, so that a wrong `--actor` fails at start rather than on each request.
+        let module = sessions.runtime.compile(&sessions.wasm)?;
+        let exports: Vec<&str> = module.exports().map(|e| e.name()).collect();
+        if let Some(missing) = REQUIRED_EXPORTS.iter().find(|name| !exports.contains(name)) {
+            anyhow::bail!("the actor module has no export `{missing}`; serving needs {}", REQUIRED_EXPORTS.join(", "));
+        }
+        drop(sessions.new_actor().map_err(|e| anyhow::anyhow!("{}", e.message))?);
+        {
+            let mut table = sessions.table.lock().unwrap_or_else(|p| p.into_inner());
+            for id in sessions.store.ids() {
+                let slot = Slot::default();
+                slot.lock().saved = true;
+                table.insert(id, Arc::new(slot));
+            }
+        }
+        Ok(sessions)
+    }
+
+    /// The runtime actors run in.
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The model served.
+    pub fn model(&self) -> &Model {
+        &self.model
+    }
+
+    /// The session table's settings.
+    pub fn config(&self) -> &SessionConfig {
+        &self.config
+    }
+
+    fn new_actor(&self) -> Result<Actor, ApiError> {
+        let mut actor = self.runtime.instantiate(&self.wasm).map_err(actor_error)?;
+        actor.call::<u32, ()>("init", self.config.max_seq).map_err(actor_error)?;
+        Ok(actor)
+    }
+
+    /// Claims session `key` for one request, creating the session if it is new.
+    ///
+    /// # Errors
+    ///
+    /// A 409 `session_busy` while another request on the same session is running.
+    pub fn claim(&self, key: &str) -> Result<Claim, ApiError> {
+        let slot = self.table.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone();
+        if slot.busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
+            self.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "session_busy",
+                format!("session `{key}` is already running a request; send its next turn when that one has finished"),
+            ));
+        }
+        Ok(Claim { key: key.to_string(), slot })
+    }
+
+    /// Runs one turn on the claimed session (or, without a claim, on a fresh actor discarded afterwards),
+    /// sending generated text to `sink` as it is produced. Blocks; call it from a blocking thread.
+    ///
+    /// After a completed turn the session's actor is snapshotted to the store (atomically), so a crash loses
+    /// at most the turn in progress. An actor that traps is dropped: the session continues from its last
+    /// snapshot.
+    ///
+    /// # Errors
+    ///
+    /// A 500 with the trap message when the actor traps or runs past its deadline or memory cap, or when its
+    /// snapshot cannot be read or written; a 400 when the prompt does not fit in the session.
+    pub fn run_turn(
+        &self,
+        claim: Option<&Claim>,
+        input: &Input,
+        sampling: &Sampling,
+        sink: impl FnMut(&str) + Send + 'static,
+    ) -> Result<TurnOutcome, ApiError> {
+        let Some(claim) = claim else {
+            let mut actor = self.new_actor()?;
+            return self.drive(&mut actor, input, sampling, sink);
+        };
+        let mut state = claim.slot.lock();
+        let mut restored = false;
+        if state.actor.is_none() {
+            let actor = if state.saved {
+                let started = Instant::now();
+                let actor = self.store.wake(&self.runtime, &claim.key, &self.wasm).map_err(|e| {
+                    ApiError::server("restore_failed", format!("session `{}` cannot be restored: {e}", claim.key))
+                })?;
+                self.metrics.restored(started.elapsed());
+                state.restores += 1;
+                restored = true;
+                actor
+            } else {
+                self.new_actor()?
+            };
+            state.actor = Some(actor);
+            self.live.fetch_add(1, Ordering::Relaxed);
+        }
+        let result = match state.actor.as_mut() {
+            Some(actor) => self.drive(actor, input, sampling, sink),
+            None => Err(ApiError::server("actor_error", "the session has no actor")),
+        };
+        state.last_used = Some(Instant::now());
+        match result {
+            Ok(mut outcome) => {
+                outcome.restored = restored;
+                if restored {
+                    let saved = outcome.prompt_tokens.saturating_sub(outcome.evaluated_tokens);
+                    self.metrics.restore_prefill_saved_tokens.fetch_add(saved as u64, Ordering::Relaxed);
+                }
+                state.turns += 1;
+                state.last = Some(outcome.clone());
+                if let Some(actor) = state.actor.as_mut() {
+                    let written = self.store.save(&claim.key, actor);
+                    if let Err(e) = written {
+                        state.saved = false;
+                        return Err(ApiError::server("snapshot_failed", format!("the turn completed but {e}")));
+                    }
+                    state.saved = true;
+                    self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+                }
+                if self.config.hibernate_after.is_zero() {
+                    self.release(&mut state);
+                }
+                Ok(outcome)
+            }
+            Err(err) => {
+                if err.code == "actor_trap" {
+                    self.metrics.traps.fetch_add(1, Ordering::Relaxed);
+                }
+                // The actor's state after a failed call is unknown: continue from the last snapshot.
+                if state.actor.take().is_some() {
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Feeds `input` to `actor` with `sampling` and collects the outcome.
+    fn drive(
+        &self,
+        actor: &mut Actor,
+        input: &Input,
+        sampling: &Sampling,
+        mut sink: impl FnMut(&str) + Send + 'static,
+    ) -> Result<TurnOutcome, ApiError> {
+        let text = Arc::new(Mutex::new(String::new()));
+        {
+            let text = text.clone();
+            actor.set_emit_sink(move |piece| {
+                text.lock().unwrap_or_else(|p| p.into_inner()).push_str(piece);
+                sink(piece);
+            });
+        }
+        let result = self.drive_calls(actor, input, sampling);
+        // Drops the request's sink (and the stream's sender with it).
+        actor.set_emit_sink(|_| {});
+        let generated = result?;
+        let stat = |actor: &mut Actor, i: u32| actor.call::<u32, u32>("stat", i).map_err(actor_error);
+        let prompt_tokens = stat(actor, 0)?;
+        let evaluated_tokens = stat(actor, 1)?;
+        let finish_reason = match stat(actor, 3)? {
+            0 | 1 => "stop",
+            _ => "length",
+        };
+        let m = &self.metrics;
+        m.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
+        m.prefill_tokens.fetch_add(evaluated_tokens as u64, Ordering::Relaxed);
+        m.prefill_saved_tokens.fetch_add(prompt_tokens.saturating_sub(evaluated_tokens) as u64, Ordering::Relaxed);
+        m.completion_tokens.fetch_add(generated as u64, Ordering::Relaxed);
+        let text = std::mem::take(&mut *text.lock().unwrap_or_else(|p| p.into_inner()));
+        Ok(TurnOutcome {
+            prompt_tokens,
+            evaluated_tokens,
+            completion_tokens: generated,
+            finish_reason,
+            text,
+            restored: false,
+        })
+    }
+
+    fn drive_calls(&self, actor: &mut Actor, input: &Input, s: &Sampling) -> Result<u32, ApiError> {
+        let (top_k, min_p, repetition_penalty) = (0u32, 0f32, 1f32);
+        actor
+            .call::<(f32, u32, f32, f32, f32, u64), ()>(
+                "set_sampling",
+                (s.temperature, top_k, s.top_p, min_p, repetition_penalty, s.seed),
+            )
+            .map_err(actor_error)?;
+        let stops = s.stops.join("\0");
+        let (ptr, len) = write_input(actor, &stops)?;
+        actor.call::<(u32, u32), ()>("set_stop_list", (ptr, len)).map_err(actor_error)?;
+        actor.call::<(u32, u32), ()>("dealloc", (ptr, len)).map_err(actor_error)?;
+        let (export, text) = match input {
+            Input::Chat(json) => ("chat_messages", json),
+            Input::Completion(prompt) => ("generate", prompt),
+        };
+        let (ptr, len) = write_input(actor, text)?;
+        let generated: i32 = actor.call(export, (ptr, len, s.max_tokens)).map_err(actor_error)?;
+        actor.call::<(u32, u32), ()>("dealloc", (ptr, len)).map_err(actor_error)?;
+        match generated {
+            -1 => Err(ApiError::invalid(
+                Some("messages"),
+                "context_length_exceeded",
+                format!("the prompt does not fit in the session's {}-token context", self.config.max_seq),
+            )),
+            n if n < 0 => Err(ApiError::server("actor_error", format!("the actor refused the request (code {n})"))),
+            n => Ok(n as u32),
+        }
+    }
+
+    fn release(&self, state: &mut SlotState) {
+        if state.actor.take().is_some() {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+            self.metrics.hibernations.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Hibernates idle actors: those unused for the configured idle time, then, while more than the
+    /// configured number are live, the least recently used. Their snapshots are already in the store (one
+    /// is written after every turn); only their memory is released. Returns how many were released.
+    pub fn hibernate_idle(&self) -> usize {
+        let slots: Vec<Arc<Slot>> = self.table.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let now = Instant::now();
+        let mut released = 0;
+        let mut idle_live = vec![];
+        for slot in &slots {
+            let Ok(mut state) = slot.state.try_lock() else { continue };
+            if state.actor.is_none() || !state.saved {
+                continue;
+            }
+            let idle = state.last_used.map_or(Duration::MAX, |t| now.duration_since(t));
+            if idle >= self.config.hibernate_after {
+                self.release(&mut state);
+                released += 1;
+            } else {
+                idle_live.push((state.last_used, slot.clone()));
+            }
+        }
+        let mut live = self.live.load(Ordering::Relaxed);
+        if live > self.config.max_live {
+            idle_live.sort_by_key(|(t, _)| *t);
+            for (_, slot) in idle_live {
+                if live <= self.config.max_live {
+                    break;
+                }
+                let Ok(mut state) = slot.state.try_lock() else { continue };
+                if state.actor.is_some() && state.saved {
+                    self.release(&mut state);
+                    released += 1;
+                    live -= 1;
+                }
+            }
+        }
+        released
+    }
+
+    /// Snapshots every live actor to the store (for a graceful shutdown). Waits for turns in progress.
+    /// Returns (actors snapshotted, failures).
+    pub fn snapshot_all(&self) -> (usize, Vec<String>) {
+        let slots: Vec<(String, Arc<Slot>)> =
+            self.table.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        let (mut saved, mut failures) = (0, vec![]);
+        for (key, slot) in slots {
+            let mut state = slot.lock();
+            if let Some(actor) = state.actor.as_mut() {
+                match self.store.save(&key, actor) {
+                    Ok(_) => {
+                        saved += 1;
+                        state.saved = true;
+                        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Err(e) => failures.push(format!("session `{key}`: {e}")),
+                }
+            }
+        }
+        (saved, failures)
+    }
+
+    /// (live actors, hibernated sessions).
+    pub fn counts(&self) -> (usize, usize) {
+        let slots: Vec<Arc<Slot>> = self.table.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        let hibernated = slots
+            .iter()
+            .filter(|s| s.state.try_lock().map(|st| st.actor.is_none() && st.saved).unwrap_or(false))
+            .count();
+        (self.live.load(Ordering::Relaxed), hibernated)
+    }
+
+    /// What the server knows of session `key`, or `None` if there is no such session.
+    pub fn info(&self, key: &str) -> Option<Value> {
+        let slot = self.table.lock().unwrap_or_else(|p| p.into_inner()).get(key).cloned()?;
+        let busy = slot.busy.load(Ordering::Acquire);
+        let Ok(state) = slot.state.try_lock() else {
+            return Some(json!({"id": key, "busy": true, "live": true}));
+        };
+        if state.actor.is_none() && !state.saved && state.turns == 0 {
+            return None;
+        }
+        let last = state.last.as_ref().map(|t| {
+            json!({
+                "prompt_tokens": t.prompt_tokens,
+                "evaluated_tokens": t.evaluated_tokens,
+                "completion_tokens": t.completion_tokens,
+                "restored": t.restored,
+            })
+        });
+        Some(json!({
+            "id": key,
+            "busy": busy,
+            "live": state.actor.is_some(),
+            "hibernated": state.actor.is_none() && state.saved,
+            "turns": state.turns,
+            "restores": state.restores,
+            "last_turn": last,
+        }))
+    }
+
+    /// Ends session `key`: drops its actor and deletes its snapshot.
+    ///
+    /// # Errors
+    ///
+    /// 404 for an unknown session, 409 while it runs a request, 500 if the snapshot cannot be deleted.
+    pub fn delete(&self, key: &str) -> Result<(), ApiError> {
+        if self.info(key).is_none() {
+            return Err(session_not_found(key));
+        }
+        let claim = self.claim(key)?;
+        let mut state = claim.slot.lock();
+        if state.actor.take().is_some() {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        self.store.remove(key).map_err(|e| ApiError::server("snapshot_failed", e.to_string()))?;
+        *state = SlotState::default();
+        drop(state);
+        self.table.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+        Ok(())
+    }
+}
+
+/// The 404 for an unknown session.
+pub fn session_not_found(key: &str) -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "session_not_found", format!("no session `{key}`"))
+}
+
+/// Copies `text` into a fresh buffer of the actor's (from its `alloc` export).
+fn write_input(actor: &mut Actor, text: &str) -> Result<(u32, u32), ApiError> {
+    let len = u32::try_from(text.len()).map_err(|_| ApiError::invalid(None, "invalid_value", "input over 4 GiB"))?;
+    let ptr: u32 = actor.call("alloc", len).map_err(actor_error)?;
+    actor.write_text(ptr as usize, text.as_bytes()).map_err(actor_error)?;
+    Ok((ptr, len))
+}

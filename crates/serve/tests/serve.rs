@@ -1,0 +1,356 @@
+//! The server over loopback with a real HTTP client: multi-turn sessions that evaluate only new tokens,
+//! restore after a restart, streaming, forced hibernation, bad input, and an actor that traps.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use driftwood_serve::{ServeConfig, Server};
+use serde_json::{Value, json};
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini")
+}
+
+fn config(store: &std::path::Path) -> ServeConfig {
+    let mut c = ServeConfig::new(model_dir(), store.to_path_buf());
+    c.addr = "127.0.0.1:0".parse().expect("address");
+    c.max_seq = 512;
+    c.backend = driftwood_backend::BackendKind::Cpu;
+    c
+}
+
+struct Client {
+    http: reqwest::Client,
+    base: String,
+}
+
+impl Client {
+    fn new(server: &Server) -> Self {
+        Client { http: reqwest::Client::new(), base: format!("http://{}", server.addr()) }
+    }
+
+    async fn post(&self, path: &str, session: Option<&str>, body: &Value) -> (u16, Value) {
+        let mut req = self.http.post(format!("{}{path}", self.base)).json(body);
+        if let Some(s) = session {
+            req = req.header("X-Session-Id", s);
+        }
+        let resp = req.send().await.expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("JSON body"))
+    }
+
+    async fn raw(&self, path: &str, body: &'static str) -> (u16, Value) {
+        let resp = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("request sent");
+        let status = resp.status().as_u16();
+        (status, resp.json().await.expect("JSON body"))
+    }
+
+    async fn get(&self, path: &str) -> (u16, String) {
+        let resp = self.http.get(format!("{}{path}", self.base)).send().await.expect("request sent");
+        (resp.status().as_u16(), resp.text().await.expect("body"))
+    }
+
+    /// Sends a chat turn; returns the assistant's reply and the whole response.
+    async fn chat(&self, session: &str, messages: &[Value]) -> (String, Value) {
+        let body = json!({"model": "driftwood-mini", "messages": messages, "max_tokens": 24, "temperature": 0});
+        let (status, resp) = self.post("/v1/chat/completions", Some(session), &body).await;
+        assert_eq!(status, 200, "{resp}");
+        let reply = resp["choices"][0]["message"]["content"].as_str().expect("content").to_string();
+        (reply, resp)
+    }
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing from\n{text}"))
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+fn assistant(text: &str) -> Value {
+    json!({"role": "assistant", "content": text})
+}
+
+/// Tokens a turn on `after` must evaluate when the actor already holds the prompt of `before` (a
+/// conversation ending with the user's message) and the reply it generated (`after[before.len()]`): the
+/// template's end of that reply and the new message.
+fn new_message_tokens(before: &[Value], after: &[Value]) -> usize {
+    let model = driftwood_engine::Model::load(&model_dir(), &mut |_| {}).expect("model");
+    let msgs = |v: &[Value]| -> Vec<driftwood_engine::ChatMessage> {
+        serde_json::from_value(Value::Array(v.to_vec())).expect("messages")
+    };
+    let reply = after[before.len()]["content"].as_str().expect("the reply follows `before`");
+    let old = model.render_chat(&msgs(before), true).expect("render") + reply;
+    let new = model.render_chat(&msgs(after), true).expect("render");
+    let suffix = new.strip_prefix(old.as_str()).expect("the template renders a conversation as a prefix");
+    model.tokenize(suffix, false).expect("tokenize").len()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_turns_across_a_restart_evaluate_only_new_messages() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(config(store.path())).await.expect("server starts");
+    let client = Client::new(&server);
+
+    let mut conv = vec![user("Who was Elizabeth?")];
+    let (r1, resp1) = client.chat("alice", &conv).await;
+    assert_eq!(resp1["usage"]["prompt_tokens_details"]["cached_tokens"], 0);
+    conv.push(assistant(&r1));
+    conv.push(user("And her sister?"));
+    let (r2, resp2) = client.chat("alice", &conv).await;
+    // Turn 2 reuses turn 1's prompt and reply from the actor's cache and evaluates only the new message.
+    let cached = resp2["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().expect("cached");
+    let t1 = &resp1["usage"];
+    assert_eq!(cached, t1["prompt_tokens"].as_u64().unwrap() + t1["completion_tokens"].as_u64().unwrap());
+    assert_eq!(resp2["driftwood"]["evaluated_tokens"], new_message_tokens(&conv[..1], &conv) as u64);
+    conv.push(assistant(&r2));
+    conv.push(user("What did Darcy say?"));
+
+    // The same conversation in a session that never restarts, for comparison.
+    let mut control = vec![user("Who was Elizabeth?")];
+    let (c1, _) = client.chat("control", &control).await;
+    assert_eq!(c1, r1, "greedy turns are deterministic");
+    control.extend([assistant(&c1), user("And her sister?")]);
+    let (c2, _) = client.chat("control", &control).await;
+    control.extend([assistant(&c2), user("What did Darcy say?")]);
+    let (c3, _) = client.chat("control", &control).await;
+
+    let saved = server.shutdown().await.expect("graceful shutdown");
+    assert_eq!(saved, 2, "both live actors are snapshotted at shutdown");
+
+    let server = Server::start(config(store.path())).await.expect("server restarts");
+    let client = Client::new(&server);
+    let (_, info) = client.get("/v1/sessions/alice").await;
+    assert!(info.contains("\"hibernated\":true"), "{info}");
+    let (r3, resp3) = client.chat("alice", &conv).await;
+    assert_eq!(resp3["driftwood"]["restored"], true);
+    assert_eq!(r3, c3, "turn 3 continues the same conversation");
+    let expected = new_message_tokens(&conv[..3], &conv) as u64;
+    assert_eq!(resp3["driftwood"]["evaluated_tokens"], expected, "{resp3}");
+    let (_, metrics) = client.get("/metrics").await;
+    assert_eq!(metric(&metrics, "driftwood_sessions_restored_total"), 1.0);
+    assert_eq!(metric(&metrics, "driftwood_prefill_tokens_total"), expected as f64);
+    let saved_tokens = resp3["usage"]["prompt_tokens"].as_u64().unwrap() - expected;
+    assert_eq!(metric(&metrics, "driftwood_restore_prefill_tokens_saved_total"), saved_tokens as f64);
+    assert_eq!(metric(&metrics, "driftwood_restore_seconds_count"), 1.0);
+    assert_eq!(metric(&metrics, "driftwood_copy_ledger_bytes{kind=\"tensor\"}"), 0.0);
+    server.shutdown().await.expect("shutdown");
+}
+
+/// Reads a server-sent event stream to its end; returns the `data:` payloads.
+async fn sse(resp: reqwest::Response) -> Vec<String> {
+    let text = resp.text().await.expect("stream");
+    text.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(str::to_string).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streaming_matches_the_plain_answer() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(config(store.path())).await.expect("server starts");
+    let client = Client::new(&server);
+    let conv = [user("Tell me of the king.")];
+    let (plain, _) = client.chat("plain", &conv).await;
+
+    let body = json!({"model": "driftwood-mini", "messages": conv, "max_tokens": 24, "temperature": 0,
+                      "stream": true, "stream_options": {"include_usage": true}});
+    let resp = client
+        .http
+        .post(format!("{}/v1/chat/completions", client.base))
+        .header("X-Session-Id", "streamed")
+        .json(&body)
+        .send()
+        .await
+        .expect("sent");
+    assert_eq!(resp.status(), 200);
+    assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
+    let events = sse(resp).await;
+    assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
+    assert_eq!(text, plain);
+    assert!(chunks.iter().any(|c| c["choices"][0]["finish_reason"].is_string()));
+    let usage = &chunks.last().expect("usage chunk")["usage"];
+    assert!(usage["completion_tokens"].as_u64().expect("usage") > 0);
+
+    // Completions stream too.
+    let body = json!({"model": "driftwood-mini", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0, "stream": true});
+    let resp = client.http.post(format!("{}/v1/completions", client.base)).json(&body).send().await.expect("sent");
+    let events = sse(resp).await;
+    let streamed: String = events[..events.len() - 1]
+        .iter()
+        .map(|e| serde_json::from_str::<Value>(e).expect("chunk"))
+        .filter_map(|c| c["choices"][0]["text"].as_str().map(str::to_string))
+        .collect();
+    let body = json!({"model": "driftwood-mini", "prompt": "Once upon a time", "max_tokens": 8, "temperature": 0});
+    let (status, resp) = client.post("/v1/completions", None, &body).await;
+    assert_eq!(status, 200);
+    assert_eq!(resp["choices"][0]["text"].as_str(), Some(streamed.as_str()));
+    assert_eq!(resp["usage"]["completion_tokens"], 8);
+    assert_eq!(resp["choices"][0]["finish_reason"], "length");
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forced_hibernation_restores_every_turn() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let mut c = config(store.path());
+    c.hibernate_after = Duration::ZERO;
+    let server = Server::start(c).await.expect("server starts");
+    let client = Client::new(&server);
+    let mut conv = vec![user("Who was Elizabeth?")];
+    for turn in 0..3 {
+        let (reply, resp) = client.chat("sleepy", &conv).await;
+        assert_eq!(resp["driftwood"]["restored"], turn > 0, "turn {turn}");
+        if turn > 0 {
+            assert!(resp["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap() > 0);
+        }
+        conv.extend([assistant(&reply), user("Go on.")]);
+    }
+    let (_, metrics) = client.get("/metrics").await;
+    assert_eq!(metric(&metrics, "driftwood_sessions_restored_total"), 2.0);
+    assert_eq!(metric(&metrics, "driftwood_actors_active"), 0.0);
+    assert_eq!(metric(&metrics, "driftwood_actors_hibernated"), 1.0);
+    server.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_clear_openai_errors() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let mut c = config(store.path());
+    c.max_seq = 64;
+    let server = Server::start(c).await.expect("server starts");
+    let client = Client::new(&server);
+    let check = |(status, body): (u16, Value), want: u16, code: &str| {
+        assert_eq!(status, want, "{body}");
+        assert_eq!(body["error"]["code"], code, "{body}");
+        assert!(body["error"]["message"].as_str().is_some_and(|m| !m.is_empty()), "{body}");
+        assert!(body["error"]["type"].is_string(), "{body}");
+    };
+    check(client.raw("/v1/chat/completions", "{\"model\": ").await, 400, "invalid_json");
+    check(client.raw("/v1/chat/completions", "[1, 2]").await, 400, "invalid_json");
+    let chat = |extra: Value| {
+        let mut body = json!({"model": "driftwood-mini", "messages": [user("hi")], "max_tokens": 4});
+        for (k, v) in extra.as_object().expect("object") {
+            body[k] = v.clone();
+        }
+        body
+    };
+    check(client.post("/v1/chat/completions", None, &chat(json!({"model": "gpt-9"}))).await, 404, "model_not_found");
+    for bad in [
+        json!({"max_tokens": -1}),
+        json!({"max_tokens": 1_000_000}),
+        json!({"temperature": -0.5}),
+        json!({"temperature": 1e9}),
+        json!({"top_p": 7}),
+        json!({"n": 2}),
+        json!({"messages": []}),
+        json!({"messages": [{"role": "robot", "content": "x"}]}),
+    ] {
+        check(client.post("/v1/chat/completions", None, &chat(bad)).await, 400, "invalid_value");
+    }
+    let long = "the king ".repeat(200);
+    check(
+        client.post("/v1/chat/completions", None, &chat(json!({"messages": [user(&long)]}))).await,
+        400,
+        "context_length_exceeded",
+    );
+    check(client.post("/v1/chat/completions", Some("no/slashes"), &chat(json!({}))).await, 400, "invalid_session_key");
+    check(
+        client.post("/v1/chat/completions", Some("a"), &chat(json!({"session_id": "b"}))).await,
+        400,
+        "invalid_session_key",
+    );
+    let (status, body) = client.get("/v1/sessions/never-seen").await;
+    assert_eq!(status, 404, "{body}");
+    assert!(body.contains("session_not_found"));
+    let resp = client.http.delete(format!("{}/v1/sessions/never-seen", client.base)).send().await.expect("sent");
+    assert_eq!(resp.status(), 404);
+    // A good request still works, and the session can be ended.
+    let (status, _) = client.post("/v1/chat/completions", Some("fine"), &chat(json!({}))).await;
+    assert_eq!(status, 200);
+    let resp = client.http.delete(format!("{}/v1/sessions/fine", client.base)).send().await.expect("sent");
+    assert_eq!(resp.status(), 200);
+    assert_eq!(client.get("/v1/sessions/fine").await.0, 404);
+    let (status, body) = client.get("/v1/models").await;
+    assert_eq!(status, 200);
+    assert!(body.contains("driftwood-mini"));
+    assert_eq!(client.get("/health").await.0, 200);
+    let (_, metrics) = client.get("/metrics").await;
+    assert!(metrics.contains("driftwood_requests_total{endpoint=\"chat_completions\",status=\"400\"}"), "{metrics}");
+    server.shutdown().await.expect("shutdown");
+}
+
+/// An actor that follows the serving protocol but traps in `chat_messages` and never returns from
+/// `generate`.
+const FAULTY_ACTOR: &str = r#"(module
+  (memory (export "memory") 2)
+  (global $next (mut i32) (i32.const 1024))
+  (func (export "driftwood_abi_version") (result i32) i32.const 0)
+  (func (export "alloc") (param i32) (result i32) (local $p i32)
+    global.get $next local.set $p
+    global.get $next local.get 0 i32.add i32.const 8 i32.add global.set $next
+    local.get $p)
+  (func (export "dealloc") (param i32 i32))
+  (func (export "init") (param i32))
+  (func (export "set_sampling") (param f32 i32 f32 f32 f32 i64))
+  (func (export "set_stop_list") (param i32 i32))
+  (func (export "chat_messages") (param i32 i32 i32) (result i32) unreachable)
+  (func (export "generate") (param i32 i32 i32) (result i32) (loop $spin br $spin) i32.const 0)
+  (func (export "stat") (param i32) (result i32) i32.const 0))"#;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trapping_actor_gets_a_500_and_the_server_keeps_serving() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let mut c = config(store.path());
+    c.actor_wasm = Some(FAULTY_ACTOR.as_bytes().to_vec());
+    c.limits.deadline = Duration::from_millis(300);
+    let server = Server::start(c).await.expect("server starts");
+    let client = Client::new(&server);
+    let body = json!({"model": "driftwood-mini", "messages": [user("hi")], "max_tokens": 4});
+    let (status, resp) = client.post("/v1/chat/completions", Some("t1"), &body).await;
+    assert_eq!(status, 500, "{resp}");
+    assert_eq!(resp["error"]["code"], "actor_trap");
+    assert!(resp["error"]["message"].as_str().unwrap().contains("unreachable"), "{resp}");
+    let body = json!({"model": "driftwood-mini", "prompt": "hi", "max_tokens": 4});
+    let (status, resp) = client.post("/v1/completions", Some("t2"), &body).await;
+    assert_eq!(status, 500, "{resp}");
+    assert!(resp["error"]["message"].as_str().unwrap().contains("deadline"), "{resp}");
+    assert_eq!(client.get("/health").await.0, 200);
+    let (_, metrics) = client.get("/metrics").await;
+    assert_eq!(metric(&metrics, "driftwood_actor_traps_total"), 2.0);
+    server.shutdown().await.expect("shutdown");
+
+    // A module without the protocol is refused at start, naming what is missing.
+    let mut c = config(store.path());
+    c.actor_wasm = Some(br#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 0))"#.to_vec());
+    let err = Server::start(c).await.err().expect("refused");
+    assert!(err.to_string().contains("alloc"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_request_on_a_busy_session_is_refused_with_409() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(config(store.path())).await.expect("server starts");
+    let claim = server.sessions().claim("busy").expect("first claim");
+    let client = Client::new(&server);
+    let body = json!({"model": "driftwood-mini", "messages": [user("hi")], "max_tokens": 4});
+    let (status, resp) = client.post("/v1/chat/completions", Some("busy"), &body).await;
+    assert_eq!(status, 409, "{resp}");
+    assert_eq!(resp["error"]["code"], "session_busy");
+    drop(claim);
+    let (status, _) = client.post("/v1/chat/completions", Some("busy"), &body).await;
+    assert_eq!(status, 200);
+    server.shutdown().await.expect("shutdown");
+}
