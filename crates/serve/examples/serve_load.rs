@@ -1,0 +1,200 @@
+//! Load test of `driftwood serve` over loopback: N concurrent sessions × T chat turns each, every turn
+//! extending its session's conversation. Reports p50/p99 turn latency, aggregate generated tokens/s, errors
+//! and lost sessions (a turn that found its history gone) as JSON.
+//!
+//! ```sh
+//! cargo run --release -p driftwood-serve --example serve_load -- --out bench/results/serve-cpu.json
+//! cargo run --release -p driftwood-serve --example serve_load -- --hibernate --out bench/results/serve-hibernate-cpu.json
+//! ```
+//!
+//! The server runs in this process on an ephemeral loopback port with a fresh store; with `--hibernate`
+//! every actor is released after each turn and restored from its snapshot on the next.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use driftwood_serve::{ServeConfig, Server};
+use serde_json::{Value, json};
+
+struct Options {
+    sessions: usize,
+    turns: usize,
+    max_tokens: u32,
+    workers: usize,
+    hibernate: bool,
+    out: Option<PathBuf>,
+}
+
+fn parse() -> anyhow::Result<Options> {
+    let mut o = Options { sessions: 64, turns: 5, max_tokens: 16, workers: 4, hibernate: false, out: None };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().with_context(|| format!("{a} needs a value"));
+        match a.as_str() {
+            "--sessions" => o.sessions = value()?.parse()?,
+            "--turns" => o.turns = value()?.parse()?,
+            "--max-tokens" => o.max_tokens = value()?.parse()?,
+            "--workers" => o.workers = value()?.parse()?,
+            "--hibernate" => o.hibernate = true,
+            "--out" => o.out = Some(value()?.into()),
+            other => bail!("unknown option {other}"),
+        }
+    }
+    if o.sessions == 0 || o.turns == 0 || o.max_tokens == 0 || o.workers == 0 {
+        bail!("--sessions, --turns, --max-tokens and --workers must be positive");
+    }
+    Ok(o)
+}
+
+/// One session's turns; returns (latencies, generated tokens, errors, lost).
+async fn session(client: reqwest::Client, base: String, id: usize, o: Arc<Options>) -> (Vec<f64>, u64, Vec<String>, bool) {
+    let key = format!("load-{id}");
+    let questions = ["Who was Elizabeth?", "And her sister?", "What did Darcy say?", "Where did they go?", "Go on."];
+    let mut messages: Vec<Value> = vec![];
+    let (mut latencies, mut tokens, mut errors, mut lost) = (vec![], 0, vec![], false);
+    for turn in 0..o.turns {
+        messages.push(json!({"role": "user", "content": format!("{} ({id})", questions[turn % questions.len()])}));
+        let body = json!({"model": "driftwood-mini", "messages": messages, "max_tokens": o.max_tokens,
+                          "temperature": 0.7, "seed": id});
+        let started = Instant::now();
+        let sent = client.post(format!("{base}/v1/chat/completions")).header("X-Session-Id", &key).json(&body).send().await;
+        let response = match sent {
+            Ok(r) => r,
+            Err(e) => {
+                errors.push(format!("{key} turn {turn}: {e}"));
+                break;
+            }
+        };
+        let status = response.status();
+        let value: Value = match response.json().await {
+            Ok(v) => v,
+            Err(e) => {
+                errors.push(format!("{key} turn {turn}: {e}"));
+                break;
+            }
+        };
+        latencies.push(started.elapsed().as_secs_f64());
+        if !status.is_success() {
+            errors.push(format!("{key} turn {turn}: {status} {value}"));
+            break;
+        }
+        tokens += value["usage"]["completion_tokens"].as_u64().unwrap_or(0);
+        // From turn 2 on the session's history must come from its actor (live or restored), not be re-read.
+        if turn > 0 && value["usage"]["prompt_tokens_details"]["cached_tokens"].as_u64().unwrap_or(0) == 0 {
+            lost = true;
+        }
+        let reply = value["choices"][0]["message"]["content"].as_str().unwrap_or_default().to_string();
+        messages.push(json!({"role": "assistant", "content": reply}));
+    }
+    (latencies, tokens, errors, lost)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .unwrap_or_else(|| "unknown".into());
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    json!({"cpu": cpu, "threads": threads, "os": std::env::consts::OS, "arch": std::env::consts::ARCH})
+}
+
+fn commit() -> String {
+    let git = |args: &[&str]| std::process::Command::new("git").args(args).output().ok().filter(|o| o.status.success());
+    match (git(&["rev-parse", "--short=12", "HEAD"]), git(&["status", "--porcelain", "--untracked-files=no"])) {
+        (Some(rev), Some(dirty)) => {
+            let sha = String::from_utf8_lossy(&rev.stdout).trim().to_string();
+            if dirty.stdout.is_empty() { sha } else { format!("{sha}-dirty") }
+        }
+        _ => "unknown".into(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let o = Arc::new(parse()?);
+    let store = tempfile::tempdir()?;
+    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini");
+    let mut config = ServeConfig::new(model, store.path().to_path_buf());
+    config.addr = "127.0.0.1:0".parse()?;
+    config.workers = o.workers;
+    config.queue = o.sessions;
+    config.max_seq = 512;
+    if o.hibernate {
+        config.hibernate_after = Duration::ZERO;
+    }
+    let server = Server::start(config).await?;
+    let base = format!("http://{}", server.addr());
+    let client = reqwest::Client::builder().pool_max_idle_per_host(o.sessions).build()?;
+    let started = Instant::now();
+    let tasks: Vec<_> =
+        (0..o.sessions).map(|i| tokio::spawn(session(client.clone(), base.clone(), i, o.clone()))).collect();
+    let (mut latencies, mut tokens, mut errors, mut lost) = (vec![], 0u64, vec![], 0usize);
+    for t in tasks {
+        let (l, n, e, gone) = t.await?;
+        latencies.extend(l);
+        tokens += n;
+        errors.extend(e);
+        lost += gone as usize;
+    }
+    let wall = started.elapsed().as_secs_f64();
+    let metrics = client.get(format!("{base}/metrics")).send().await?.text().await?;
+    let metric = |name: &str| -> f64 {
+        metrics.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok()).unwrap_or(f64::NAN)
+    };
+    // Every session must still be known at the end.
+    for i in 0..o.sessions {
+        let status = client.get(format!("{base}/v1/sessions/load-{i}")).send().await?.status();
+        if !status.is_success() {
+            lost += 1;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let results = json!({
+        "model": "models/driftwood-mini",
+        "sessions": o.sessions,
+        "turns_per_session": o.turns,
+        "max_tokens": o.max_tokens,
+        "workers": o.workers,
+        "forced_hibernation": o.hibernate,
+        "requests": latencies.len(),
+        "errors": errors.len(),
+        "error_samples": errors.iter().take(5).collect::<Vec<_>>(),
+        "lost_sessions": lost,
+        "latency_p50_s": percentile(&latencies, 0.5),
+        "latency_p99_s": percentile(&latencies, 0.99),
+        "latency_max_s": latencies.last().copied().unwrap_or(f64::NAN),
+        "wall_s": wall,
+        "generated_tokens": tokens,
+        "aggregate_tokens_per_s": tokens as f64 / wall,
+        "prefill_tokens": metric("driftwood_prefill_tokens_total"),
+        "prefill_tokens_saved": metric("driftwood_prefill_tokens_saved_total"),
+        "sessions_restored": metric("driftwood_sessions_restored_total"),
+        "restore_mean_s": metric("driftwood_restore_seconds_sum") / metric("driftwood_restore_seconds_count"),
+    });
+    server.shutdown().await?;
+    let command = format!(
+        "cargo run --release -p driftwood-serve --example serve_load -- {}",
+        std::env::args().skip(1).collect::<Vec<_>>().join(" ")
+    );
+    let unix_time = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_secs();
+    let report = json!({"bench": "serve", "machine": machine(), "commit": commit(), "command": command,
+                        "unix_time": unix_time, "results": results});
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = &o.out {
+        std::fs::write(path, text + "\n").with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    if !errors.is_empty() || lost > 0 {
+        bail!("{} errors, {lost} lost sessions", errors.len());
+    }
+    Ok(())
+}
