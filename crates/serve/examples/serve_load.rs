@@ -49,7 +49,12 @@ fn parse() -> anyhow::Result<Options> {
 }
 
 /// One session's turns; returns (latencies, generated tokens, errors, lost).
-async fn session(client: reqwest::Client, base: String, id: usize, o: Arc<Options>) -> (Vec<f64>, u64, Vec<String>, bool) {
+async fn session(
+    client: reqwest::Client,
+    base: String,
+    id: usize,
+    o: Arc<Options>,
+) -> (Vec<f64>, u64, Vec<String>, bool) {
     let key = format!("load-{id}");
     let questions = ["Who was Elizabeth?", "And her sister?", "What did Darcy say?", "Where did they go?", "Go on."];
     let mut messages: Vec<Value> = vec![];
@@ -59,7 +64,8 @@ async fn session(client: reqwest::Client, base: String, id: usize, o: Arc<Option
         let body = json!({"model": "driftwood-mini", "messages": messages, "max_tokens": o.max_tokens,
                           "temperature": 0.7, "seed": id});
         let started = Instant::now();
-        let sent = client.post(format!("{base}/v1/chat/completions")).header("X-Session-Id", &key).json(&body).send().await;
+        let sent =
+            client.post(format!("{base}/v1/chat/completions")).header("X-Session-Id", &key).json(&body).send().await;
         let response = match sent {
             Ok(r) => r,
             Err(e) => {
@@ -101,7 +107,10 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 fn machine() -> Value {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()
-        .and_then(|t| t.lines().find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())))
+        .and_then(|t| {
+            t.lines()
+                .find_map(|l| l.strip_prefix("model name").map(|v| v.trim_start_matches([' ', '\t', ':']).to_string()))
+        })
         .unwrap_or_else(|| "unknown".into());
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     json!({"cpu": cpu, "threads": threads, "os": std::env::consts::OS, "arch": std::env::consts::ARCH})

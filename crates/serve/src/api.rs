@@ -256,7 +256,7 @@ impl CommonParams {
         let (temperature, top_p) = match self.top_p {
             None => (temperature, 1.0),
             // No mass left: the most likely token only.
-            Some(p) if p == 0.0 => (0.0, 1.0),
+            Some(0.0) => (0.0, 1.0),
             Some(p) if p.is_finite() && p > 0.0 && p <= 1.0 => (temperature, p as f32),
             Some(p) => {
                 return Err(ApiError::invalid(

@@ -454,7 +454,10 @@ mod tests {
         let scheduler = Scheduler::new(1, 0);
         let held = scheduler.admit(&metrics).await.expect("the first request gets the worker");
         let refused = scheduler.admit(&metrics).await.expect_err("no worker and no queue");
-        assert_eq!((refused.status, refused.code, refused.retry_after), (StatusCode::TOO_MANY_REQUESTS, "queue_full", Some(1)));
+        assert_eq!(
+            (refused.status, refused.code, refused.retry_after),
+            (StatusCode::TOO_MANY_REQUESTS, "queue_full", Some(1))
+        );
         assert_eq!(metrics.rejected_queue_full.load(Ordering::Relaxed), 1);
         drop(held);
         let again = scheduler.admit(&metrics).await.expect("the worker is free again");

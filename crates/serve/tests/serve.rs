@@ -151,7 +151,10 @@ async fn three_turns_across_a_restart_evaluate_only_new_messages() {
 /// Reads a server-sent event stream to its end; returns the `data:` payloads.
 async fn sse(resp: reqwest::Response) -> Vec<String> {
     let text = resp.text().await.expect("stream");
-    text.lines().filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:"))).map(str::to_string).collect()
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data: ").or_else(|| l.strip_prefix("data:")))
+        .map(str::to_string)
+        .collect()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -176,7 +179,8 @@ async fn streaming_matches_the_plain_answer() {
     assert!(resp.headers()["content-type"].to_str().unwrap().starts_with("text/event-stream"));
     let events = sse(resp).await;
     assert_eq!(events.last().map(String::as_str), Some("[DONE]"));
-    let chunks: Vec<Value> = events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
+    let chunks: Vec<Value> =
+        events[..events.len() - 1].iter().map(|e| serde_json::from_str(e).expect("chunk")).collect();
     assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
     let text: String = chunks.iter().filter_map(|c| c["choices"][0]["delta"]["content"].as_str()).collect();
     assert_eq!(text, plain);
@@ -334,7 +338,10 @@ async fn a_trapping_actor_gets_a_500_and_the_server_keeps_serving() {
 
     // A module without the protocol is refused at start, naming what is missing.
     let mut c = config(store.path());
-    c.actor_wasm = Some(br#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 0))"#.to_vec());
+    c.actor_wasm = Some(
+        br#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 0))"#
+            .to_vec(),
+    );
     let err = Server::start(c).await.err().expect("refused");
     assert!(err.to_string().contains("alloc"), "{err}");
 }
