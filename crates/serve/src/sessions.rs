@@ -146,6 +146,14 @@ impl Sessions {
             anyhow::bail!("the actor module has no export `{missing}`; serving needs {}", REQUIRED_EXPORTS.join(", "));
         }
         drop(sessions.new_actor().map_err(|e| anyhow::anyhow!("{}", e.message))?);
+        // A save killed mid-write leaves its temporary file next to the snapshot it would have replaced.
+        for entry in std::fs::read_dir(sessions.store.dir()).into_iter().flatten().flatten() {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with('.') && name.contains(".actor.tmp-") {
+                let _ = std::fs::remove_file(entry.path());
+            }
+        }
         {
             let mut table = sessions.table.lock().unwrap_or_else(|p| p.into_inner());
             for id in sessions.store.ids() {
