@@ -54,6 +54,16 @@ pub enum BackendError {
         /// What was out of range.
         detail: String,
     },
+    /// A driver or library call of a device backend failed.
+    #[error("{backend}: {call} failed: {reason}")]
+    Driver {
+        /// The backend (`cuda`).
+        backend: &'static str,
+        /// The call, as the driver names it.
+        call: &'static str,
+        /// The driver's error name and text.
+        reason: String,
+    },
     /// The shape's element counts overflow the address space.
     #[error("{op}: shape {shape} is too large")]
     Overflow {

@@ -291,6 +291,8 @@ pub fn generate(args: &GenerateArgs) -> anyhow::Result<()> {
             let why = session.actor.take_host_error().unwrap_or_else(|| "unknown error".into());
             bail!("cannot save the session: {why}");
         }
+        // The file is synced and in place only once the background save settles.
+        session.actor.settle_session_saves().context("cannot save the session")?;
         eprintln!("[saved {saved} tokens of session state to {}]", path.display());
     }
     if let Some(path) = &args.save_actor {

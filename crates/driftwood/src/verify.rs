@@ -20,7 +20,7 @@ pub struct VerifyArgs {
     /// Backend that computes: auto, cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
     backend: BackendKind,
-    /// How the backend sees actor memory: host (pinned and managed need the CUDA backend).
+    /// How the backend sees actor memory: host, pinned or managed (the last two need the CUDA backend).
     #[arg(long, default_value = "host", value_parser = Placement::parse)]
     placement: Placement,
     /// Trials for each RSS and timing measurement (the median is reported; at least 5).
@@ -76,8 +76,15 @@ struct Staging {
 }
 
 impl Staging {
-    fn new(bytes: usize) -> anyhow::Result<Self> {
-        let region = SharedRegion::reserve(bytes.max(1), 0, Placement::Host)?;
+    /// On a GPU placement the staging buffer is itself device-addressable (as a copying runtime's pinned or
+    /// managed staging buffers would be).
+    fn new(bytes: usize, runtime: &Runtime) -> anyhow::Result<Self> {
+        let device = match (runtime.placement(), runtime.device()) {
+            (Placement::Host, _) => None,
+            (p, driftwood_backend::Device::Cuda(cuda)) => Some(cuda.device_memory(p)?),
+            (p, _) => bail!("placement {p} needs the CUDA backend"),
+        };
+        let region = SharedRegion::reserve_on(bytes.max(1), 0, device)?;
         region.commit_to(bytes)?;
         Ok(Staging { region })
     }
@@ -107,9 +114,9 @@ fn copy_path(
     dims: MatmulDims,
 ) -> anyhow::Result<i64> {
     let rss_before = rss_now()?;
-    let mut a = Staging::new(dims.m * dims.k * 4)?;
-    let mut b = Staging::new(dims.k * dims.n * 4)?;
-    let mut c = Staging::new(dims.m * dims.n * 4)?;
+    let mut a = Staging::new(dims.m * dims.k * 4, runtime)?;
+    let mut b = Staging::new(dims.k * dims.n * 4, runtime)?;
+    let mut c = Staging::new(dims.m * dims.n * 4, runtime)?;
     actor.read_memory(a_off, a.bytes_mut())?;
     actor.read_memory(b_off, b.bytes_mut())?;
     runtime.device().matmul(

@@ -77,6 +77,21 @@ impl Model {
                 c.vocab_size
             )));
         }
+        if let Device::Cuda(cuda) = dev {
+            // The GPU evaluates the tokens one step at a time; only the last step's logits reach the guest.
+            let mut step = driftwood_backend::cuda::SeqStep {
+                kv: kv.as_ptr() as u64,
+                logits: logits.addr() as u64,
+                max_seq: kv.max_seq() as i32,
+                ..Default::default()
+            };
+            for (i, &token) in tokens.iter().enumerate() {
+                step.pos = (pos + i) as i32;
+                step.token = token;
+                self.decode_step_cuda(cuda, &[step])?;
+            }
+            return Ok(());
+        }
         let mut start = 0;
         while start < tokens.len() {
             let chunk = &tokens[start..(start + PREFILL_CHUNK).min(tokens.len())];

@@ -39,6 +39,11 @@ impl<'a> KvCache<'a> {
         self.max_seq
     }
 
+    /// Address of the cache's first value (for a device backend that addresses guest memory directly).
+    pub fn as_ptr(&self) -> *mut f32 {
+        self.base
+    }
+
     fn offset(&self, layer: usize, which: usize, row: usize) -> usize {
         ((layer * 2 + which) * self.max_seq + row) * self.kv_dim
     }

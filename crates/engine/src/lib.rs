@@ -29,6 +29,7 @@
 #![warn(missing_docs)]
 
 mod config;
+mod cuda_forward;
 mod error;
 mod forward;
 mod kv;

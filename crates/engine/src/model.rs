@@ -51,6 +51,8 @@ pub struct Model {
     fingerprint: String,
     tokenizer_fingerprint: String,
     weight_bytes_per_token: usize,
+    /// The weights on the CUDA device, uploaded on first GPU use.
+    pub(crate) gpu: std::sync::OnceLock<crate::cuda_forward::GpuModel>,
     // Last: the mappings the `Weight`s point into are dropped after everything that refers to them.
     _files: WeightFiles,
 }
@@ -198,6 +200,7 @@ impl Model {
             layers,
             final_norm,
             lm_head,
+            gpu: std::sync::OnceLock::new(),
             inv_freq,
             tokenizer,
             template,

@@ -105,8 +105,21 @@ impl Runtime {
     /// When the backend asked for is unavailable or wasmtime rejects the configuration.
     pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
         let device = Arc::new(Device::open(config.backend)?);
-        let creator = Arc::new(RegionCreator::new(config.placement));
+        let creator = Arc::new(match (config.placement, &*device) {
+            (Placement::Host, _) => RegionCreator::new(Placement::Host),
+            (placement, Device::Cuda(cuda)) => RegionCreator::on_device(cuda.device_memory(placement)?),
+            (placement, other) => anyhow::bail!(
+                "placement `{placement}` needs the CUDA backend, but the {} backend is in use (pass --backend cuda)",
+                driftwood_backend::Backend::name(other)
+            ),
+        });
         let mut wasm = Config::new();
+        if config.placement == Placement::CudaManaged {
+            // Managed memory cannot have inaccessible guard pages: reserve exactly the actor memory limit and let
+            // the JIT emit explicit bounds checks.
+            let limit = (config.limits.memory_bytes as u64).next_multiple_of(65536);
+            wasm.memory_reservation(limit).memory_guard_size(0).memory_reservation_for_growth(0);
+        }
         wasm.with_host_memory(creator.clone())
             // Required with a custom MemoryCreator: copy-on-write images assume wasmtime mapped the memory.
             .memory_init_cow(false)
@@ -212,6 +225,11 @@ impl Runtime {
     /// The models actors can open.
     pub fn models(&self) -> &ModelRegistry {
         &self.models
+    }
+
+    /// How this runtime's actor memories are placed.
+    pub fn placement(&self) -> Placement {
+        self.config.placement
     }
 
     /// The backend every actor of this runtime computes on.

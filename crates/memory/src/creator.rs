@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use wasmtime::{LinearMemory, MemoryCreator, MemoryType};
 
-use crate::{Placement, SharedRegion};
+use crate::{DeviceMemory, Placement, SharedRegion};
 
 /// Capacity chosen when wasmtime leaves the reservation to us and the memory declares no maximum: the whole
 /// 32-bit index space, so growth never has to move the memory.
@@ -26,13 +26,20 @@ type Registry = Arc<Mutex<HashMap<usize, SharedRegion>>>;
 #[derive(Debug, Default)]
 pub struct RegionCreator {
     placement: Placement,
+    device: Option<Arc<dyn DeviceMemory>>,
     live: Registry,
 }
 
 impl RegionCreator {
-    /// A creator whose regions all use `placement`.
+    /// A creator of regions with `placement`. A device placement needs [`on_device`](Self::on_device): with
+    /// this constructor every memory request of such a creator fails with a clear message.
     pub fn new(placement: Placement) -> Self {
-        RegionCreator { placement, live: Registry::default() }
+        RegionCreator { placement, device: None, live: Registry::default() }
+    }
+
+    /// A creator whose regions get their memory from `device` (a GPU backend's provider for its placement).
+    pub fn on_device(device: Arc<dyn DeviceMemory>) -> Self {
+        RegionCreator { placement: device.placement(), device: Some(device), live: Registry::default() }
     }
 
     /// The placement of every region this creator makes.
@@ -82,8 +89,11 @@ unsafe impl MemoryCreator for RegionCreator {
         if minimum > capacity {
             return Err(format!("memory needs {minimum} bytes but its reservation is {capacity} bytes"));
         }
-        let region = SharedRegion::reserve(capacity, guard_size_in_bytes, self.placement)
-            .map_err(|e| format!("cannot create actor memory: {e}"))?;
+        let region = match &self.device {
+            Some(device) => SharedRegion::reserve_on(capacity, guard_size_in_bytes, Some(device.clone())),
+            None => SharedRegion::reserve(capacity, guard_size_in_bytes, self.placement),
+        }
+        .map_err(|e| format!("cannot create actor memory: {e}"))?;
         region.commit_to(minimum).map_err(|e| format!("cannot create actor memory: {e}"))?;
         self.registry().insert(region.base() as usize, region.clone());
         Ok(Box::new(RegionMemory { region, registry: self.live.clone() }))

@@ -5,7 +5,8 @@
 //!   memory grows, never moved, followed by the guard bytes wasmtime's `Config` promised to its JIT code.
 //! * [`RegionCreator`] — the [`wasmtime::MemoryCreator`] that hands these regions to wasmtime and remembers
 //!   them by base address, so the host can find the region behind any instance's memory.
-//! * [`Placement`] — how an accelerator sees a region (`Host` today; CUDA placements plug in here).
+//! * [`Placement`] — how an accelerator sees a region (`Host`, `CudaPinned`, `CudaManaged`), and
+//!   [`DeviceMemory`], the `unsafe trait` through which a GPU backend allocates or maps a region's memory.
 //! * [`CopyLedger`] — counts every byte the runtime copies between guest memory and anything else, so
 //!   "zero-copy" is a measured claim rather than a slogan.
 //!
@@ -32,12 +33,14 @@
 #![warn(missing_docs)]
 
 mod creator;
+mod device_memory;
 mod ledger;
 mod placement;
 mod region;
 pub mod rss;
 
 pub use creator::RegionCreator;
+pub use device_memory::DeviceMemory;
 pub use ledger::{CopyKind, CopyLedger, LedgerSnapshot};
 pub use placement::Placement;
 pub use region::{RegionError, SharedRegion, page_size};

@@ -16,14 +16,29 @@ pub enum Placement {
     /// unified-memory machines.
     #[default]
     Host,
+    /// Host memory page-locked and mapped into the GPU's address space (`cuMemHostRegister` with
+    /// `DEVICEMAP` on each committed range). The GPU reads and writes it across the bus; on a device with
+    /// unified addressing the device address equals the host address (checked when the range is registered).
+    CudaPinned,
+    /// CUDA managed memory (`cuMemAllocManaged`): one allocation the CPU and the GPU both address, whose pages
+    /// migrate to whichever touches them, so the GPU reads it at device-memory speed in steady state. Capped
+    /// by the device's free memory.
+    CudaManaged,
 }
 
 impl Placement {
-    /// The name used on the command line and in reports (`host`).
+    /// The name used on the command line and in reports (`host`, `pinned`, `managed`).
     pub fn name(self) -> &'static str {
         match self {
             Placement::Host => "host",
+            Placement::CudaPinned => "pinned",
+            Placement::CudaManaged => "managed",
         }
+    }
+
+    /// Whether a GPU backend must make the region addressable (every placement but `Host`).
+    pub fn needs_device(self) -> bool {
+        !matches!(self, Placement::Host)
     }
 
     /// Parses a placement name as printed by [`Placement::name`].
@@ -34,10 +49,9 @@ impl Placement {
     pub fn parse(name: &str) -> Result<Self, String> {
         match name {
             "host" => Ok(Placement::Host),
-            "pinned" | "managed" => Err(format!(
-                "placement `{name}` needs the CUDA backend, which this build does not provide yet; known: host"
-            )),
-            other => Err(format!("unknown placement `{other}`; known: host")),
+            "pinned" => Ok(Placement::CudaPinned),
+            "managed" => Ok(Placement::CudaManaged),
+            other => Err(format!("unknown placement `{other}`; known: host, pinned, managed")),
         }
     }
 }

@@ -16,6 +16,12 @@
 //! 4. `len` only grows, and only up to `capacity`.
 //! 5. The mapping lives until the last clone of the region is dropped, so a backend holding a clone can
 //!    never see the addresses unmapped under it.
+//!
+//! A region of a device placement ([`Placement::CudaPinned`], [`Placement::CudaManaged`]) is created with a
+//! [`DeviceMemory`] provider. A pinned region is mapped as above and each committed range is registered with
+//! the device. A managed region's memory comes from the device allocator: it is readable and writable from
+//! the start, so invariant 3 cannot hold and such a region refuses a guard (the wasmtime `Config` of its
+//! actors must request explicit bounds checks: no guard, a reservation equal to the memory limit).
 
 use std::fmt;
 use std::ptr::NonNull;
@@ -25,7 +31,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use rustix::mm::{MapFlags, MprotectFlags, ProtFlags};
 
-use crate::Placement;
+use crate::{DeviceMemory, Placement};
 
 /// The operating system's page size in bytes.
 pub fn page_size() -> usize {
@@ -65,6 +71,14 @@ pub enum RegionError {
         /// The region's capacity in bytes.
         capacity: usize,
     },
+    /// The device placement could not provide or map the memory.
+    #[error("{placement} memory: {reason}")]
+    Device {
+        /// The region's placement.
+        placement: Placement,
+        /// What the device refused.
+        reason: String,
+    },
     /// The operating system refused to make a range accessible.
     #[error("cannot commit bytes {from}..{to} of the region: {source}")]
     Commit {
@@ -89,6 +103,11 @@ struct Mapping {
     len: AtomicUsize,
     /// Page-rounded committed bytes; held while growing so growth is serialized.
     grow_lock: Mutex<usize>,
+    /// The device provider of a device placement, and the ranges it committed (released on drop).
+    device: Option<Arc<dyn DeviceMemory>>,
+    committed_ranges: Mutex<Vec<(usize, usize)>>,
+    /// Whether `device` allocated the memory (then it frees it; otherwise it is our anonymous mapping).
+    device_allocated: bool,
 }
 
 // SAFETY: the mapping is plain memory owned by this struct; the raw pointer is only an address. Concurrent
@@ -100,6 +119,19 @@ unsafe impl Sync for Mapping {}
 
 impl Drop for Mapping {
     fn drop(&mut self) {
+        if let Some(device) = &self.device {
+            let ranges = std::mem::take(self.committed_ranges.get_mut().unwrap_or_else(|p| p.into_inner()));
+            for (from, len) in ranges {
+                // SAFETY: each range was committed by `device` exactly once and this is the last owner
+                // (invariant 5), so the device has no work on it (DeviceMemory contract 4).
+                unsafe { device.release(NonNull::new_unchecked(self.base.as_ptr().add(from)), len) };
+            }
+            if self.device_allocated {
+                // SAFETY: `base`/`capacity` are what `allocate` returned and was asked for (guard is 0).
+                unsafe { device.free(self.base, self.capacity) };
+                return;
+            }
+        }
         // SAFETY: `base..base+capacity+guard` is exactly the mapping made in `reserve`; this is the last
         // owner (invariant 5), so nobody can access it afterwards.
         unsafe {
@@ -136,6 +168,37 @@ impl SharedRegion {
     /// [`RegionError::TooLarge`] if the sizes overflow, [`RegionError::Reserve`] if the operating system
     /// refuses the reservation.
     pub fn reserve(capacity: usize, guard: usize, placement: Placement) -> Result<Self, RegionError> {
+        if placement.needs_device() {
+            return Err(RegionError::Device {
+                placement,
+                reason: "this placement needs a device memory provider (SharedRegion::reserve_on)".into(),
+            });
+        }
+        Self::reserve_inner(capacity, guard, placement, None)
+    }
+
+    /// Reserves a region whose memory `device` provides or maps (see [`DeviceMemory`]); `Host` when `None`.
+    ///
+    /// # Errors
+    ///
+    /// As for [`reserve`](Self::reserve), and [`RegionError::Device`] when the provider refuses the memory, or
+    /// when it allocates the memory itself (managed memory) and `guard` is not 0: such memory cannot have
+    /// inaccessible guard pages.
+    pub fn reserve_on(
+        capacity: usize,
+        guard: usize,
+        device: Option<Arc<dyn DeviceMemory>>,
+    ) -> Result<Self, RegionError> {
+        let placement = device.as_ref().map_or(Placement::Host, |d| d.placement());
+        Self::reserve_inner(capacity, guard, placement, device)
+    }
+
+    fn reserve_inner(
+        capacity: usize,
+        guard: usize,
+        placement: Placement,
+        device: Option<Arc<dyn DeviceMemory>>,
+    ) -> Result<Self, RegionError> {
         let too_large = || RegionError::TooLarge { capacity, guard };
         let capacity_pages = round_up_to_page(capacity).ok_or_else(too_large)?;
         let guard_pages = round_up_to_page(guard).ok_or_else(too_large)?;
@@ -143,8 +206,31 @@ impl SharedRegion {
         if total == 0 {
             return Err(too_large());
         }
-        // SAFETY: a fresh anonymous mapping at an address of the kernel's choosing aliases nothing.
-        // NORESERVE: address space only; pages are backed when first touched (and zero-filled then).
+        let device_err = |reason: String| RegionError::Device { placement, reason };
+        if let Some(d) = &device
+            && let Some(base) = d.allocate(capacity_pages).map_err(device_err)?
+        {
+            if guard_pages != 0 {
+                // SAFETY: just allocated with this size, unused.
+                unsafe { d.free(base, capacity_pages) };
+                return Err(device_err(format!(
+                    "cannot provide a {guard_pages}-byte guard; configure actors with no guard (explicit bounds checks)"
+                )));
+            }
+            return Ok(SharedRegion {
+                mapping: Arc::new(Mapping {
+                    base,
+                    capacity: capacity_pages,
+                    guard: 0,
+                    placement,
+                    len: AtomicUsize::new(0),
+                    grow_lock: Mutex::new(0),
+                    device,
+                    committed_ranges: Mutex::new(Vec::new()),
+                    device_allocated: true,
+                }),
+            });
+        }
         let ptr = unsafe {
             rustix::mm::mmap_anonymous(
                 std::ptr::null_mut(),
@@ -167,6 +253,9 @@ impl SharedRegion {
                 placement,
                 len: AtomicUsize::new(0),
                 grow_lock: Mutex::new(0),
+                device,
+                committed_ranges: Mutex::new(Vec::new()),
+                device_allocated: false,
             }),
         })
     }
@@ -193,18 +282,26 @@ impl SharedRegion {
         let new_committed = round_up_to_page(new_len).unwrap_or(m.capacity);
         if new_committed > *committed {
             let from = *committed;
-            // SAFETY: `from..new_committed` lies inside the reservation (new_committed <= capacity), which
-            // this region owns; widening access rights never invalidates existing references.
-            unsafe {
-                rustix::mm::mprotect(
-                    m.base.as_ptr().add(from).cast(),
-                    new_committed - from,
-                    MprotectFlags::READ | MprotectFlags::WRITE,
-                )
+            if !m.device_allocated {
+                // SAFETY: `from..new_committed` lies inside the reservation (checked against capacity above)
+                // and is currently inaccessible; making it RW keeps invariants 1, 2 (anonymous mappings are
+                // zero-filled) and 3 (the rest stays PROT_NONE).
+                unsafe {
+                    rustix::mm::mprotect(
+                        m.base.as_ptr().add(from).cast(),
+                        new_committed - from,
+                        MprotectFlags::READ | MprotectFlags::WRITE,
+                    )
+                }
+                .map_err(|e| RegionError::Commit { from, to: new_committed, source: e.into() })?;
             }
-            .map_err(|e| RegionError::Commit { from, to: new_committed, source: e.into() })?;
-            match m.placement {
-                Placement::Host => {}
+            if let Some(device) = &m.device {
+                // SAFETY: the range is inside the region, accessible, and not committed before (growth is
+                // serialized by `grow_lock` and `from` is the previous end).
+                let ptr = unsafe { NonNull::new_unchecked(m.base.as_ptr().add(from)) };
+                unsafe { device.commit(ptr, new_committed - from) }
+                    .map_err(|reason| RegionError::Device { placement: m.placement, reason })?;
+                m.committed_ranges.lock().unwrap_or_else(|p| p.into_inner()).push((from, new_committed - from));
             }
             *committed = new_committed;
         }

@@ -6,6 +6,7 @@
 mod abi;
 mod decode;
 mod density;
+mod gpu;
 mod matmul;
 mod readme;
 mod snapshot;
@@ -30,6 +31,8 @@ pub enum BenchCommand {
     Snapshot(snapshot::SnapshotArgs),
     /// Live actors per memory budget, zero-copy vs a copy path; hibernated actors' size and wake latency.
     Density(density::DensityArgs),
+    /// The CUDA backend: logits vs the CPU, batch-1 decode ms/token per placement vs the floor, batched decode.
+    Gpu(gpu::GpuArgs),
     /// Regenerate the README's benchmark tables from bench/results/*.json.
     Readme(readme::ReadmeArgs),
 }
@@ -41,6 +44,7 @@ pub fn run(cmd: BenchCommand) -> anyhow::Result<()> {
         BenchCommand::Decode(args) => decode::run(&args),
         BenchCommand::Snapshot(args) => snapshot::run(&args),
         BenchCommand::Density(args) => density::run(&args),
+        BenchCommand::Gpu(args) => gpu::run(&args),
         BenchCommand::Readme(args) => readme::run(&args),
     }
 }

@@ -30,6 +30,9 @@ pub struct SnapshotArgs {
     /// Backend: auto, cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
     backend: BackendKind,
+    /// Actor memory placement: host, or pinned / managed with the CUDA backend.
+    #[arg(long, default_value = "host", value_parser = driftwood_memory::Placement::parse)]
+    placement: driftwood_memory::Placement,
     #[command(flatten)]
     output: Output,
 }
@@ -78,6 +81,7 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
     let max_position = model.config().max_position_embeddings as u32;
     let runtime = Runtime::new(RuntimeConfig {
         backend: args.backend,
+        placement: args.placement,
         log: LogMode::Capture,
         limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
         ..Default::default()
@@ -142,5 +146,6 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
         rows.push(row);
     }
     let backend = driftwood_backend::Backend::name(runtime.device());
-    emit("snapshot", "snapshot-cpu", &args.output, SnapshotResults { model: dir.display().to_string(), backend, rows })
+    let default_name = if backend == "cpu" { "snapshot-cpu" } else { "snapshot-cuda" };
+    emit("snapshot", default_name, &args.output, SnapshotResults { model: dir.display().to_string(), backend, rows })
 }

@@ -1,0 +1,641 @@
+//! The one thin unsafe layer over the CUDA driver, NVRTC and cuBLAS (through `cudarc`'s raw bindings, loaded
+//! dynamically). Everything above this file uses the safe types here; every `unsafe` block below states which
+//! of these conditions it relies on:
+//!
+//! 1. The context is current on the calling thread ([`Context::bind`] is called first by every entry point).
+//! 2. Device pointers passed to a launch are valid for the extents the kernel touches: device buffers owned by
+//!    a live [`DeviceBuffer`], or host memory registered/allocated for the device that the caller keeps alive
+//!    until the launch completes (callers synchronize before returning to the guest).
+//! 3. Kernel parameters are passed as pointers to values whose types match the kernel's C signature exactly.
+//! 4. Handles (module, function, stream, graph) are used only while their owner is alive.
+
+use std::ffi::{CString, c_void};
+use std::sync::Arc;
+
+use cudarc::driver::{result, sys};
+
+use crate::BackendError;
+
+pub(crate) fn driver_err(call: &'static str, e: result::DriverError) -> BackendError {
+    let reason = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{e:?}"));
+    BackendError::Driver { backend: "cuda", call, reason }
+}
+
+/// Checks that the driver, NVRTC and cuBLAS libraries can be loaded before any `cudarc` call is made
+/// (`cudarc` panics on a missing library; this turns that into an error).
+pub(crate) fn probe() -> Result<(), String> {
+    // SAFETY: these only try to open shared libraries by name.
+    let present = unsafe {
+        [
+            ("libcuda (the NVIDIA driver)", sys::is_culib_present()),
+            ("libnvrtc", cudarc::nvrtc::sys::is_culib_present()),
+            ("libcublas", cudarc::cublas::sys::is_culib_present()),
+        ]
+    };
+    let missing: Vec<&str> = present.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect();
+    if missing.is_empty() { Ok(()) } else { Err(format!("cannot load {}", missing.join(", "))) }
+}
+
+/// The primary context of one device.
+#[derive(Debug)]
+pub(crate) struct Context {
+    ctx: sys::CUcontext,
+    dev: sys::CUdevice,
+    pub(crate) name: String,
+    pub(crate) compute_capability: (i32, i32),
+}
+
+// SAFETY: a CUDA context handle may be used from any thread once made current there (condition 1).
+unsafe impl Send for Context {}
+// SAFETY: as above; the driver serializes access to the context internally.
+unsafe impl Sync for Context {}
+
+impl Context {
+    pub(crate) fn new(ordinal: i32) -> Result<Arc<Self>, BackendError> {
+        result::init().map_err(|e| driver_err("cuInit", e))?;
+        let count = result::device::get_count().map_err(|e| driver_err("cuDeviceGetCount", e))?;
+        if ordinal >= count {
+            return Err(BackendError::Unavailable {
+                backend: "cuda",
+                reason: format!("no CUDA device {ordinal} ({count} found)"),
+            });
+        }
+        let dev = result::device::get(ordinal).map_err(|e| driver_err("cuDeviceGet", e))?;
+        // SAFETY: `dev` is a valid device handle; the retained context is released in `Drop`.
+        let ctx = unsafe { result::primary_ctx::retain(dev) }.map_err(|e| driver_err("cuDevicePrimaryCtxRetain", e))?;
+        // From here on `c` owns the retained context: an early return releases it.
+        let mut c = Context { ctx, dev, name: String::new(), compute_capability: (0, 0) };
+        c.bind()?;
+        c.name = result::device::get_name(dev).map_err(|e| driver_err("cuDeviceGetName", e))?;
+        let major = c.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)?;
+        let minor = c.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
+        c.compute_capability = (major, minor);
+        Ok(Arc::new(c))
+    }
+
+    /// Makes the context current on this thread (condition 1).
+    pub(crate) fn bind(&self) -> Result<(), BackendError> {
+        // SAFETY: `ctx` is a retained primary context, alive while `self` is.
+        unsafe { result::ctx::set_current(self.ctx) }.map_err(|e| driver_err("cuCtxSetCurrent", e))
+    }
+
+    pub(crate) fn attribute(&self, a: sys::CUdevice_attribute) -> Result<i32, BackendError> {
+        // SAFETY: plain integer query on a valid device.
+        unsafe { result::device::get_attribute(self.dev, a) }.map_err(|e| driver_err("cuDeviceGetAttribute", e))
+    }
+
+    pub(crate) fn device(&self) -> sys::CUdevice {
+        self.dev
+    }
+
+    /// Free and total device memory in bytes.
+    pub(crate) fn mem_info(&self) -> Result<(usize, usize), BackendError> {
+        self.bind()?;
+        result::mem_get_info().map_err(|e| driver_err("cuMemGetInfo", e))
+    }
+}
+
+impl Drop for Context {
+    fn drop(&mut self) {
+        // SAFETY: releases the reference taken in `new`.
+        unsafe {
+            let _ = result::primary_ctx::release(self.dev);
+        }
+    }
+}
+
+/// A non-blocking stream.
+#[derive(Debug)]
+pub(crate) struct Stream {
+    pub(crate) raw: sys::CUstream,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: stream handles may be used from any thread with the context current (condition 1).
+unsafe impl Send for Stream {}
+// SAFETY: as above.
+unsafe impl Sync for Stream {}
+
+impl Stream {
+    pub(crate) fn new(ctx: &Arc<Context>) -> Result<Self, BackendError> {
+        ctx.bind()?;
+        let raw = result::stream::create(result::stream::StreamKind::NonBlocking)
+            .map_err(|e| driver_err("cuStreamCreate", e))?;
+        Ok(Stream { raw, ctx: ctx.clone() })
+    }
+
+    pub(crate) fn synchronize(&self) -> Result<(), BackendError> {
+        // SAFETY: the stream is alive (condition 4).
+        unsafe { result::stream::synchronize(self.raw) }.map_err(|e| driver_err("cuStreamSynchronize", e))
+    }
+}
+
+impl Drop for Stream {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: the stream was created by `new` and is destroyed once.
+            unsafe {
+                let _ = result::stream::synchronize(self.raw);
+                let _ = result::stream::destroy(self.raw);
+            }
+        }
+    }
+}
+
+/// Device memory owned by the backend (weights, scratch).
+#[derive(Debug)]
+pub(crate) struct DeviceBuffer {
+    pub(crate) ptr: sys::CUdeviceptr,
+    pub(crate) bytes: usize,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: a device address is usable from any thread with the context current.
+unsafe impl Send for DeviceBuffer {}
+// SAFETY: as above; writes happen only through launches the owner orders on its stream.
+unsafe impl Sync for DeviceBuffer {}
+
+impl DeviceBuffer {
+    pub(crate) fn new(ctx: &Arc<Context>, bytes: usize) -> Result<Self, BackendError> {
+        ctx.bind()?;
+        // SAFETY: condition 1; the allocation is freed in `Drop`.
+        let ptr = unsafe { result::malloc_sync(bytes.max(1)) }.map_err(|e| driver_err("cuMemAlloc", e))?;
+        Ok(DeviceBuffer { ptr, bytes, ctx: ctx.clone() })
+    }
+
+    /// Allocates and fills from host bytes.
+    pub(crate) fn from_bytes(ctx: &Arc<Context>, bytes: &[u8]) -> Result<Self, BackendError> {
+        let b = Self::new(ctx, bytes.len())?;
+        // SAFETY: `b` holds `bytes.len()` bytes (condition 2); synchronous copy.
+        unsafe { result::memcpy_htod_sync(b.ptr, bytes) }.map_err(|e| driver_err("cuMemcpyHtoD", e))?;
+        Ok(b)
+    }
+
+    pub(crate) fn zero(&self) -> Result<(), BackendError> {
+        self.ctx.bind()?;
+        // SAFETY: the whole buffer is ours (condition 2).
+        unsafe { result::memset_d8_sync(self.ptr, 0, self.bytes) }.map_err(|e| driver_err("cuMemsetD8", e))
+    }
+
+    pub(crate) fn read_f32(&self, out: &mut [f32]) -> Result<(), BackendError> {
+        self.ctx.bind()?;
+        let n = out.len().min(self.bytes / 4);
+        // SAFETY: copies at most the buffer's size into `out` (condition 2).
+        unsafe { result::memcpy_dtoh_sync(&mut out[..n], self.ptr) }.map_err(|e| driver_err("cuMemcpyDtoH", e))
+    }
+}
+
+impl Drop for DeviceBuffer {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: allocated in `new`, freed once; owners synchronize their streams before dropping.
+            unsafe {
+                let _ = result::free_sync(self.ptr);
+            }
+        }
+    }
+}
+
+/// A loaded module of NVRTC-compiled kernels.
+#[derive(Debug)]
+pub(crate) struct Module {
+    raw: sys::CUmodule,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: module and function handles are context-wide.
+unsafe impl Send for Module {}
+// SAFETY: as above.
+unsafe impl Sync for Module {}
+
+/// A kernel of a [`Module`].
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Function(sys::CUfunction);
+
+// SAFETY: as for `Module`; the owner keeps the module alive (condition 4).
+unsafe impl Send for Function {}
+// SAFETY: as above.
+unsafe impl Sync for Function {}
+
+impl Module {
+    /// Compiles CUDA C `source` for this device with NVRTC and loads it.
+    pub(crate) fn compile(ctx: &Arc<Context>, source: &str) -> Result<Self, BackendError> {
+        const ARCHS: [(i32, &str); 6] = [
+            (75, "compute_75"),
+            (80, "compute_80"),
+            (86, "compute_86"),
+            (89, "compute_89"),
+            (90, "compute_90"),
+            (100, "compute_100"),
+        ];
+        let (major, minor) = ctx.compute_capability;
+        let cc = major * 10 + minor;
+        let arch = ARCHS.iter().rev().find(|(v, _)| *v <= cc).map(|(_, a)| *a);
+        let opts = cudarc::nvrtc::CompileOptions { arch, ..Default::default() };
+        let ptx = cudarc::nvrtc::compile_ptx_with_opts(source, opts).map_err(|e| BackendError::Driver {
+            backend: "cuda",
+            call: "nvrtcCompileProgram",
+            reason: format!("{e:?}"),
+        })?;
+        let src = CString::new(ptx.to_src()).map_err(|_| BackendError::Driver {
+            backend: "cuda",
+            call: "nvrtcGetPTX",
+            reason: "the PTX contains a NUL byte".into(),
+        })?;
+        ctx.bind()?;
+        // SAFETY: `src` is NUL-terminated PTX text (condition 1).
+        let raw =
+            unsafe { result::module::load_data(src.as_ptr().cast()) }.map_err(|e| driver_err("cuModuleLoadData", e))?;
+        Ok(Module { raw, ctx: ctx.clone() })
+    }
+
+    pub(crate) fn function(&self, name: &str) -> Result<Function, BackendError> {
+        let c = CString::new(name).map_err(|_| BackendError::Driver {
+            backend: "cuda",
+            call: "cuModuleGetFunction",
+            reason: format!("bad kernel name {name:?}"),
+        })?;
+        // SAFETY: the module is alive (condition 4).
+        let f =
+            unsafe { result::module::get_function(self.raw, c) }.map_err(|e| driver_err("cuModuleGetFunction", e))?;
+        Ok(Function(f))
+    }
+}
+
+impl Drop for Module {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: loaded in `compile`, unloaded once.
+            unsafe {
+                let _ = result::module::unload(self.raw);
+            }
+        }
+    }
+}
+
+/// A kernel argument: a value whose bytes match the C parameter type (condition 3).
+pub(crate) enum Arg {
+    Ptr(u64),
+    I32(i32),
+    F32(f32),
+}
+
+/// Launches `f` on `stream`.
+///
+/// # Safety
+///
+/// Conditions 1–4: every pointer argument is valid for what the kernel touches until the stream is
+/// synchronized, and `args` match the kernel's C signature in order and type.
+pub(crate) unsafe fn launch(
+    f: Function,
+    grid: (u32, u32, u32),
+    block: u32,
+    shared: u32,
+    stream: &Stream,
+    args: &[Arg],
+) -> Result<(), BackendError> {
+    let mut values: Vec<[u8; 8]> = args
+        .iter()
+        .map(|a| {
+            let mut b = [0u8; 8];
+            match a {
+                Arg::Ptr(p) => b.copy_from_slice(&p.to_ne_bytes()),
+                Arg::I32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+                Arg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            }
+            b
+        })
+        .collect();
+    let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
+    // SAFETY: the caller's conditions; `params` point at `values`, alive for the call (the driver copies them).
+    unsafe { result::launch_kernel(f.0, grid, (block, 1, 1), shared, stream.raw, &mut params) }
+        .map_err(|e| driver_err("cuLaunchKernel", e))
+}
+
+/// Sets a kernel's dynamic shared memory limit above the 48 KiB default.
+pub(crate) fn allow_shared(f: Function, bytes: i32) -> Result<(), BackendError> {
+    // SAFETY: a plain attribute on a live function.
+    unsafe {
+        result::function::set_function_attribute(
+            f.0,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+            bytes,
+        )
+    }
+    .map_err(|e| driver_err("cuFuncSetAttribute", e))
+}
+
+/// Host memory the device can read and write at the same address: a small page-locked allocation.
+#[derive(Debug)]
+pub(crate) struct MappedHost {
+    pub(crate) ptr: *mut u8,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: plain page-locked host memory.
+unsafe impl Send for MappedHost {}
+// SAFETY: as above; writers synchronize with the stream before writing.
+unsafe impl Sync for MappedHost {}
+
+impl MappedHost {
+    pub(crate) fn new(ctx: &Arc<Context>, bytes: usize) -> Result<Self, BackendError> {
+        ctx.bind()?;
+        let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
+        // SAFETY: condition 1; freed in `Drop`.
+        let ptr = unsafe { result::malloc_host(bytes.max(1), flags) }.map_err(|e| driver_err("cuMemHostAlloc", e))?;
+        Ok(MappedHost { ptr: ptr.cast(), ctx: ctx.clone() })
+    }
+}
+
+impl Drop for MappedHost {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: allocated in `new`, freed once.
+            unsafe {
+                let _ = result::free_host(self.ptr.cast());
+            }
+        }
+    }
+}
+
+/// A captured sequence of launches, replayed with one call.
+#[derive(Debug)]
+pub struct Graph {
+    exec: sys::CUgraphExec,
+    graph: sys::CUgraph,
+}
+
+// SAFETY: graph handles are context-wide.
+unsafe impl Send for Graph {}
+// SAFETY: as above; replays are ordered on a stream.
+unsafe impl Sync for Graph {}
+
+impl Graph {
+    /// Captures what `record` launches on `stream` (nothing runs during capture).
+    pub(crate) fn capture(
+        stream: &Stream,
+        record: impl FnOnce() -> Result<(), BackendError>,
+    ) -> Result<Self, BackendError> {
+        // SAFETY: the stream is alive; capture mode is thread-local.
+        unsafe {
+            result::stream::begin_capture(stream.raw, sys::CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        }
+        .map_err(|e| driver_err("cuStreamBeginCapture", e))?;
+        let recorded = record();
+        // SAFETY: ends the capture begun above, whatever `record` returned.
+        let graph = unsafe { result::stream::end_capture(stream.raw) }.map_err(|e| driver_err("cuStreamEndCapture", e));
+        recorded?;
+        let graph = graph?;
+        // SAFETY: `graph` was just captured.
+        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
+            .map_err(|e| driver_err("cuGraphInstantiate", e))?;
+        Ok(Graph { exec, graph })
+    }
+
+    pub(crate) fn launch(&self, stream: &Stream) -> Result<(), BackendError> {
+        // SAFETY: both are alive (condition 4).
+        unsafe { result::graph::launch(self.exec, stream.raw) }.map_err(|e| driver_err("cuGraphLaunch", e))
+    }
+}
+
+impl Drop for Graph {
+    fn drop(&mut self) {
+        // SAFETY: created in `capture`, destroyed once.
+        unsafe {
+            let _ = result::graph::exec_destroy(self.exec);
+            let _ = result::graph::destroy(self.graph);
+        }
+    }
+}
+
+/// Registers host memory for device access (pinned placement).
+///
+/// # Safety
+///
+/// `ptr..ptr+len` is mapped, readable and writable, and not registered already.
+pub(crate) unsafe fn host_register(ptr: *mut u8, len: usize) -> Result<u64, BackendError> {
+    let flags = sys::CU_MEMHOSTREGISTER_DEVICEMAP | sys::CU_MEMHOSTREGISTER_PORTABLE;
+    // SAFETY: the caller's promise.
+    unsafe { sys::cuMemHostRegister_v2(ptr.cast(), len, flags) }
+        .result()
+        .map_err(|e| driver_err("cuMemHostRegister", e))?;
+    let mut dptr: sys::CUdeviceptr = 0;
+    // SAFETY: `ptr` was just registered.
+    unsafe { sys::cuMemHostGetDevicePointer_v2(&mut dptr, ptr.cast(), 0) }
+        .result()
+        .map_err(|e| driver_err("cuMemHostGetDevicePointer", e))?;
+    Ok(dptr)
+}
+
+/// Undoes [`host_register`].
+///
+/// # Safety
+///
+/// `ptr` was registered and the device no longer uses it.
+pub(crate) unsafe fn host_unregister(ptr: *mut u8) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let _ = sys::cuMemHostUnregister(ptr.cast());
+    }
+}
+
+/// Allocates `bytes` of managed memory.
+pub(crate) fn managed_alloc(bytes: usize) -> Result<u64, BackendError> {
+    // SAFETY: condition 1 (callers bind first); freed by `managed_free`.
+    unsafe { result::malloc_managed(bytes, sys::CUmemAttach_flags::CU_MEM_ATTACH_GLOBAL) }
+        .map_err(|e| driver_err("cuMemAllocManaged", e))
+}
+
+/// Advises the driver that the device accesses a managed range (keeps it mapped for the device wherever its
+/// pages are).
+pub(crate) fn advise_accessed_by_device(ctx: &Context, ptr: u64, bytes: usize) -> Result<(), BackendError> {
+    let location = sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: ctx.device() };
+    // SAFETY: a hint on a live managed range.
+    unsafe { result::mem_advise(ptr, bytes, sys::CUmem_advise::CU_MEM_ADVISE_SET_ACCESSED_BY, location) }
+        .map_err(|e| driver_err("cuMemAdvise", e))
+}
+
+/// Zeroes a managed range on the device and waits.
+pub(crate) fn managed_zero(ctx: &Context, ptr: u64, bytes: usize) -> Result<(), BackendError> {
+    ctx.bind()?;
+    // SAFETY: the caller passes a range of a live managed allocation (condition 2); synchronous.
+    unsafe { result::memset_d8_sync(ptr, 0, bytes) }.map_err(|e| driver_err("cuMemsetD8", e))
+}
+
+/// Frees [`managed_alloc`]'s memory.
+///
+/// # Safety
+///
+/// `ptr` came from `managed_alloc` and nothing uses it any more.
+pub(crate) unsafe fn managed_free(ptr: u64) {
+    // SAFETY: the caller's promise.
+    unsafe {
+        let _ = result::free_sync(ptr);
+    }
+}
+
+/// Asks the driver to migrate a managed range to the device (or, with `None`, to the host) on `stream`.
+pub(crate) fn prefetch(
+    ptr: u64,
+    bytes: usize,
+    device: Option<sys::CUdevice>,
+    stream: &Stream,
+) -> Result<(), BackendError> {
+    let location = match device {
+        Some(d) => sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE, id: d },
+        None => sys::CUmemLocation { type_: sys::CUmemLocationType::CU_MEM_LOCATION_TYPE_HOST, id: 0 },
+    };
+    // SAFETY: a hint on a managed range; invalid ranges are reported as errors.
+    unsafe { result::mem_prefetch_async(ptr, bytes, location, stream.raw) }
+        .map_err(|e| driver_err("cuMemPrefetchAsync", e))
+}
+
+/// Events for timing.
+pub(crate) struct Event(sys::CUevent);
+
+impl Event {
+    pub(crate) fn new() -> Result<Self, BackendError> {
+        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| driver_err("cuEventCreate", e))
+    }
+    pub(crate) fn record(&self, stream: &Stream) -> Result<(), BackendError> {
+        // SAFETY: both alive.
+        unsafe { result::event::record(self.0, stream.raw) }.map_err(|e| driver_err("cuEventRecord", e))
+    }
+    pub(crate) fn elapsed_ms(&self, end: &Event) -> Result<f32, BackendError> {
+        // SAFETY: both alive and recorded; synchronize first.
+        unsafe {
+            result::event::synchronize(end.0).map_err(|e| driver_err("cuEventSynchronize", e))?;
+            result::event::elapsed(self.0, end.0).map_err(|e| driver_err("cuEventElapsedTime", e))
+        }
+    }
+}
+
+impl Drop for Event {
+    fn drop(&mut self) {
+        // SAFETY: created in `new`, destroyed once.
+        unsafe {
+            let _ = result::event::destroy(self.0);
+        }
+    }
+}
+
+/// A cuBLAS handle bound to one stream.
+#[derive(Debug)]
+pub(crate) struct Blas {
+    handle: cudarc::cublas::sys::cublasHandle_t,
+    /// A fixed workspace, so that GEMMs recorded into a CUDA graph never allocate.
+    _workspace: DeviceBuffer,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: the handle is used by one owner at a time (the backend serializes calls behind a mutex).
+unsafe impl Send for Blas {}
+// SAFETY: as above.
+unsafe impl Sync for Blas {}
+
+/// Element types cuBLAS reads and writes here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum BlasType {
+    F32,
+    Bf16,
+}
+
+fn blas_err(call: &'static str, e: cudarc::cublas::result::CublasError) -> BackendError {
+    BackendError::Driver { backend: "cuda", call, reason: format!("{e:?}") }
+}
+
+impl Blas {
+    pub(crate) fn new(ctx: &Arc<Context>, stream: &Stream) -> Result<Self, BackendError> {
+        use cudarc::cublas::result as blas;
+        ctx.bind()?;
+        let handle = blas::create_handle().map_err(|e| blas_err("cublasCreate", e))?;
+        // SAFETY: both handles are alive; the stream outlives the handle (the backend drops them together).
+        unsafe { blas::set_stream(handle, stream.raw.cast()) }.map_err(|e| blas_err("cublasSetStream", e))?;
+        let workspace = DeviceBuffer::new(ctx, 32 << 20)?;
+        // SAFETY: the workspace outlives the handle (dropped after it: field order).
+        unsafe { cudarc::cublas::sys::cublasSetWorkspace_v2(handle, workspace.ptr as *mut c_void, workspace.bytes) }
+            .result()
+            .map_err(|e| blas_err("cublasSetWorkspace", e))?;
+        Ok(Blas { handle, _workspace: workspace, ctx: ctx.clone() })
+    }
+
+    /// Row-major `c (m, n) = beta·c + a (m, k) · bᵀ` when `b_transposed` (b stored (n, k)), else `a · b` (b
+    /// stored (k, n)); `c` is f32, `a` and `b` of type `ab`.
+    ///
+    /// # Safety
+    ///
+    /// Condition 2 for all three operands at these shapes.
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) unsafe fn gemm(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        a: u64,
+        b: u64,
+        b_transposed: bool,
+        c: u64,
+        ab: BlasType,
+        beta: f32,
+    ) -> Result<(), BackendError> {
+        use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
+        let too_big = || BackendError::Overflow { op: "matmul", shape: format!("m={m} n={n} k={k}") };
+        let (mi, ni, ki) = (
+            i32::try_from(m).map_err(|_| too_big())?,
+            i32::try_from(n).map_err(|_| too_big())?,
+            i32::try_from(k).map_err(|_| too_big())?,
+        );
+        let t = match ab {
+            BlasType::F32 => cudaDataType::CUDA_R_32F,
+            BlasType::Bf16 => cudaDataType::CUDA_R_16BF,
+        };
+        // Column-major view: cᵀ (n, m) = op(b)ᵀ… computed as C' = B' · A' with A' = aᵀ (k, m) of ld k.
+        let (op_b, ld_b) =
+            if b_transposed { (cublasOperation_t::CUBLAS_OP_T, ki) } else { (cublasOperation_t::CUBLAS_OP_N, ni) };
+        let alpha = 1.0f32;
+        self.ctx.bind()?;
+        // SAFETY: the caller's condition 2; scalars are host f32 (the default pointer mode).
+        unsafe {
+            cudarc::cublas::result::gemm_ex(
+                self.handle,
+                op_b,
+                cublasOperation_t::CUBLAS_OP_N,
+                ni,
+                mi,
+                ki,
+                (&alpha as *const f32).cast(),
+                b as *const c_void,
+                t,
+                ld_b,
+                a as *const c_void,
+                t,
+                ki,
+                (&beta as *const f32).cast(),
+                c as *mut c_void,
+                cudaDataType::CUDA_R_32F,
+                ni,
+                cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        }
+        .map_err(|e| blas_err("cublasGemmEx", e))
+    }
+}
+
+impl Drop for Blas {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            // SAFETY: created in `new`, destroyed once.
+            unsafe {
+                let _ = cudarc::cublas::result::destroy_handle(self.handle);
+            }
+        }
+    }
+}
+
+/// Device-to-device copy on `stream`.
+pub(crate) fn copy(src: u64, dst: u64, bytes: usize, stream: &Stream) -> Result<(), BackendError> {
+    // SAFETY: callers pass two live device buffers of at least `bytes` (`Exec::copy` is used on backend-owned
+    // buffers only).
+    unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.raw) }.map_err(|e| driver_err("cuMemcpyDtoD", e))
+}

@@ -1,0 +1,655 @@
+//! The NVIDIA GPU backend. The driver, NVRTC and cuBLAS are loaded at run time, so the same binary builds and
+//! runs on machines without CUDA: [`CudaBackend::new`] then returns [`BackendError::Unavailable`] (never a
+//! panic) and `--backend auto` picks the CPU.
+//!
+//! Layers: [`driver`] is the only unsafe FFI; [`memory`] holds the placements' [`DeviceMemory`] providers;
+//! this file offers the safe backend ([`Backend::matmul`] on guest memory through cuBLAS) and [`Exec`], the
+//! kernel launches the engine's GPU forward pass is written in. Kernels are CUDA C in `kernels.cu`, compiled
+//! by NVRTC for the device when the backend opens.
+
+pub(crate) mod driver;
+mod memory;
+
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use driftwood_memory::{DeviceMemory, Placement};
+
+use crate::device::{Backend, MatmulDims, OperandTrace};
+use crate::{BackendError, DType, TensorMut, TensorRef};
+use driver::{Arg, Blas, BlasType, Context, DeviceBuffer, Function, MappedHost, Module, Stream};
+use memory::{Addressable, ManagedMemory, PinnedMemory};
+
+pub use driver::Graph;
+
+const KERNELS: &str = include_str!("kernels.cu");
+
+/// Most sequences one batched step can carry.
+pub const MAX_BATCH: usize = 256;
+
+/// One sequence of a decode step, as the kernels read it (`struct Seq` in `kernels.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SeqStep {
+    /// Device address of the sequence's KV cache, (layer, {k, v}, max_seq, kv_dim) f32.
+    pub kv: u64,
+    /// Device address of its logits (vocab) f32.
+    pub logits: u64,
+    /// Position of this step's token.
+    pub pos: i32,
+    /// Rows of its cache per (layer, k|v).
+    pub max_seq: i32,
+    /// The token.
+    pub token: u32,
+    /// Padding to 32 bytes.
+    pub pad: i32,
+}
+
+struct Kernels {
+    embed: Function,
+    rmsnorm_bf16: Function,
+    gemv: Function,
+    gemv_swiglu: Function,
+    rope_store: Function,
+    /// Decode attention by (log2 group, log2 head_dim/32).
+    attn_split: [[Function; 3]; 4],
+    attn_merge: Function,
+    swiglu_bf16: Function,
+    add_bias: Function,
+    scatter_logits: Function,
+}
+
+/// Device memory owned by the backend: uploaded weights, scratch.
+#[derive(Debug)]
+pub struct DeviceTensor(DeviceBuffer);
+
+impl DeviceTensor {
+    /// Its device address.
+    pub fn addr(&self) -> u64 {
+        self.0.ptr
+    }
+
+    /// Its size in bytes.
+    pub fn bytes(&self) -> usize {
+        self.0.bytes
+    }
+
+    /// Copies the first `out.len()` f32 values back to the host (for tests and diagnostics).
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn read_f32(&self, out: &mut [f32]) -> Result<(), BackendError> {
+        self.0.read_f32(out)
+    }
+}
+
+/// The CUDA backend: one device context, one stream, the compiled kernels and a cuBLAS handle.
+pub struct CudaBackend {
+    ctx: Arc<Context>,
+    exec: Mutex<Exec>,
+    addressable: Arc<Addressable>,
+    last: Mutex<OperandTrace>,
+}
+
+impl std::fmt::Debug for CudaBackend {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CudaBackend").field("device", &self.ctx.name).finish_non_exhaustive()
+    }
+}
+
+/// Exclusive use of the backend's stream: every launch goes through here, one caller at a time.
+pub struct Exec {
+    // Field order is drop order: launches and handles before the stream they use.
+    kernels: Kernels,
+    blas: Blas,
+    steps: MappedHost,
+    _module: Module,
+    stream: Stream,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: every handle inside is usable from any thread once the context is bound (each entry point binds it).
+unsafe impl Send for Exec {}
+
+impl CudaBackend {
+    /// Opens CUDA device 0: loads the driver libraries, creates a stream, compiles the kernels.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unavailable`] when the CUDA libraries cannot be loaded or there is no device (checked
+    /// before any driver call, so a machine without CUDA gets an error, not a panic); [`BackendError::Driver`]
+    /// when the driver, NVRTC or cuBLAS refuse.
+    pub fn new() -> Result<Self, BackendError> {
+        driver::probe().map_err(|reason| BackendError::Unavailable { backend: "cuda", reason })?;
+        let ctx = Context::new(0).map_err(|e| match e {
+            BackendError::Driver { reason, .. } if reason.contains("no CUDA-capable device") => {
+                BackendError::Unavailable { backend: "cuda", reason }
+            }
+            e => e,
+        })?;
+        let stream = Stream::new(&ctx)?;
+        let module = Module::compile(&ctx, KERNELS)?;
+        let f = |name: &str| module.function(name);
+        let kernels = Kernels {
+            embed: f("embed")?,
+            rmsnorm_bf16: f("rmsnorm_bf16")?,
+            gemv: f("gemv")?,
+            gemv_swiglu: f("gemv_swiglu")?,
+            rope_store: f("rope_store")?,
+            attn_split: {
+                let mut table = [[f("attn_split_g1_d1")?; 3]; 4];
+                for (gi, group) in [1, 2, 4, 8].iter().enumerate() {
+                    for (di, dims) in [1, 2, 4].iter().enumerate() {
+                        table[gi][di] = f(&format!("attn_split_g{group}_d{dims}"))?;
+                    }
+                }
+                table
+            },
+            attn_merge: f("attn_merge")?,
+            swiglu_bf16: f("swiglu_bf16")?,
+            add_bias: f("add_bias")?,
+            scatter_logits: f("scatter_logits")?,
+        };
+        for k in [kernels.gemv, kernels.gemv_swiglu] {
+            driver::allow_shared(k, 96 << 10)?;
+        }
+        let blas = Blas::new(&ctx, &stream)?;
+        let steps = MappedHost::new(&ctx, MAX_BATCH * size_of::<SeqStep>())?;
+        Ok(CudaBackend {
+            ctx: ctx.clone(),
+            exec: Mutex::new(Exec { kernels, blas, steps, _module: module, stream, ctx }),
+            addressable: Arc::default(),
+            last: Mutex::default(),
+        })
+    }
+
+    /// The device's name.
+    pub fn device_name(&self) -> &str {
+        &self.ctx.name
+    }
+
+    /// Free and total device memory in bytes.
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn mem_info(&self) -> Result<(usize, usize), BackendError> {
+        self.ctx.mem_info()
+    }
+
+    /// The provider that makes actor regions of `placement` addressable by this device.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unsupported`] for `Placement::Host` (it needs no provider), and for a device without
+    /// unified addressing or (managed) concurrent managed access.
+    pub fn device_memory(&self, placement: Placement) -> Result<Arc<dyn DeviceMemory>, BackendError> {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let ranges = self.addressable.clone();
+        match placement {
+            Placement::CudaPinned => {
+                if self.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_UNIFIED_ADDRESSING)? == 0 {
+                    return Err(BackendError::Unsupported {
+                        backend: "cuda",
+                        op: "pinned placement without unified addressing",
+                    });
+                }
+                Ok(Arc::new(PinnedMemory { ctx: self.ctx.clone(), ranges }))
+            }
+            Placement::CudaManaged => {
+                if self.ctx.attribute(A::CU_DEVICE_ATTRIBUTE_CONCURRENT_MANAGED_ACCESS)? == 0 {
+                    return Err(BackendError::Unsupported {
+                        backend: "cuda",
+                        op: "managed placement without concurrent access",
+                    });
+                }
+                Ok(Arc::new(ManagedMemory { ctx: self.ctx.clone(), ranges }))
+            }
+            _ => Err(BackendError::Unsupported { backend: "cuda", op: "host placement (use pinned or managed)" }),
+        }
+    }
+
+    /// Whether the device can address `[addr, addr + len)` (a committed range of a pinned or managed region).
+    pub fn is_addressable(&self, addr: usize, len: usize) -> bool {
+        self.addressable.contains(addr, len)
+    }
+
+    fn check_addressable(
+        &self,
+        op: &'static str,
+        operand: &'static str,
+        addr: usize,
+        len: usize,
+    ) -> Result<(), BackendError> {
+        if self.is_addressable(addr, len) {
+            Ok(())
+        } else {
+            Err(BackendError::OutOfRange {
+                op,
+                detail: format!(
+                    "operand `{operand}` ({len} bytes at {addr:#x}) is not in device-addressable memory; run actors with \
+                     --placement pinned or managed"
+                ),
+            })
+        }
+    }
+
+    /// Copies bytes to a new device buffer.
+    ///
+    /// # Errors
+    ///
+    /// A driver error (for example, out of device memory).
+    pub fn upload(&self, bytes: &[u8]) -> Result<DeviceTensor, BackendError> {
+        DeviceBuffer::from_bytes(&self.ctx, bytes).map(DeviceTensor)
+    }
+
+    /// A zero-filled device buffer of `bytes` bytes.
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn alloc_zeroed(&self, bytes: usize) -> Result<DeviceTensor, BackendError> {
+        let b = DeviceBuffer::new(&self.ctx, bytes)?;
+        b.zero()?;
+        Ok(DeviceTensor(b))
+    }
+
+    /// Exclusive use of the stream and kernels (blocks while another caller holds it).
+    ///
+    /// # Errors
+    ///
+    /// A driver error when the context cannot be bound to this thread.
+    pub fn exec(&self) -> Result<MutexGuard<'_, Exec>, BackendError> {
+        let guard = self.exec.lock().unwrap_or_else(|p| p.into_inner());
+        self.ctx.bind()?;
+        Ok(guard)
+    }
+}
+
+fn blas_type(op: &'static str, operand: &'static str, d: DType) -> Result<BlasType, BackendError> {
+    match d {
+        DType::F32 => Ok(BlasType::F32),
+        DType::BF16 => Ok(BlasType::Bf16),
+        actual => Err(BackendError::DType { op, operand, expected: "f32 or bf16", actual }),
+    }
+}
+
+impl Backend for CudaBackend {
+    fn name(&self) -> &'static str {
+        "cuda"
+    }
+
+    fn matmul(
+        &self,
+        a: TensorRef<'_>,
+        b: TensorRef<'_>,
+        c: TensorMut<'_>,
+        dims: MatmulDims,
+    ) -> Result<(), BackendError> {
+        const OP: &str = "matmul";
+        let (na, nb, nc) = dims.element_counts()?;
+        for (operand, expected, actual) in [("a", na, a.len()), ("b", nb, b.len()), ("c", nc, c.len())] {
+            if expected != actual {
+                return Err(BackendError::Shape { op: OP, operand, expected, actual });
+            }
+        }
+        let t = blas_type(OP, "a", a.dtype())?;
+        if blas_type(OP, "b", b.dtype())? != t {
+            return Err(BackendError::DType { op: OP, operand: "b", expected: "the dtype of a", actual: b.dtype() });
+        }
+        if c.dtype() != DType::F32 {
+            return Err(BackendError::DType { op: OP, operand: "c", expected: "f32", actual: c.dtype() });
+        }
+        let size = a.dtype().size();
+        self.check_addressable(OP, "a", a.addr(), na * size)?;
+        self.check_addressable(OP, "b", b.addr(), nb * size)?;
+        self.check_addressable(OP, "c", c.addr(), nc * 4)?;
+        if dims.m == 0 || dims.n == 0 {
+            return Ok(());
+        }
+        let exec = self.exec()?;
+        // SAFETY: the three ranges are inside device-addressable regions (checked above) and stay alive and
+        // unaliased for the call: the caller holds the views, and we synchronize before returning.
+        unsafe {
+            exec.blas.gemm(
+                (dims.m, dims.n, dims.k),
+                a.addr() as u64,
+                b.addr() as u64,
+                false,
+                c.addr() as u64,
+                t,
+                0.0,
+            )?;
+        }
+        exec.stream.synchronize()?;
+        *self.last.lock().unwrap_or_else(|p| p.into_inner()) = OperandTrace { a: a.addr(), b: b.addr(), c: c.addr() };
+        Ok(())
+    }
+
+    fn last_operands(&self) -> OperandTrace {
+        *self.last.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Grid of a one-warp-per-row kernel with 8 warps per block.
+fn rows_grid(rows: usize) -> (u32, u32, u32) {
+    (rows.div_ceil(8) as u32, 1, 1)
+}
+
+impl Exec {
+    /// Writes this step's sequences where the kernels read them (page-locked host memory the device maps).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::OutOfRange`] for more than [`MAX_BATCH`] sequences.
+    pub fn set_steps(&mut self, seqs: &[SeqStep]) -> Result<(), BackendError> {
+        if seqs.len() > MAX_BATCH {
+            return Err(BackendError::OutOfRange {
+                op: "decode",
+                detail: format!("{} sequences, at most {MAX_BATCH}", seqs.len()),
+            });
+        }
+        // The previous step's kernels may still read the records: wait for them first.
+        self.stream.synchronize()?;
+        // SAFETY: the buffer holds MAX_BATCH records, is ours, and no device work reads it now.
+        unsafe { std::ptr::copy_nonoverlapping(seqs.as_ptr(), self.steps.ptr.cast::<SeqStep>(), seqs.len()) };
+        Ok(())
+    }
+
+    /// The device address of the step records.
+    pub fn steps_addr(&self) -> u64 {
+        self.steps.ptr as u64
+    }
+
+    /// Waits for every launch so far.
+    ///
+    /// # Errors
+    ///
+    /// A driver error, including one raised by an earlier kernel.
+    pub fn synchronize(&self) -> Result<(), BackendError> {
+        self.stream.synchronize()
+    }
+
+    /// Records the launches `record` makes into a graph instead of running them.
+    ///
+    /// # Errors
+    ///
+    /// A driver error, or `record`'s.
+    pub fn capture(
+        &mut self,
+        record: impl FnOnce(&mut Self) -> Result<(), BackendError>,
+    ) -> Result<Graph, BackendError> {
+        let stream = &self.stream as *const Stream;
+        // SAFETY: `stream` is a field of `self`, alive for the call; `record` gets `self` mutably but the stream
+        // is never moved or dropped by it.
+        Graph::capture(unsafe { &*stream }, || record(self))
+    }
+
+    /// Replays a captured graph.
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn replay(&self, graph: &Graph) -> Result<(), BackendError> {
+        graph.launch(&self.stream)
+    }
+
+    /// A timer: events recorded on the stream.
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn time<T>(&mut self, f: impl FnOnce(&mut Self) -> Result<T, BackendError>) -> Result<(T, f32), BackendError> {
+        let (a, b) = (driver::Event::new()?, driver::Event::new()?);
+        a.record(&self.stream)?;
+        let r = f(self)?;
+        b.record(&self.stream)?;
+        Ok((r, a.elapsed_ms(&b)?))
+    }
+
+    fn launch(
+        &self,
+        f: Function,
+        grid: (u32, u32, u32),
+        block: u32,
+        shared: u32,
+        args: &[Arg],
+    ) -> Result<(), BackendError> {
+        // SAFETY: forwarded to the callers of the `unsafe fn`s below, which promise valid addresses.
+        unsafe { driver::launch(f, grid, block, shared, &self.stream, args) }
+    }
+
+    /// x (b, hidden) f32 = table (vocab, hidden) bf16 rows of the step tokens.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents; step records set for `b` sequences with tokens < vocab.
+    pub unsafe fn embed(&self, table: u64, x: u64, b: usize, hidden: usize) -> Result<(), BackendError> {
+        let args = [Arg::Ptr(table), Arg::Ptr(self.steps_addr()), Arg::Ptr(x), Arg::I32(hidden as i32)];
+        self.launch(self.kernels.embed, (b as u32, 1, 1), 256, 0, &args)
+    }
+
+    /// y (out) = [y +] W (out, in) bf16 · rmsnorm?(x (in)) (+ bias). `in` must be a multiple of 8.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents (`norm`, `bias` may be 0 for none).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemv(
+        &self,
+        w: u64,
+        x: u64,
+        y: u64,
+        bias: u64,
+        norm: u64,
+        eps: f32,
+        (input, out): (usize, usize),
+        accumulate: bool,
+    ) -> Result<(), BackendError> {
+        let args = [
+            Arg::Ptr(w),
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::Ptr(bias),
+            Arg::Ptr(norm),
+            Arg::F32(eps),
+            Arg::I32(input as i32),
+            Arg::I32(out as i32),
+            Arg::I32(accumulate as i32),
+        ];
+        self.launch(self.kernels.gemv, rows_grid(out.div_ceil(2)), 256, (input * 4) as u32, &args)
+    }
+
+    /// y (out) = silu(Wg · rmsnorm(x)) * (Wu · rmsnorm(x)).
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn gemv_swiglu(
+        &self,
+        wg: u64,
+        wu: u64,
+        x: u64,
+        y: u64,
+        norm: u64,
+        eps: f32,
+        (input, out): (usize, usize),
+    ) -> Result<(), BackendError> {
+        let args = [
+            Arg::Ptr(wg),
+            Arg::Ptr(wu),
+            Arg::Ptr(x),
+            Arg::Ptr(y),
+            Arg::Ptr(norm),
+            Arg::F32(eps),
+            Arg::I32(input as i32),
+            Arg::I32(out as i32),
+        ];
+        self.launch(self.kernels.gemv_swiglu, rows_grid(out), 256, (input * 4) as u32, &args)
+    }
+
+    /// RoPE on q and k of qkv (b, q_dim + 2 kv_dim), then k and v stored into each sequence's cache.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid; every step record's cache holds `layer` and its position.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rope_store(
+        &self,
+        qkv: u64,
+        inv_freq: u64,
+        layer: usize,
+        b: usize,
+        heads: usize,
+        kv_heads: usize,
+        head_dim: usize,
+    ) -> Result<(), BackendError> {
+        let args = [
+            Arg::Ptr(qkv),
+            Arg::Ptr(self.steps_addr()),
+            Arg::Ptr(inv_freq),
+            Arg::I32(layer as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(head_dim as i32),
+        ];
+        self.launch(self.kernels.rope_store, (b as u32, 1, 1), 128, 0, &args)
+    }
+
+    /// Decode attention over each sequence's cache: att (b, q_dim) f32, or bf16 into `att_bf16` when non-zero.
+    /// `part` holds (b, heads, splits, head_dim + 2) f32 where splits = ceil(max_seq / chunk).
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid; head_dim 32, 64 or 128; heads / kv_heads 1, 2, 4 or 8 (other shapes are refused with
+    /// an error before any launch).
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn attention(
+        &self,
+        qkv: u64,
+        part: u64,
+        (att, att_bf16): (u64, u64),
+        layer: usize,
+        b: usize,
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        (chunk, splits): (usize, usize),
+        window: usize,
+    ) -> Result<(), BackendError> {
+        let group = heads / kv_heads;
+        let (Some(gi), Some(di)) = (
+            [1, 2, 4, 8].iter().position(|&g| g == group && g * kv_heads == heads),
+            [32, 64, 128].iter().position(|&d| d == head_dim),
+        ) else {
+            return Err(BackendError::Unsupported { backend: "cuda", op: "attention with this head shape" });
+        };
+        let scale = 1.0 / (head_dim as f32).sqrt();
+        let shared = (4 * group * (head_dim + 2) * 4) as u32;
+        let args = [
+            Arg::Ptr(qkv),
+            Arg::Ptr(self.steps_addr()),
+            Arg::Ptr(part),
+            Arg::I32(layer as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(chunk as i32),
+            Arg::I32(splits as i32),
+            Arg::I32(window as i32),
+            Arg::F32(scale),
+        ];
+        self.launch(self.kernels.attn_split[gi][di], (kv_heads as u32, splits as u32, b as u32), 128, shared, &args)?;
+        let args = [
+            Arg::Ptr(part),
+            Arg::Ptr(att),
+            Arg::Ptr(att_bf16),
+            Arg::I32(heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::I32(splits as i32),
+        ];
+        self.launch(self.kernels.attn_merge, (heads as u32, b as u32, 1), head_dim as u32, 0, &args)
+    }
+
+    /// y (b, n) bf16 = rmsnorm(x (b, n)) * w.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents.
+    pub unsafe fn rmsnorm_bf16(
+        &self,
+        x: u64,
+        w: u64,
+        y: u64,
+        b: usize,
+        n: usize,
+        eps: f32,
+    ) -> Result<(), BackendError> {
+        let args = [Arg::Ptr(x), Arg::Ptr(w), Arg::Ptr(y), Arg::I32(n as i32), Arg::F32(eps)];
+        self.launch(self.kernels.rmsnorm_bf16, (b as u32, 1, 1), 256, 0, &args)
+    }
+
+    /// act (b, ff) bf16 = silu(g) * u for g, u (b, ff) f32.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents.
+    pub unsafe fn swiglu_bf16(&self, g: u64, u: u64, act: u64, b: usize, ff: usize) -> Result<(), BackendError> {
+        let total = b * ff;
+        let args = [Arg::Ptr(g), Arg::Ptr(u), Arg::Ptr(act), Arg::I32(total as i32)];
+        self.launch(self.kernels.swiglu_bf16, (total.div_ceil(256).min(4096) as u32, 1, 1), 256, 0, &args)
+    }
+
+    /// y (b, n) += bias (n).
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents.
+    pub unsafe fn add_bias(&self, y: u64, bias: u64, b: usize, n: usize) -> Result<(), BackendError> {
+        let total = b * n;
+        let args = [Arg::Ptr(y), Arg::Ptr(bias), Arg::I32(n as i32), Arg::I32(total as i32)];
+        self.launch(self.kernels.add_bias, (total.div_ceil(256).min(4096) as u32, 1, 1), 256, 0, &args)
+    }
+
+    /// Copies logits (b, vocab) to each step record's logits buffer.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid; each record's logits buffer holds `vocab` f32.
+    pub unsafe fn scatter_logits(&self, logits: u64, b: usize, vocab: usize) -> Result<(), BackendError> {
+        let args = [Arg::Ptr(logits), Arg::Ptr(self.steps_addr()), Arg::I32(vocab as i32)];
+        self.launch(self.kernels.scatter_logits, (vocab.div_ceil(256).min(1024) as u32, b as u32, 1), 256, 0, &args)
+    }
+
+    /// Row-major c (m, n) f32 = beta·c + a (m, k) bf16 · w (n, k)ᵀ bf16, with cuBLAS.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents.
+    pub unsafe fn gemm_bf16(
+        &self,
+        a: u64,
+        w: u64,
+        c: u64,
+        (m, n, k): (usize, usize, usize),
+        beta: f32,
+    ) -> Result<(), BackendError> {
+        // SAFETY: the caller's promise.
+        unsafe { self.blas.gemm((m, n, k), a, w, true, c, BlasType::Bf16, beta) }
+    }
+
+    /// Copies `bytes` from `src` to `dst` on the stream (device memory).
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn copy(&self, src: u64, dst: u64, bytes: usize) -> Result<(), BackendError> {
+        driver::copy(src, dst, bytes, &self.stream)
+    }
+
+    /// Asks the driver to move a managed range to the device ahead of use (a hint; no effect on pinned memory).
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn prefetch_to_device(&self, addr: u64, bytes: usize) -> Result<(), BackendError> {
+        driver::prefetch(addr, bytes, Some(self.ctx.device()), &self.stream)
+    }
+}

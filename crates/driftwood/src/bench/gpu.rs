@@ -1,0 +1,386 @@
+//! `driftwood bench gpu`: the CUDA backend against the CPU backend and the hardware limit, on one model.
+//!
+//! 1. Correctness: the same prompt through the CPU backend and the GPU (KV and logits in a region of the
+//!    placement under test): max |Δlogit| after the prompt and the greedy continuation, token by token.
+//! 2. Batch-1 decode: a prompt of `--prompt-tokens`, then `--gen-tokens` greedy steps; ms/token per placement,
+//!    against the floor (weight bytes / measured device copy bandwidth).
+//! 3. Batched decode: `--batch` sequences with `--context`-token caches (managed placement) stepping together;
+//!    aggregate tokens/s against the roofline (weights once plus every sequence's KV, per step).
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use driftwood_backend::cuda::{CudaBackend, SeqStep};
+use driftwood_backend::{BackendKind, Device, TensorMut};
+use driftwood_engine::{KvCache, Model, Scratch};
+use driftwood_memory::{Placement, SharedRegion};
+use serde::Serialize;
+
+use super::{Output, emit, median};
+use crate::llm::{bundled_model_dir, load_model};
+
+/// Arguments of `driftwood bench gpu`.
+#[derive(clap::Args, Debug)]
+pub struct GpuArgs {
+    /// Model directory (default: the bundled model).
+    #[arg(long)]
+    model: Option<std::path::PathBuf>,
+    /// Prompt tokens before timed decoding.
+    #[arg(long, default_value_t = 128)]
+    prompt_tokens: usize,
+    /// Greedy tokens generated and timed.
+    #[arg(long, default_value_t = 256)]
+    gen_tokens: usize,
+    /// Tokens compared against the CPU backend.
+    #[arg(long, default_value_t = 16)]
+    check_tokens: usize,
+    /// Sequences of the batched run (0 skips it).
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Context of each sequence in the batched run.
+    #[arg(long, default_value_t = 1024)]
+    context: usize,
+    /// Batched steps timed.
+    #[arg(long, default_value_t = 32)]
+    batch_steps: usize,
+    /// Skip the CPU comparison (large models take long on the CPU).
+    #[arg(long)]
+    skip_cpu: bool,
+    /// A `transformers` reference (JSON with `prompt` and `f32`/`bf16` `top64_indices`, `top64_values`,
+    /// `greedy_continuation`, as bench/peers/torch_decode.py --golden writes) to compare the GPU against.
+    #[arg(long)]
+    golden: Option<std::path::PathBuf>,
+    #[command(flatten)]
+    output: Output,
+}
+
+#[derive(Serialize, Debug)]
+struct PlacementRun {
+    placement: &'static str,
+    max_abs_logit_diff_vs_cpu: Option<f32>,
+    greedy_tokens_equal_cpu: Option<usize>,
+    greedy_tokens_compared: usize,
+    prompt_ms: f64,
+    decode_ms_per_token: f64,
+    decode_ms_per_token_p90: f64,
+    first_tokens: Vec<u32>,
+}
+
+#[derive(Serialize, Debug)]
+struct BatchRun {
+    batch: usize,
+    context: usize,
+    step_ms: f64,
+    tokens_per_s: f64,
+    roofline_tokens_per_s: f64,
+}
+
+#[derive(Serialize, Debug)]
+struct GpuResults {
+    model: String,
+    device: String,
+    weight_bytes_per_token: usize,
+    copy_bandwidth_gb_s: f64,
+    floor_ms_per_token: f64,
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    runs: Vec<PlacementRun>,
+    golden: Option<GoldenCheck>,
+    batched: Option<BatchRun>,
+}
+
+/// The GPU's logits and greedy tokens against `transformers` on the same weights and prompt.
+#[derive(Serialize, Debug)]
+struct GoldenCheck {
+    prompt_tokens: usize,
+    /// Over transformers' top-64 logits (float32 compute) of the last prompt position.
+    max_abs_diff_top64_vs_f32: f32,
+    /// The same against transformers in bf16.
+    max_abs_diff_top64_vs_bf16: f32,
+    argmax_equal_f32: bool,
+    greedy_equal_f32: usize,
+    greedy_equal_bf16: usize,
+    greedy_compared: usize,
+}
+
+/// A KV cache and a logits buffer in one region of `placement`.
+struct SeqMemory {
+    region: SharedRegion,
+    max_seq: usize,
+    kv_floats: usize,
+}
+
+impl SeqMemory {
+    fn new(model: &Model, cuda: Option<&CudaBackend>, placement: Placement, max_seq: usize) -> anyhow::Result<Self> {
+        let kv_floats = model.kv_floats(max_seq);
+        let bytes = (kv_floats + model.config().vocab_size) * 4;
+        let device = match cuda {
+            Some(c) if placement != Placement::Host => Some(c.device_memory(placement)?),
+            _ => None,
+        };
+        let region = SharedRegion::reserve_on(bytes, 0, device)?;
+        region.commit_to(bytes)?;
+        Ok(SeqMemory { region, max_seq, kv_floats })
+    }
+
+    fn kv_ptr(&self) -> *mut f32 {
+        self.region.base().cast()
+    }
+
+    fn logits(&self) -> &mut [f32] {
+        let n = self.region.len() / 4 - self.kv_floats;
+        // SAFETY: the region holds kv_floats + vocab f32 after the cache; used by one caller at a time.
+        unsafe { std::slice::from_raw_parts_mut(self.kv_ptr().add(self.kv_floats), n) }
+    }
+
+    fn step(&self, pos: usize, token: u32) -> SeqStep {
+        SeqStep {
+            kv: self.kv_ptr() as u64,
+            logits: self.logits().as_ptr() as u64,
+            pos: pos as i32,
+            max_seq: self.max_seq as i32,
+            token,
+            pad: 0,
+        }
+    }
+
+    /// Runs `tokens` from `pos` on `dev` and returns the last logits.
+    fn forward(
+        &self,
+        model: &Model,
+        dev: &Device,
+        pos: usize,
+        tokens: &[u32],
+        scratch: &mut Scratch,
+    ) -> anyhow::Result<Vec<f32>> {
+        // SAFETY: the region holds the cache for max_seq and is used by this call alone.
+        let mut kv = unsafe { KvCache::from_raw_parts(self.kv_ptr(), model, self.max_seq) };
+        model.forward(dev, &mut kv, pos, tokens, TensorMut::from_f32(self.logits()), scratch)?;
+        Ok(self.logits().to_vec())
+    }
+}
+
+fn argmax(v: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &x) in v.iter().enumerate() {
+        if x > v[best] {
+            best = i;
+        }
+    }
+    best as u32
+}
+
+fn prompt(n: usize, vocab: usize) -> Vec<u32> {
+    (0..n).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
+}
+
+pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
+    let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
+    let model: Arc<Model> = load_model(&dir)?;
+    let c = model.config().clone();
+    let device = Device::open(BackendKind::Cuda).context("the GPU benchmark needs the CUDA backend")?;
+    let Device::Cuda(cuda) = &device else { bail!("the CUDA backend did not open") };
+    eprintln!("device: {}; uploading weights", cuda.device_name());
+    let t = Instant::now();
+    model.upload_to(cuda)?;
+    eprintln!("weights uploaded in {:.1} s", t.elapsed().as_secs_f64());
+    let copy_gb_s = device_copy_bandwidth(cuda)?;
+    let weight_bytes = model.weight_bytes_per_token();
+    let floor_ms = weight_bytes as f64 / (copy_gb_s * 1e9) * 1e3;
+    eprintln!(
+        "device copy bandwidth {copy_gb_s:.0} GB/s; floor {floor_ms:.3} ms/token for {weight_bytes} weight bytes"
+    );
+
+    let max_seq = args.prompt_tokens + args.gen_tokens + 1;
+    let tokens = prompt(args.prompt_tokens, c.vocab_size);
+    let cpu = Device::cpu();
+    // CPU reference: the prompt, then greedy tokens.
+    let reference = if args.skip_cpu {
+        None
+    } else {
+        let mem = SeqMemory::new(&model, None, Placement::Host, max_seq)?;
+        let mut scratch = Scratch::default();
+        let mut logits = mem.forward(&model, &cpu, 0, &tokens, &mut scratch)?;
+        let first = logits.clone();
+        let mut greedy = vec![];
+        for i in 0..args.check_tokens {
+            let next = argmax(&logits);
+            greedy.push(next);
+            logits = mem.forward(&model, &cpu, tokens.len() + i, &[next], &mut scratch)?;
+        }
+        Some((first, greedy))
+    };
+
+    let mut runs = vec![];
+    for placement in [Placement::CudaPinned, Placement::CudaManaged] {
+        let mem = SeqMemory::new(&model, Some(cuda), placement, max_seq)?;
+        let mut scratch = Scratch::default();
+        let t = Instant::now();
+        let mut logits = mem.forward(&model, &device, 0, &tokens, &mut scratch)?;
+        let prompt_ms = t.elapsed().as_secs_f64() * 1e3;
+        let diff = reference
+            .as_ref()
+            .map(|(first, _)| first.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max));
+        let mut generated = vec![];
+        let mut times = vec![];
+        for i in 0..args.gen_tokens {
+            let next = argmax(&logits);
+            generated.push(next);
+            let t = Instant::now();
+            let step = mem.step(tokens.len() + i, next);
+            model.decode_step_cuda(cuda, &[step])?;
+            times.push(t.elapsed().as_secs_f64() * 1e3);
+            logits = mem.logits().to_vec();
+        }
+        let equal =
+            reference.as_ref().map(|(_, greedy)| greedy.iter().zip(&generated).take_while(|(a, b)| a == b).count());
+        let p90 = {
+            let mut s = times.clone();
+            s.sort_by(f64::total_cmp);
+            s.get(s.len() * 9 / 10).copied().unwrap_or(0.0)
+        };
+        let run = PlacementRun {
+            placement: placement.name(),
+            max_abs_logit_diff_vs_cpu: diff,
+            greedy_tokens_equal_cpu: equal,
+            greedy_tokens_compared: args.check_tokens.min(args.gen_tokens),
+            prompt_ms,
+            decode_ms_per_token: median(&mut times),
+            decode_ms_per_token_p90: p90,
+            first_tokens: generated.iter().take(16).copied().collect(),
+        };
+        eprintln!("{run:?}");
+        runs.push(run);
+    }
+
+    let golden = match &args.golden {
+        Some(path) => Some(golden_check(&model, cuda, &device, path)?),
+        None => None,
+    };
+    let batched = if args.batch > 0 { Some(batched(&model, cuda, args, copy_gb_s)?) } else { None };
+    let results = GpuResults {
+        model: dir.display().to_string(),
+        device: cuda.device_name().to_string(),
+        weight_bytes_per_token: weight_bytes,
+        copy_bandwidth_gb_s: copy_gb_s,
+        floor_ms_per_token: floor_ms,
+        prompt_tokens: args.prompt_tokens,
+        gen_tokens: args.gen_tokens,
+        runs,
+        golden,
+        batched,
+    };
+    emit("gpu", "gpu-cuda", &args.output, results)
+}
+
+fn batched(model: &Model, cuda: &CudaBackend, args: &GpuArgs, copy_gb_s: f64) -> anyhow::Result<BatchRun> {
+    let c = model.config();
+    let max_seq = args.context + args.batch_steps + 1;
+    let seqs: Vec<SeqMemory> = (0..args.batch)
+        .map(|_| SeqMemory::new(model, Some(cuda), Placement::CudaManaged, max_seq))
+        .collect::<anyhow::Result<_>>()?;
+    {
+        let exec = cuda.exec()?;
+        for s in &seqs {
+            exec.prefetch_to_device(s.region.base() as u64, s.region.len())?;
+        }
+        exec.synchronize()?;
+    }
+    // Fill every cache to `context` tokens, all sequences stepping together.
+    eprintln!("batched: filling {} caches to {} tokens", args.batch, args.context);
+    let tokens = prompt(args.context, c.vocab_size);
+    for (pos, &tok) in tokens.iter().enumerate() {
+        let steps: Vec<SeqStep> =
+            seqs.iter().enumerate().map(|(i, s)| s.step(pos, (tok + i as u32) % c.vocab_size as u32)).collect();
+        model.decode_step_cuda(cuda, &steps)?;
+    }
+    let mut times = vec![];
+    for step in 0..args.batch_steps {
+        let steps: Vec<SeqStep> = seqs
+            .iter()
+            .enumerate()
+            .map(|(i, s)| s.step(args.context + step, (i * 31 + step) as u32 % c.vocab_size as u32))
+            .collect();
+        let t = Instant::now();
+        model.decode_step_cuda(cuda, &steps)?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let step_ms = median(&mut times);
+    let kv_bytes_per_step = args.batch * 2 * c.num_layers * args.context * c.kv_dim() * 4;
+    let roofline_step_s = (model.weight_bytes_per_token() + kv_bytes_per_step) as f64 / (copy_gb_s * 1e9);
+    let run = BatchRun {
+        batch: args.batch,
+        context: args.context,
+        step_ms,
+        tokens_per_s: args.batch as f64 / (step_ms / 1e3),
+        roofline_tokens_per_s: args.batch as f64 / roofline_step_s,
+    };
+    eprintln!("{run:?}");
+    Ok(run)
+}
+
+/// Device-to-device copy bandwidth (read + write bytes per second / 2 = bytes read per second), in GB/s.
+fn device_copy_bandwidth(cuda: &CudaBackend) -> anyhow::Result<f64> {
+    let bytes = 1usize << 30;
+    let src = cuda.alloc_zeroed(bytes)?;
+    let dst = cuda.alloc_zeroed(bytes)?;
+    let mut exec = cuda.exec()?;
+    let mut best = f64::MAX;
+    for _ in 0..5 {
+        let (_, ms) = exec.time(|e| e.copy(src.addr(), dst.addr(), bytes))?;
+        best = best.min(ms as f64);
+    }
+    // A copy reads and writes every byte: report the rate at which weights could be read.
+    Ok(2.0 * bytes as f64 / (best / 1e3) / 1e9)
+}
+
+fn golden_check(
+    model: &Model,
+    cuda: &CudaBackend,
+    device: &Device,
+    path: &std::path::Path,
+) -> anyhow::Result<GoldenCheck> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    let doc: serde_json::Value = serde_json::from_str(&text)?;
+    let ids = |v: &serde_json::Value| -> Vec<u32> {
+        v.as_array().into_iter().flatten().filter_map(|x| x.as_u64()).map(|x| x as u32).collect()
+    };
+    let prompt = ids(&doc["prompt"]);
+    if prompt.is_empty() {
+        bail!("{} has no prompt", path.display());
+    }
+    let mem = SeqMemory::new(model, Some(cuda), Placement::CudaManaged, prompt.len() + 64)?;
+    let mut scratch = Scratch::default();
+    let mut logits = mem.forward(model, device, 0, &prompt, &mut scratch)?;
+    let diff = |which: &str| -> f32 {
+        let idx = ids(&doc[which]["top64_indices"]);
+        let vals: Vec<f64> =
+            doc[which]["top64_values"].as_array().into_iter().flatten().filter_map(|x| x.as_f64()).collect();
+        idx.iter()
+            .zip(&vals)
+            .map(|(&i, &v)| (logits.get(i as usize).copied().unwrap_or(f32::NAN) - v as f32).abs())
+            .fold(0.0, f32::max)
+    };
+    let (d32, d16) = (diff("f32"), diff("bf16"));
+    let argmax_equal_f32 = doc["f32"]["argmax"].as_u64() == Some(argmax(&logits) as u64);
+    let (ref32, ref16) = (ids(&doc["f32"]["greedy_continuation"]), ids(&doc["bf16"]["greedy_continuation"]));
+    let mut mine = vec![];
+    for i in 0..ref32.len().max(ref16.len()) {
+        let next = argmax(&logits);
+        mine.push(next);
+        logits = mem.forward(model, device, prompt.len() + i, &[next], &mut scratch)?;
+    }
+    let same = |r: &[u32]| r.iter().zip(&mine).take_while(|(a, b)| a == b).count();
+    let check = GoldenCheck {
+        prompt_tokens: prompt.len(),
+        max_abs_diff_top64_vs_f32: d32,
+        max_abs_diff_top64_vs_bf16: d16,
+        argmax_equal_f32,
+        greedy_equal_f32: same(&ref32),
+        greedy_equal_bf16: same(&ref16),
+        greedy_compared: ref32.len(),
+    };
+    eprintln!("{check:?}");
+    Ok(check)
+}

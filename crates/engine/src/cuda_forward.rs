@@ -1,0 +1,342 @@
+//! The forward pass on the CUDA backend, for decoding: one token per sequence per step, any number of
+//! sequences (actors) per step, each attending to its own KV cache in its own actor's memory.
+//!
+//! Weights are uploaded once per model to device memory as bf16 (f32 and f16 checkpoints are rounded to bf16
+//! on upload) and shared by every actor. Scratch activations live in device memory. The KV cache and the
+//! logits stay in guest memory (pinned or managed placement), written in place by the kernels.
+//!
+//! Batch 1 runs fused GEMV kernels (RMSNorm folded into the projection that follows it, the residual add into
+//! the projection's epilogue, SwiGLU's gate and up in one kernel); larger batches run cuBLAS GEMMs. Each shape
+//! of step is captured once in a CUDA graph and replayed. A prompt of several tokens is evaluated one token
+//! at a time through the same step (prefill is not yet batched over tokens on the GPU).
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use driftwood_backend::cuda::{CudaBackend, DeviceTensor, Exec, Graph, SeqStep};
+use driftwood_backend::{BackendError, DType, TensorRef};
+
+use crate::{EngineError, Model};
+
+/// Keys per split of decode attention: small for a few sequences, so that a short context still spreads over
+/// many blocks; larger for big batches, which fill the device anyway (each block reads its keys once for all
+/// query heads of its group).
+fn attn_chunk(batch: usize) -> usize {
+    if batch < 8 { 32 } else { 128 }
+}
+
+/// One layer's weights on the device.
+#[derive(Debug)]
+struct GpuLayer {
+    attn_norm: DeviceTensor,    // (hidden) f32
+    wqkv: DeviceTensor,         // (q_dim + 2 kv_dim, hidden) bf16: wq, wk, wv stacked
+    bqkv: Option<DeviceTensor>, // (q_dim + 2 kv_dim) f32
+    wo: DeviceTensor,           // (hidden, q_dim) bf16
+    ffn_norm: DeviceTensor,     // (hidden) f32
+    w_gate: DeviceTensor,       // (intermediate, hidden) bf16
+    w_up: DeviceTensor,         // (intermediate, hidden) bf16
+    w_down: DeviceTensor,       // (hidden, intermediate) bf16
+}
+
+/// Scratch of a step for up to `batch` sequences (device memory).
+#[derive(Debug)]
+struct GpuScratch {
+    batch: usize,
+    x: DeviceTensor,      // (b, hidden) f32 residual stream
+    qkv: DeviceTensor,    // (b, q_dim + 2 kv_dim) f32
+    part: DeviceTensor,   // (b, heads, splits, head_dim + 2) f32
+    att: DeviceTensor,    // (b, q_dim) f32
+    mlp: DeviceTensor,    // (b, intermediate) f32 (gate, batch 1: activation)
+    up: DeviceTensor,     // (b, intermediate) f32
+    xn_bf: DeviceTensor,  // (b, hidden) bf16
+    att_bf: DeviceTensor, // (b, q_dim) bf16
+    act_bf: DeviceTensor, // (b, intermediate) bf16
+    logits: DeviceTensor, // (b, vocab) f32
+    splits: usize,
+}
+
+/// A model's device state: its weights, scratch and captured step graphs.
+#[derive(Debug)]
+pub(crate) struct GpuModel {
+    embed: DeviceTensor,           // (vocab, hidden) bf16
+    lm_head: Option<DeviceTensor>, // (vocab, hidden) bf16; None when tied to `embed`
+    final_norm: DeviceTensor,      // (hidden) f32
+    inv_freq: DeviceTensor,        // (head_dim / 2) f32
+    layers: Vec<GpuLayer>,
+    state: Mutex<GpuState>,
+}
+
+#[derive(Debug, Default)]
+struct GpuState {
+    scratch: Option<GpuScratch>,
+    /// Captured steps by (batch, splits, logits address for batch 1).
+    graphs: HashMap<(usize, usize, u64), Graph>,
+}
+
+fn f32_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The weight as bf16 bytes (copied as is when already bf16).
+fn bf16_bytes(w: TensorRef<'_>, out: &mut Vec<u8>) {
+    match w.dtype() {
+        DType::BF16 => out.extend(w.as_bf16().unwrap_or_default().iter().flat_map(|x| x.to_bits().to_le_bytes())),
+        DType::F32 => out.extend(
+            w.as_f32().unwrap_or_default().iter().flat_map(|x| half::bf16::from_f32(*x).to_bits().to_le_bytes()),
+        ),
+        DType::F16 => out.extend(
+            w.as_f16()
+                .unwrap_or_default()
+                .iter()
+                .flat_map(|x| half::bf16::from_f32(x.to_f32()).to_bits().to_le_bytes()),
+        ),
+    }
+}
+
+fn upload_bf16(dev: &CudaBackend, parts: &[TensorRef<'_>]) -> Result<DeviceTensor, BackendError> {
+    let mut bytes = Vec::with_capacity(parts.iter().map(|p| p.len() * 2).sum());
+    for p in parts {
+        bf16_bytes(*p, &mut bytes);
+    }
+    dev.upload(&bytes)
+}
+
+impl GpuModel {
+    fn upload(m: &Model, dev: &CudaBackend) -> Result<Self, EngineError> {
+        let c = m.config();
+        if ![32, 64, 128].contains(&c.head_dim)
+            || ![1, 2, 4, 8].iter().any(|&g| g * c.num_kv_heads == c.num_heads)
+            || !c.hidden_size.is_multiple_of(8)
+            || !c.intermediate_size.is_multiple_of(8)
+        {
+            return Err(EngineError::Request(format!(
+                "the CUDA backend needs head_dim 32, 64 or 128, 1, 2, 4 or 8 query heads per KV head and \
+                 hidden a multiple of 8 (this model: head_dim {}, {} heads, {} KV heads, hidden {})",
+                c.head_dim, c.num_heads, c.num_kv_heads, c.hidden_size
+            )));
+        }
+        let f32t = |v: &[f32]| dev.upload(&f32_bytes(v));
+        let mut layers = Vec::with_capacity(m.layers.len());
+        for l in &m.layers {
+            let bqkv = match (&l.bq, &l.bk, &l.bv) {
+                (Some(q), Some(k), Some(v)) => Some(f32t(&[q.as_slice(), k, v].concat())?),
+                _ => None,
+            };
+            layers.push(GpuLayer {
+                attn_norm: f32t(&l.attn_norm)?,
+                wqkv: upload_bf16(dev, &[l.wq.view(), l.wk.view(), l.wv.view()])?,
+                bqkv,
+                wo: upload_bf16(dev, &[l.wo.view()])?,
+                ffn_norm: f32t(&l.ffn_norm)?,
+                w_gate: upload_bf16(dev, &[l.w_gate.view()])?,
+                w_up: upload_bf16(dev, &[l.w_up.view()])?,
+                w_down: upload_bf16(dev, &[l.w_down.view()])?,
+            });
+        }
+        let tied = m.lm_head.view().addr() == m.embed.view().addr();
+        Ok(GpuModel {
+            embed: upload_bf16(dev, &[m.embed.view()])?,
+            lm_head: if tied { None } else { Some(upload_bf16(dev, &[m.lm_head.view()])?) },
+            final_norm: f32t(&m.final_norm)?,
+            inv_freq: f32t(&m.inv_freq)?,
+            layers,
+            state: Mutex::default(),
+        })
+    }
+
+    fn lm_head(&self) -> u64 {
+        self.lm_head.as_ref().unwrap_or(&self.embed).addr()
+    }
+}
+
+impl GpuScratch {
+    fn new(m: &Model, dev: &CudaBackend, batch: usize, splits: usize) -> Result<Self, BackendError> {
+        let c = m.config();
+        let (h, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let z = |elems: usize, size: usize| dev.alloc_zeroed(batch * elems * size);
+        Ok(GpuScratch {
+            batch,
+            x: z(h, 4)?,
+            qkv: z(qd + 2 * kvd, 4)?,
+            part: z(c.num_heads * splits * (c.head_dim + 2), 4)?,
+            att: z(qd, 4)?,
+            mlp: z(ff, 4)?,
+            up: z(ff, 4)?,
+            xn_bf: z(h, 2)?,
+            att_bf: z(qd, 2)?,
+            act_bf: z(ff, 2)?,
+            logits: z(c.vocab_size, 4)?,
+            splits,
+        })
+    }
+}
+
+impl Model {
+    /// This model's weights on `dev`, uploaded on first use.
+    pub(crate) fn gpu(&self, dev: &CudaBackend) -> Result<&GpuModel, EngineError> {
+        if let Some(g) = self.gpu.get() {
+            return Ok(g);
+        }
+        let g = GpuModel::upload(self, dev)?;
+        Ok(self.gpu.get_or_init(|| g))
+    }
+
+    /// Uploads the weights to `dev` now (otherwise the first GPU step does).
+    ///
+    /// # Errors
+    ///
+    /// A shape the CUDA kernels do not support, or a driver error (out of device memory).
+    pub fn upload_to(&self, dev: &CudaBackend) -> Result<(), EngineError> {
+        self.gpu(dev).map(|_| ())
+    }
+
+    /// One decode step on the GPU for every sequence in `steps`: embeds each step's token, writes its keys
+    /// and values into its own cache at its position, and its next-token logits into its logits buffer.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Request`] when a token is outside the vocabulary, a position is past its cache or the
+    /// model's context, or a cache or logits buffer is not in device-addressable memory; driver errors.
+    pub fn decode_step_cuda(&self, dev: &CudaBackend, steps: &[SeqStep]) -> Result<(), EngineError> {
+        let c = self.config();
+        if steps.is_empty() {
+            return Ok(());
+        }
+        for s in steps {
+            if s.token as usize >= c.vocab_size {
+                return Err(EngineError::Request(format!(
+                    "token {} is outside the {}-token vocabulary",
+                    s.token, c.vocab_size
+                )));
+            }
+            if s.pos < 0 || s.pos >= s.max_seq || s.pos as usize >= c.max_position_embeddings {
+                return Err(EngineError::Request(format!(
+                    "position {} is past the {}-token cache (model context {})",
+                    s.pos, s.max_seq, c.max_position_embeddings
+                )));
+            }
+            let kv_bytes = self.kv_floats(s.max_seq as usize) * 4;
+            if !dev.is_addressable(s.kv as usize, kv_bytes) || !dev.is_addressable(s.logits as usize, c.vocab_size * 4)
+            {
+                return Err(EngineError::Request(
+                    "the KV cache or logits are not in device-addressable memory: run actors with --placement pinned or managed"
+                        .into(),
+                ));
+            }
+        }
+        let gpu = self.gpu(dev)?;
+        let b = steps.len();
+        let max_seq = steps.iter().map(|s| s.max_seq as usize).max().unwrap_or(1);
+        let chunk = attn_chunk(b);
+        let splits = max_seq.div_ceil(chunk);
+        let mut state = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
+        let need_new = match &state.scratch {
+            Some(s) => s.batch < b || s.splits < splits,
+            None => true,
+        };
+        if need_new {
+            state.graphs.clear();
+            let grow = state.scratch.as_ref().map_or(1, |s| s.batch).max(b);
+            let splits = state.scratch.as_ref().map_or(1, |s| s.splits).max(splits);
+            state.scratch = None;
+            state.scratch = Some(GpuScratch::new(self, dev, grow, splits)?);
+        }
+        let mut exec = dev.exec()?;
+        exec.set_steps(steps)?;
+        let state = &mut *state;
+        let Some(scratch) = state.scratch.as_ref() else { return Err(EngineError::Request("no scratch".into())) };
+        let key = (b, splits, if b == 1 { steps[0].logits } else { 0 });
+        let graph = match state.graphs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => {
+                slot.insert(exec.capture(|e| self.record_step(e, gpu, scratch, (b, chunk, splits), steps[0].logits))?)
+            }
+        };
+        exec.replay(graph)?;
+        exec.synchronize()?;
+        Ok(())
+    }
+
+    /// Launches one step (recorded into a graph by the caller).
+    fn record_step(
+        &self,
+        e: &mut Exec,
+        g: &GpuModel,
+        s: &GpuScratch,
+        (b, chunk, splits): (usize, usize, usize),
+        logits_1: u64,
+    ) -> Result<(), BackendError> {
+        let c = self.config();
+        let (h, qd, kvd, ff, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
+        let (eps, window) = (c.rms_norm_eps, c.sliding_window.unwrap_or(0));
+        let heads = (c.num_heads, c.num_kv_heads, hd);
+        // SAFETY: every address is a live device buffer of this model or scratch, sized above for `b`
+        // sequences and `splits` splits, or a step record's KV cache / logits, checked device-addressable and
+        // large enough by `decode_step_cuda` (and kept alive by the caller until it synchronizes).
+        unsafe {
+            e.embed(g.embed.addr(), s.x.addr(), b, h)?; // x (b, hidden)
+            for (l, w) in g.layers.iter().enumerate() {
+                let bias = w.bqkv.as_ref().map_or(0, |t| t.addr());
+                if b == 1 {
+                    // qkv = Wqkv · rmsnorm(x) (+ b); rope; k, v → cache; att = attention; x += Wo · att
+                    e.gemv(
+                        w.wqkv.addr(),
+                        s.x.addr(),
+                        s.qkv.addr(),
+                        bias,
+                        w.attn_norm.addr(),
+                        eps,
+                        (h, qd + 2 * kvd),
+                        false,
+                    )?;
+                    e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
+                    e.attention(s.qkv.addr(), s.part.addr(), (s.att.addr(), 0), l, b, heads, (chunk, splits), window)?;
+                    e.gemv(w.wo.addr(), s.att.addr(), s.x.addr(), 0, 0, 0.0, (qd, h), true)?;
+                    // mlp = silu(Wg · rmsnorm(x)) * (Wu · rmsnorm(x)); x += Wd · mlp
+                    e.gemv_swiglu(
+                        w.w_gate.addr(),
+                        w.w_up.addr(),
+                        s.x.addr(),
+                        s.mlp.addr(),
+                        w.ffn_norm.addr(),
+                        eps,
+                        (h, ff),
+                    )?;
+                    e.gemv(w.w_down.addr(), s.mlp.addr(), s.x.addr(), 0, 0, 0.0, (ff, h), true)?;
+                } else {
+                    e.rmsnorm_bf16(s.x.addr(), w.attn_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
+                    e.gemm_bf16(s.xn_bf.addr(), w.wqkv.addr(), s.qkv.addr(), (b, qd + 2 * kvd, h), 0.0)?;
+                    if bias != 0 {
+                        e.add_bias(s.qkv.addr(), bias, b, qd + 2 * kvd)?;
+                    }
+                    e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
+                    e.attention(
+                        s.qkv.addr(),
+                        s.part.addr(),
+                        (0, s.att_bf.addr()),
+                        l,
+                        b,
+                        heads,
+                        (chunk, splits),
+                        window,
+                    )?;
+                    e.gemm_bf16(s.att_bf.addr(), w.wo.addr(), s.x.addr(), (b, h, qd), 1.0)?; // x += att · Woᵀ
+                    e.rmsnorm_bf16(s.x.addr(), w.ffn_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
+                    e.gemm_bf16(s.xn_bf.addr(), w.w_gate.addr(), s.mlp.addr(), (b, ff, h), 0.0)?;
+                    e.gemm_bf16(s.xn_bf.addr(), w.w_up.addr(), s.up.addr(), (b, ff, h), 0.0)?;
+                    e.swiglu_bf16(s.mlp.addr(), s.up.addr(), s.act_bf.addr(), b, ff)?;
+                    e.gemm_bf16(s.act_bf.addr(), w.w_down.addr(), s.x.addr(), (b, h, ff), 1.0)?; // x += act · Wdᵀ
+                }
+            }
+            if b == 1 {
+                // logits = lm_head · rmsnorm(x), straight into the guest's logits buffer.
+                e.gemv(g.lm_head(), s.x.addr(), logits_1, 0, g.final_norm.addr(), eps, (h, c.vocab_size), false)?;
+            } else {
+                e.rmsnorm_bf16(s.x.addr(), g.final_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
+                e.gemm_bf16(s.xn_bf.addr(), g.lm_head(), s.logits.addr(), (b, c.vocab_size, h), 0.0)?;
+                e.scatter_logits(s.logits.addr(), b, c.vocab_size)?;
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# The CUDA backend's checks and benchmarks on a GPU machine, from a binary built elsewhere.
+#
+#   scripts/device/check.sh [STAGE...]        stages: smoke sanitize peers llama1b snapshot (default: all)
+#
+# Needs the stripped x86-64 binary at target/device/driftwood (build: cargo build --release && strip -o
+# target/device/driftwood target/release/driftwood) and, for the test stage, test binaries under
+# target/device/tests/. Writes JSON and logs under $OUT (default: target/device-out).
+# At most 8 files come back from a device run, so logs beyond those listed stay on the machine.
+#   smoke     verify on the pinned and managed placements (JSON), and `bench gpu` on the bundled model:
+#             logits and greedy tokens against the CPU backend, batch-1 and batched decode
+#   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model
+#   peers     a Llama-3.2-1B-shaped random bf16 model generated on the device (bench/peers/make_llama1b.py);
+#             transformers eager, a static-cache CUDA-graph PyTorch loop and a batched PyTorch decode on it,
+#             plus transformers' golden logits (scripts/device/peers/torch_peers.sh)
+#   llama1b   `bench gpu` on that model: logits and greedy tokens against the CPU backend and against the
+#             golden logits, 128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
+#   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned actors) at 24, 1024, 4096 tokens
+set -uo pipefail
+cd "$(dirname "$0")/../.."
+bin=${DRIFTWOOD_BIN:-target/device/driftwood}
+out=${OUT:-target/device-out}
+models=${MODELS:-/tmp/driftwood-models}
+peers=${PEERS:-/tmp/driftwood-peers}   # the peers' full output (logs, .npy); its JSON is copied to $out/peers
+mkdir -p "$out" "$models"
+stages=${*:-smoke sanitize peers llama1b snapshot}
+status=0
+step() { echo "== $*" >&2; }
+run() { "$@" || { echo "FAILED ($?): $*" >&2; status=1; }; }
+
+nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv > "$out/gpu.csv" 2>&1
+
+for stage in $stages; do
+    case $stage in
+    smoke)
+        for p in pinned managed; do
+            step "verify --placement $p"
+            run "$bin" verify --backend cuda --placement "$p" --json > "$out/verify-$p.json" 2> "/tmp/verify-$p.log"
+        done
+        step "bench gpu (bundled model)"
+        run "$bin" bench gpu --gen-tokens 64 --check-tokens 32 --batch 16 --context 256 --batch-steps 8 \
+            --out "$out/gpu-mini.json" > /dev/null 2> "$out/gpu-mini.log"
+        ;;
+    sanitize)
+        step "compute-sanitizer memcheck"
+        sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
+        run "$sanitizer" --tool memcheck --leak-check full --error-exitcode 3 \
+            "$bin" bench gpu --prompt-tokens 8 --gen-tokens 8 --check-tokens 4 --batch 4 --context 32 \
+            --batch-steps 2 --no-write > "$out/memcheck.log" 2>&1
+        tail -5 "$out/memcheck.log" >&2
+        ;;
+    llama1b)
+        if [ ! -f "$models/llama1b/model.safetensors" ]; then
+            step "make the Llama-3.2-1B-shaped model"
+            run python3 bench/peers/make_llama1b.py --out "$models/llama1b" > /tmp/make_llama1b.log 2>&1
+        fi
+        step "bench gpu (Llama-3.2-1B-shaped)"
+        golden=()
+        for g in "$peers/golden.json" target/device/golden.json; do
+            [ -f "$g" ] && { golden=(--golden "$g"); break; }
+        done
+        run "$bin" bench gpu --model "$models/llama1b" --prompt-tokens 128 --gen-tokens 256 --check-tokens 8 \
+            --batch 64 --context 1024 --batch-steps 32 "${golden[@]}" --out "$out/gpu-llama1b.json" \
+            > /dev/null 2> "$out/gpu-llama1b.log"
+        ;;
+    snapshot)
+        step "bench snapshot (Llama-3.2-1B-shaped, pinned)"
+        run "$bin" bench snapshot --backend cuda --placement pinned --model "$models/llama1b" --context 24 \
+            --context 1024 --context 4096 --reps 1 --out "$out/snapshot-cuda.json" > /dev/null 2> /tmp/snapshot.log
+        grep context /tmp/snapshot.log >&2
+        ;;
+    peers)
+        step "PyTorch peers"
+        run bash scripts/device/peers/torch_peers.sh "$peers" "$models/llama1b" > "$peers.log" 2>&1
+        mkdir -p "$out/peers"
+        cp "$peers"/torch_decode.json "$peers"/torch_batched.json "$peers"/golden.json "$out/peers/" 2>/dev/null
+        tail -3 "$peers.log" >&2
+        ;;
+    *) echo "unknown stage $stage" >&2; status=2 ;;
+    esac
+done
+exit $status
