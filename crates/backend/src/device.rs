@@ -246,8 +246,8 @@ impl BackendKind {
 pub enum Device {
     /// Host CPU kernels.
     Cpu(CpuBackend),
-    /// NVIDIA GPU kernels.
-    Cuda(CudaBackend),
+    /// NVIDIA GPU kernels (boxed: the backend holds its stream, kernels and handles inline).
+    Cuda(Box<CudaBackend>),
 }
 
 impl Device {
@@ -264,15 +264,17 @@ impl Device {
     pub fn open(kind: BackendKind) -> Result<Self, BackendError> {
         match kind {
             BackendKind::Cpu => Ok(Device::cpu()),
-            BackendKind::Cuda => CudaBackend::new().map(Device::Cuda),
-            BackendKind::Auto => Ok(CudaBackend::new().map(Device::Cuda).unwrap_or_else(|_| Device::cpu())),
+            BackendKind::Cuda => CudaBackend::new().map(|b| Device::Cuda(Box::new(b))),
+            BackendKind::Auto => {
+                Ok(CudaBackend::new().map(|b| Device::Cuda(Box::new(b))).unwrap_or_else(|_| Device::cpu()))
+            }
         }
     }
 
     fn inner(&self) -> &dyn Backend {
         match self {
             Device::Cpu(b) => b,
-            Device::Cuda(b) => b,
+            Device::Cuda(b) => &**b,
         }
     }
 }

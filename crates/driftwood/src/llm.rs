@@ -27,6 +27,10 @@ pub struct ModelArgs {
     /// Backend: auto, cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
     backend: BackendKind,
+    /// Actor memory placement: host (CPU), or pinned / managed with the CUDA backend (default: host on the
+    /// CPU, pinned on a GPU).
+    #[arg(long, value_parser = driftwood_memory::Placement::parse)]
+    placement: Option<driftwood_memory::Placement>,
     /// Tokens the session's KV cache holds (0: the model's context length).
     #[arg(long, default_value_t = 0)]
     max_seq: u32,
@@ -121,9 +125,9 @@ impl ChatSession {
         let model = load_model(&dir)?;
         let runtime = Runtime::new(RuntimeConfig {
             backend: args.backend,
+            placement: args.placement.unwrap_or_default(),
             log: LogMode::Stderr,
             limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
-            ..Default::default()
         })?;
         runtime.register_model("default", model);
         let mut actor = runtime.instantiate(driftwood_actors::CHAT)?;

@@ -103,8 +103,18 @@ impl Runtime {
     /// # Errors
     ///
     /// When the backend asked for is unavailable or wasmtime rejects the configuration.
-    pub fn new(config: RuntimeConfig) -> anyhow::Result<Self> {
+    pub fn new(mut config: RuntimeConfig) -> anyhow::Result<Self> {
         let device = Arc::new(Device::open(config.backend)?);
+        if config.placement == Placement::Host && matches!(*device, Device::Cuda(_)) {
+            // The GPU cannot address plain host memory. `--backend auto` that found a GPU gets pinned actor
+            // memory; an explicit `--backend cuda --placement host` is refused.
+            if config.backend != BackendKind::Auto {
+                anyhow::bail!(
+                    "the CUDA backend cannot address host-placed actor memory; use --placement pinned or managed"
+                );
+            }
+            config.placement = Placement::CudaPinned;
+        }
         let creator = Arc::new(match (config.placement, &*device) {
             (Placement::Host, _) => RegionCreator::new(Placement::Host),
             (placement, Device::Cuda(cuda)) => RegionCreator::on_device(cuda.device_memory(placement)?),

@@ -87,49 +87,70 @@ __device__ void load_x(float* xs, const float* __restrict__ x, const float* __re
     }
 }
 
-// Dot product of one bf16 weight row with xs, by one warp. in % 8 == 0, row 16-byte aligned.
-__device__ __forceinline__ float row_dot(const bf16* __restrict__ w, const float* xs, int in, int lane) {
-    const uint4* wr = (const uint4*)w;
-    int nv = in >> 3;
-    float acc = 0.0f;
-#pragma unroll 8
-    for (int v = lane; v < nv; v += 32) {
-        uint4 p = __ldg(&wr[v]);
-        const float4 a = *(const float4*)&xs[v * 8];
-        const float4 c = *(const float4*)&xs[v * 8 + 4];
-        acc += bf_lo(p.x) * a.x + bf_hi(p.x) * a.y + bf_lo(p.y) * a.z + bf_hi(p.y) * a.w;
-        acc += bf_lo(p.z) * c.x + bf_hi(p.z) * c.y + bf_lo(p.w) * c.z + bf_hi(p.w) * c.w;
+// Two weight rows against xs, by one warp. The first PRE 16-byte vectors of each row per lane are loaded
+// into registers by `prefetch2` before the block stages x, so the weight fetch overlaps that prologue.
+#define PRE 8
+struct Pre2 {
+    uint4 a[PRE], b[PRE];
+};
+
+__device__ __forceinline__ void prefetch2(Pre2& p, const uint4* __restrict__ r0, const uint4* __restrict__ r1,
+                                          int nv, int lane) {
+#pragma unroll
+    for (int i = 0; i < PRE; i++) {
+        int v = lane + 32 * i;
+        if (v < nv) {
+            p.a[i] = __ldg(&r0[v]);
+            p.b[i] = __ldg(&r1[v]);
+        }
     }
-    return warp_sum(acc);
 }
 
-// y (out) = [y +] W (out, in) · norm?(x) (+ bias). Each warp computes two output rows, their loads
-// interleaved so that twice as many are in flight. grid ceil(out / (2·warps)), block 32·warps, dynamic shared
-// memory in·4 bytes.
+__device__ __forceinline__ float dot8(uint4 p, const float* xs, int v) {
+    const float4 a = *(const float4*)&xs[v * 8];
+    const float4 c = *(const float4*)&xs[v * 8 + 4];
+    return bf_lo(p.x) * a.x + bf_hi(p.x) * a.y + bf_lo(p.y) * a.z + bf_hi(p.y) * a.w + bf_lo(p.z) * c.x +
+           bf_hi(p.z) * c.y + bf_lo(p.w) * c.z + bf_hi(p.w) * c.w;
+}
+
+__device__ __forceinline__ void dot2(const Pre2& p, const uint4* __restrict__ r0, const uint4* __restrict__ r1,
+                                     const float* xs, int nv, int lane, float& a0, float& a1) {
+#pragma unroll
+    for (int i = 0; i < PRE; i++) {
+        int v = lane + 32 * i;
+        if (v < nv) {
+            a0 += dot8(p.a[i], xs, v);
+            a1 += dot8(p.b[i], xs, v);
+        }
+    }
+#pragma unroll 4
+    for (int v = lane + 32 * PRE; v < nv; v += 32) {
+        uint4 w0 = __ldg(&r0[v]), w1 = __ldg(&r1[v]);
+        a0 += dot8(w0, xs, v);
+        a1 += dot8(w1, xs, v);
+    }
+    a0 = warp_sum(a0);
+    a1 = warp_sum(a1);
+}
+
+// y (out) = [y +] W (out, in) · norm?(x) (+ bias). Each warp computes two output rows. grid
+// ceil(out / (2·warps)), block 32·warps, dynamic shared memory in·4 bytes.
 extern "C" __global__ void gemv(const bf16* __restrict__ W, const float* __restrict__ x, float* __restrict__ y,
                                 const float* __restrict__ bias, const float* __restrict__ norm, float eps, int in,
                                 int out, int accumulate) {
     extern __shared__ float xs[];
-    load_x(xs, x, norm, in, eps);
-    int lane = threadIdx.x & 31;
+    int lane = threadIdx.x & 31, nv = in >> 3;
     int row = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * 2;
-    if (row >= out) return;
+    bool active = row < out;
     int row2 = row + 1 < out ? row + 1 : row;
     const uint4* w0 = (const uint4*)(W + (size_t)row * in);
     const uint4* w1 = (const uint4*)(W + (size_t)row2 * in);
+    Pre2 pre;
+    if (active) prefetch2(pre, w0, w1, nv, lane);
+    load_x(xs, x, norm, in, eps);  // every thread takes part in its barriers
+    if (!active) return;
     float a0 = 0.0f, a1 = 0.0f;
-#pragma unroll 4
-    for (int v = lane; v < (in >> 3); v += 32) {
-        uint4 p = __ldg(&w0[v]), r = __ldg(&w1[v]);
-        const float4 a = *(const float4*)&xs[v * 8];
-        const float4 c = *(const float4*)&xs[v * 8 + 4];
-        a0 += bf_lo(p.x) * a.x + bf_hi(p.x) * a.y + bf_lo(p.y) * a.z + bf_hi(p.y) * a.w;
-        a0 += bf_lo(p.z) * c.x + bf_hi(p.z) * c.y + bf_lo(p.w) * c.z + bf_hi(p.w) * c.w;
-        a1 += bf_lo(r.x) * a.x + bf_hi(r.x) * a.y + bf_lo(r.y) * a.z + bf_hi(r.y) * a.w;
-        a1 += bf_lo(r.z) * c.x + bf_hi(r.z) * c.y + bf_lo(r.w) * c.z + bf_hi(r.w) * c.w;
-    }
-    a0 = warp_sum(a0);
-    a1 = warp_sum(a1);
+    dot2(pre, w0, w1, xs, nv, lane, a0, a1);
     if (lane == 0) {
         if (bias) a0 += bias[row];
         y[row] = accumulate ? y[row] + a0 : a0;
@@ -140,31 +161,23 @@ extern "C" __global__ void gemv(const bf16* __restrict__ W, const float* __restr
     }
 }
 
-// y (out) = silu(Wg · norm(x)) * (Wu · norm(x)): the SwiGLU gate and up projections fused.
+// y (out) = silu(Wg · norm(x)) * (Wu · norm(x)): the SwiGLU gate and up projections fused, one output row
+// per warp (its gate and up rows read together).
 extern "C" __global__ void gemv_swiglu(const bf16* __restrict__ Wg, const bf16* __restrict__ Wu,
                                        const float* __restrict__ x, float* __restrict__ y,
                                        const float* __restrict__ norm, float eps, int in, int out) {
     extern __shared__ float xs[];
-    load_x(xs, x, norm, in, eps);
-    int lane = threadIdx.x & 31;
+    int lane = threadIdx.x & 31, nv = in >> 3;
     int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
-    if (row >= out) return;
-    // Gate and up rows read in the same loop, so both rows' loads are in flight together.
-    const uint4* gr = (const uint4*)(Wg + (size_t)row * in);
-    const uint4* ur = (const uint4*)(Wu + (size_t)row * in);
+    bool active = row < out;
+    const uint4* gr = (const uint4*)(Wg + (size_t)(active ? row : 0) * in);
+    const uint4* ur = (const uint4*)(Wu + (size_t)(active ? row : 0) * in);
+    Pre2 pre;
+    if (active) prefetch2(pre, gr, ur, nv, lane);
+    load_x(xs, x, norm, in, eps);
+    if (!active) return;
     float g = 0.0f, u = 0.0f;
-#pragma unroll 4
-    for (int v = lane; v < (in >> 3); v += 32) {
-        uint4 p = __ldg(&gr[v]), r = __ldg(&ur[v]);
-        const float4 a = *(const float4*)&xs[v * 8];
-        const float4 c = *(const float4*)&xs[v * 8 + 4];
-        g += bf_lo(p.x) * a.x + bf_hi(p.x) * a.y + bf_lo(p.y) * a.z + bf_hi(p.y) * a.w;
-        g += bf_lo(p.z) * c.x + bf_hi(p.z) * c.y + bf_lo(p.w) * c.z + bf_hi(p.w) * c.w;
-        u += bf_lo(r.x) * a.x + bf_hi(r.x) * a.y + bf_lo(r.y) * a.z + bf_hi(r.y) * a.w;
-        u += bf_lo(r.z) * c.x + bf_hi(r.z) * c.y + bf_lo(r.w) * c.z + bf_hi(r.w) * c.w;
-    }
-    g = warp_sum(g);
-    u = warp_sum(u);
+    dot2(pre, gr, ur, xs, nv, lane, g, u);
     if (lane == 0) y[row] = g / (1.0f + expf(-g)) * u;
 }
 

@@ -12,7 +12,7 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use driftwood_backend::cuda::{CudaBackend, SeqStep};
-use driftwood_backend::{BackendKind, Device, TensorMut};
+use driftwood_backend::{BackendKind, DType, Device, TensorMut};
 use driftwood_engine::{KvCache, Model, Scratch};
 use driftwood_memory::{Placement, SharedRegion};
 use serde::Serialize;
@@ -128,16 +128,25 @@ impl SeqMemory {
         self.region.base().cast()
     }
 
-    fn logits(&self) -> &mut [f32] {
-        let n = self.region.len() / 4 - self.kv_floats;
-        // SAFETY: the region holds kv_floats + vocab f32 after the cache; used by one caller at a time.
-        unsafe { std::slice::from_raw_parts_mut(self.kv_ptr().add(self.kv_floats), n) }
+    fn logits_ptr(&self) -> *mut f32 {
+        // SAFETY: the region holds kv_floats + vocab f32.
+        unsafe { self.kv_ptr().add(self.kv_floats) }
+    }
+
+    fn vocab(&self) -> usize {
+        self.region.len() / 4 - self.kv_floats
+    }
+
+    /// A copy of the logits (no device work is in flight: every step synchronizes).
+    fn logits(&self) -> Vec<f32> {
+        // SAFETY: the region holds `vocab` f32 logits; nothing writes them during this read.
+        unsafe { std::slice::from_raw_parts(self.logits_ptr(), self.vocab()) }.to_vec()
     }
 
     fn step(&self, pos: usize, token: u32) -> SeqStep {
         SeqStep {
             kv: self.kv_ptr() as u64,
-            logits: self.logits().as_ptr() as u64,
+            logits: self.logits_ptr() as u64,
             pos: pos as i32,
             max_seq: self.max_seq as i32,
             token,
@@ -156,8 +165,10 @@ impl SeqMemory {
     ) -> anyhow::Result<Vec<f32>> {
         // SAFETY: the region holds the cache for max_seq and is used by this call alone.
         let mut kv = unsafe { KvCache::from_raw_parts(self.kv_ptr(), model, self.max_seq) };
-        model.forward(dev, &mut kv, pos, tokens, TensorMut::from_f32(self.logits()), scratch)?;
-        Ok(self.logits().to_vec())
+        // SAFETY: the logits follow the cache in the region, disjoint from it, and only this call uses them.
+        let logits = unsafe { TensorMut::from_raw_parts(self.logits_ptr().cast(), self.vocab(), DType::F32) };
+        model.forward(dev, &mut kv, pos, tokens, logits, scratch)?;
+        Ok(self.logits())
     }
 }
 
@@ -231,7 +242,7 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
             let step = mem.step(tokens.len() + i, next);
             model.decode_step_cuda(cuda, &[step])?;
             times.push(t.elapsed().as_secs_f64() * 1e3);
-            logits = mem.logits().to_vec();
+            logits = mem.logits();
         }
         let equal =
             reference.as_ref().map(|(_, greedy)| greedy.iter().zip(&generated).take_while(|(a, b)| a == b).count());

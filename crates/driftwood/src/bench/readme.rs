@@ -159,6 +159,69 @@ fn density_table(v: &Value) -> String {
     )
 }
 
+/// The CUDA backend on the Llama-3.2-1B-shaped model, with the PyTorch peers of the same run's device.
+fn gpu_table(v: &Value, peers_decode: Option<&Value>, peers_batched: Option<&Value>) -> String {
+    let r = &v["results"];
+    let mut t = String::from("| | ms/token (batch 1) | vs floor |\n|---|---:|---:|\n");
+    let floor = num(r, "floor_ms_per_token");
+    for run in r["runs"].as_array().into_iter().flatten() {
+        let ms = num(run, "decode_ms_per_token");
+        t += &format!(
+            "| Driftwood, {} actor memory | {ms:.3} | {:.0} % of bandwidth |\n",
+            run["placement"].as_str().unwrap_or("?"),
+            100.0 * floor / ms
+        );
+    }
+    if let Some(p) = peers_decode {
+        let eager = num(&p["eager"], "decode_ms_per_token");
+        let graph = num(&p["static_graph"], "decode_ms_per_token");
+        t += &format!("| transformers eager | {eager:.3} | {:.0} % |\n", 100.0 * floor / eager);
+        t += &format!(
+            "| PyTorch static cache + CUDA graph (compiled) | {graph:.3} | {:.0} % |\n",
+            100.0 * floor / graph
+        );
+    }
+    t += &format!(
+        "\nFloor {floor:.3} ms/token = {:.2} GB of weights / {:.0} GB/s measured device copy bandwidth ({}).\n",
+        num(r, "weight_bytes_per_token") / 1e9,
+        num(r, "copy_bandwidth_gb_s"),
+        r["device"].as_str().unwrap_or("?")
+    );
+    let b = &r["batched"];
+    if b.is_object() {
+        t += &format!(
+            "\nBatched: {} sequences with {}-token contexts (managed memory) step together at {:.0} tokens/s \
+             ({:.2} ms/step; roofline {:.0} tokens/s for weights plus every sequence's f32 KV per step)",
+            num(b, "batch"),
+            num(b, "context"),
+            num(b, "tokens_per_s"),
+            num(b, "step_ms"),
+            num(b, "roofline_tokens_per_s")
+        );
+        if let Some(p) = peers_batched {
+            let batch = num(b, "batch");
+            let same = p["results"].as_array().into_iter().flatten().find(|x| num(x, "batch") == batch);
+            if let Some(x) = same {
+                t += &format!("; PyTorch (static cache, CUDA graph, compiled): {:.0} tokens/s", num(x, "tokens_per_s"));
+            }
+        }
+        t += ".\n";
+    }
+    let g = &r["golden"];
+    if g.is_object() {
+        t += &format!(
+            "\nAgainst transformers on the same weights ({}-token prompt): max |Δ| over its top-64 logits {:.1e} \
+             (float32 compute) and {:.3} (bf16 compute); greedy tokens equal for {} of {}.\n",
+            num(g, "prompt_tokens"),
+            num(g, "max_abs_diff_top64_vs_f32"),
+            num(g, "max_abs_diff_top64_vs_bf16"),
+            num(g, "greedy_equal_f32"),
+            num(g, "greedy_compared")
+        );
+    }
+    t + &provenance(v)
+}
+
 fn replace_between(doc: &str, name: &str, body: &str) -> anyhow::Result<String> {
     let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
     let (Some(start), Some(end)) = (doc.find(&open), doc.find(&close)) else {
@@ -180,6 +243,13 @@ pub fn run(args: &ReadmeArgs) -> anyhow::Result<()> {
     }
     if let Ok(snapshot) = load(args, "snapshot-cpu") {
         doc = replace_between(&doc, "snapshot", &snapshot_table(&snapshot))?;
+    }
+    if let Ok(gpu) = load(args, "gpu-cuda") {
+        let (d, b) = (load(args, "peers-torch-decode-cuda").ok(), load(args, "peers-torch-batched-cuda").ok());
+        doc = replace_between(&doc, "gpu", &gpu_table(&gpu, d.as_ref(), b.as_ref()))?;
+    }
+    if let Ok(snapshot) = load(args, "snapshot-cuda") {
+        doc = replace_between(&doc, "snapshot-gpu", &snapshot_table(&snapshot))?;
     }
     if let Ok(density) = load(args, "density-cpu") {
         doc = replace_between(&doc, "density", &density_table(&density))?;

@@ -84,7 +84,6 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
         placement: args.placement,
         log: LogMode::Capture,
         limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
-        ..Default::default()
     })?;
     runtime.register_model("default", model);
     let tmp = tempfile::tempdir()?;
