@@ -282,7 +282,35 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         golden,
         batched,
     };
-    emit("gpu", "gpu-cuda", &args.output, results)
+    let failures = check_failures(&results);
+    emit("gpu", "gpu-cuda", &args.output, results)?;
+    if !failures.is_empty() {
+        bail!("the GPU disagrees with its references: {}", failures.join("; "));
+    }
+    Ok(())
+}
+
+/// Greedy tokens must equal the CPU's and transformers' (float32) continuations, and logits must agree within
+/// bf16 rounding of a few units.
+fn check_failures(r: &GpuResults) -> Vec<String> {
+    const TOLERANCE: f32 = 0.05;
+    let mut out = vec![];
+    for run in &r.runs {
+        if let (Some(equal), Some(diff)) = (run.greedy_tokens_equal_cpu, run.max_abs_logit_diff_vs_cpu) {
+            if equal < run.greedy_tokens_compared {
+                out.push(format!("{}: {equal} of {} greedy tokens equal the CPU's", run.placement, run.greedy_tokens_compared));
+            }
+            if diff.is_nan() || diff > TOLERANCE {
+                out.push(format!("{}: logits differ from the CPU's by up to {diff}", run.placement));
+            }
+        }
+    }
+    if let Some(g) = &r.golden {
+        if g.greedy_equal_f32 < g.greedy_compared || !g.argmax_equal_f32 || g.max_abs_diff_top64_vs_f32 > TOLERANCE {
+            out.push(format!("against transformers: {g:?}"));
+        }
+    }
+    out
 }
 
 fn batched(model: &Model, cuda: &CudaBackend, args: &GpuArgs, copy_gb_s: f64) -> anyhow::Result<BatchRun> {
