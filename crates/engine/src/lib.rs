@@ -6,6 +6,8 @@
 //!   tokenizer and the chat template, and validates every tensor against `config.json`.
 //! * [`Model::forward`] runs prefill or a decode step for a sequence whose KV cache is a [`KvCache`] view —
 //!   in Driftwood, a range of the actor's own linear memory, written in place.
+//! * [`Model::decode_batch`] runs one decode step for many sequences (each with its own cache, position and
+//!   logits buffer) as one forward pass: continuous batching.
 //!
 //! # Example
 //!
@@ -28,6 +30,7 @@
 
 #![warn(missing_docs)]
 
+mod batch;
 mod config;
 mod cuda_forward;
 mod error;
@@ -38,6 +41,7 @@ mod rope;
 mod template;
 mod weights;
 
+pub use batch::{BatchScratch, BatchSeq};
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::EngineError;
 pub use forward::Scratch;
