@@ -159,7 +159,6 @@ fn invalid_sequences_are_refused_before_any_work() {
         let err = model.decode_batch(&dev, &mut batch, &mut scratch).unwrap_err();
         assert!(matches!(err, EngineError::Request(_)), "{err:?}");
         assert!(err.to_string().contains(message), "{err}");
-        drop(batch);
         assert!(before.0 == a.kv_batch && before.1 == a.logits_batch, "the valid sequence was left untouched");
     }
     let mut short = vec![0f32; vocab - 1];
