@@ -298,7 +298,10 @@ fn check_failures(r: &GpuResults) -> Vec<String> {
     for run in &r.runs {
         if let (Some(equal), Some(diff)) = (run.greedy_tokens_equal_cpu, run.max_abs_logit_diff_vs_cpu) {
             if equal < run.greedy_tokens_compared {
-                out.push(format!("{}: {equal} of {} greedy tokens equal the CPU's", run.placement, run.greedy_tokens_compared));
+                out.push(format!(
+                    "{}: {equal} of {} greedy tokens equal the CPU's",
+                    run.placement, run.greedy_tokens_compared
+                ));
             }
             if diff.is_nan() || diff > TOLERANCE {
                 out.push(format!("{}: logits differ from the CPU's by up to {diff}", run.placement));

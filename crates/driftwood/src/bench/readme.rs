@@ -134,8 +134,8 @@ fn snapshot_table(v: &Value) -> String {
     }
     let model = v["results"]["model"].as_str().unwrap_or("?");
     t + &format!(
-        "\nModel `{model}`; medians. *save*: until `session_save` returns to the actor (snapshot complete in a \
-         temporary file); *save, durable*: until it is fsynced and renamed into place (on a background thread).\n"
+        "\nModel `{model}`; medians. *save*: until `session_save` returns to the actor (the snapshot copied out \
+         of its memory, or written from it to a temporary file); *save, durable*: until it is fsynced and renamed into place (on a background thread).\n"
     ) + &provenance(v)
 }
 
