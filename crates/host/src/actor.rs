@@ -80,6 +80,8 @@ pub(crate) struct ActorState {
     pub(crate) host_error: Option<String>,
     /// The last `session_save`, written but still being synced and renamed into place on its own thread.
     pending_save: Option<PendingSave>,
+    /// The runtime's decode rendezvous, when batching is on.
+    pub(crate) batcher: Option<Arc<crate::batch::Batcher>>,
 }
 
 /// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
@@ -127,6 +129,7 @@ impl ActorState {
             session_file: None,
             host_error: None,
             pending_save: None,
+            batcher: None,
         }
     }
 
@@ -265,6 +268,8 @@ impl Actor {
             .get_typed_func::<P, R>(&mut self.store, name)
             .map_err(|e| ActorError::NoSuchExport { export: name.into(), message: format!("{e:#}") })?;
         self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        // While the call runs, batched decode steps of other actors wait for this one's (at most the window).
+        let _in_call = self.store.data().batcher.as_ref().map(|b| b.enter());
         func.call(&mut self.store, params).map_err(|e| classify(name, e, self.limits.deadline, false))
     }
 

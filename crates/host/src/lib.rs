@@ -9,6 +9,10 @@
 //! reads nor writes guest memory except through [`Actor`] methods that take `&mut self` (and record the
 //! bytes they copy in the actor's [`CopyLedger`](driftwood_memory::CopyLedger)).
 //!
+//! With continuous batching on ([`RuntimeConfig::batch_window`]) a decode step may be computed on another
+//! actor's thread, in one pass with the steps of other actors; the actor whose bytes are used is then blocked
+//! inside its own `driftwood.forward` call until that pass is complete, so the contract holds unchanged.
+//!
 //! # Example
 //!
 //! ```
@@ -33,12 +37,14 @@
 
 pub mod abi;
 mod actor;
+mod batch;
 mod error;
 mod hibernate;
 mod limits;
 mod runtime;
 
 pub use actor::{Actor, InferenceStats, LogLine};
+pub use batch::{BATCH_SIZE_BOUNDS, BatchStats};
 pub use driftwood_backend::Backend;
 pub use error::ActorError;
 pub use hibernate::{ActorStore, Hibernated};

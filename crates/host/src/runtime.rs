@@ -13,6 +13,7 @@ use driftwood_memory::{CopyLedger, LedgerSnapshot, Placement, RegionCreator};
 use wasmtime::{Config, Engine, Linker, Module};
 
 use crate::actor::{Actor, ActorState};
+use crate::batch::{BatchStats, Batcher};
 use crate::{ActorError, ActorLimits, abi};
 
 fn digest(wasm: &[u8]) -> [u8; 32] {
@@ -44,6 +45,10 @@ pub struct RuntimeConfig {
     pub limits: ActorLimits,
     /// Where actor log lines go.
     pub log: LogMode,
+    /// Continuous batching: when set, the decode steps (`driftwood.forward` of one token) of actors running
+    /// at the same time are evaluated as one forward pass per model. The first step to arrive waits for the
+    /// other actors in a call, at most this long. `None` (the default): every call runs alone.
+    pub batch_window: Option<Duration>,
 }
 
 /// Models loaded by the host, by name. Each is loaded once and shared by every actor that opens it.
@@ -94,6 +99,8 @@ pub struct Runtime {
     /// Compiled modules by content hash: creating many actors of one module compiles it once.
     modules: std::sync::Mutex<std::collections::HashMap<[u8; 32], Module>>,
     config: RuntimeConfig,
+    /// The decode rendezvous, when batching is on.
+    batcher: Option<Arc<Batcher>>,
     _ticker: Ticker,
 }
 
@@ -149,6 +156,7 @@ impl Runtime {
                 }
             })?
         };
+        let batcher = config.batch_window.map(|window| Arc::new(Batcher::new(window, device.clone())));
         Ok(Runtime {
             engine,
             linker,
@@ -158,6 +166,7 @@ impl Runtime {
             models: Arc::new(ModelRegistry::default()),
             modules: Default::default(),
             config,
+            batcher,
             _ticker: Ticker { stop, thread: Some(thread) },
         })
     }
@@ -223,7 +232,10 @@ impl Runtime {
     }
 
     fn new_state(&self, limits: ActorLimits) -> ActorState {
-        ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log, self.models.clone())
+        let mut state =
+            ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log, self.models.clone());
+        state.batcher = self.batcher.clone();
+        state
     }
 
     /// Makes `model` available to actors as `name` (`driftwood.model_open`). Registering a name again
@@ -250,6 +262,17 @@ impl Runtime {
     /// The configuration this runtime was built with.
     pub fn config(&self) -> &RuntimeConfig {
         &self.config
+    }
+
+    /// Whether decode steps of concurrent actors are batched, and the longest the first step waits for the
+    /// others ([`RuntimeConfig::batch_window`]).
+    pub fn batch_window(&self) -> Option<Duration> {
+        self.batcher.as_ref().map(|b| b.window())
+    }
+
+    /// Decode passes the batcher has run and their sizes (all zero when batching is off).
+    pub fn batch_stats(&self) -> BatchStats {
+        self.batcher.as_ref().map(|b| b.stats()).unwrap_or_default()
     }
 
     /// Bytes copied between any actor's memory and anything else since the runtime started.

@@ -222,6 +222,34 @@ fn forward(
     disjoint(CALL, ("logits", &logits), ("tokens", &tokens))?;
     disjoint(CALL, ("logits", &logits), ("kv", &kv))?;
     let base = data.as_mut_ptr();
+    if let Some(batcher) = state.batcher.clone()
+        && n == 1
+    {
+        // A decode step: joins the next batched pass of this runtime.
+        let t = &data[tokens.start..tokens.end];
+        let token = u32::from_le_bytes([t[0], t[1], t[2], t[3]]);
+        // A step that cannot run fails here, for this actor alone, before it joins a pass.
+        model.check_decode(max_seq as usize, pos as usize, token).map_err(|e| AbiError::new(CALL, e.to_string()))?;
+        let step = crate::batch::Step {
+            kv: base as usize + kv.start,
+            max_seq: max_seq as usize,
+            pos: pos as usize,
+            token,
+            logits: base as usize + logits.start,
+            model,
+        };
+        let started = Instant::now();
+        // SAFETY (the contract of `Batcher::decode`): kv and logits were checked above to lie inside this
+        // actor's memory, 4-byte aligned (the region's base is page-aligned), and disjoint. This thread is
+        // the actor's own, inside its host call: the guest is suspended and `data` stays borrowed until
+        // `decode` returns, which it does only after the pass computing on these bytes is complete. So no
+        // one else touches them while the leader's thread does.
+        unsafe { batcher.decode(step) }.map_err(|e| AbiError::new(CALL, e))?;
+        state.stats.record_forward(1, started.elapsed());
+        return Ok(());
+    }
+    // Prefill (or batching off) runs alone; batched decode steps of other actors do not wait for it.
+    let _solo = state.batcher.as_ref().map(|b| b.solo());
     // SAFETY: each range was checked to lie inside the actor's memory and be 4-byte aligned (the region's
     // base is page-aligned); kv and logits are written and overlap nothing else; tokens are only read. The
     // guest is suspended in this call, which returns only after the backend is done with all three.

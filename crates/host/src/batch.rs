@@ -1,0 +1,281 @@
+//! Continuous batching behind `driftwood.forward`: single-token (decode) calls of actors that run at the same
+//! time are gathered and evaluated as one forward pass ([`Model::decode_batch`]), each on its own KV cache and
+//! logits in its own memory.
+//!
+//! A rendezvous, no extra thread: the first actor to submit a step *leads*. It waits until every actor that
+//! is inside a call of this runtime has submitted a step too, except those running a forward alone (prefill),
+//! or until the window passes, whichever comes first; then it runs the steps gathered (one pass per model)
+//! and hands each actor its own result. Actors that arrive while a pass runs gather for the next one.
+//!
+//! # The invariant that makes this sound
+//!
+//! A step carries raw addresses into its actor's linear memory (the cache and the logits). The actor's thread
+//! stays blocked inside its `driftwood.forward` host call, in [`Batcher::decode`], until the step's result has
+//! been posted, and the leader posts a result only after the pass that touched those bytes is complete. So
+//! while another thread computes on them the guest cannot run, its memory cannot grow or be freed, and no
+//! host code of that actor touches them: exactly the call contract of a host call made by the actor itself.
+
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use driftwood_backend::{DType, Device, TensorMut};
+use driftwood_engine::{BatchScratch, BatchSeq, KvCache, Model};
+
+/// Upper bounds of the batch-size histogram's buckets ([`BatchStats::sizes`]); the last bucket holds larger
+/// passes.
+pub const BATCH_SIZE_BOUNDS: [u64; 9] = [1, 2, 4, 8, 16, 32, 64, 128, 256];
+
+/// What the batcher did: decode passes and the sequences they carried.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BatchStats {
+    /// Decode passes run by the batcher, of any size.
+    pub passes: u64,
+    /// Decode steps (sequences) carried by those passes.
+    pub sequences: u64,
+    /// Passes that carried more than one sequence.
+    pub batched_passes: u64,
+    /// Sequences carried by those passes.
+    pub batched_sequences: u64,
+    /// Passes by size: `sizes[i]` counts passes of more than `BATCH_SIZE_BOUNDS[i - 1]` and at most
+    /// `BATCH_SIZE_BOUNDS[i]` sequences; the last entry counts passes larger than every bound.
+    pub sizes: [u64; BATCH_SIZE_BOUNDS.len() + 1],
+}
+
+impl BatchStats {
+    /// Sequences per pass on average (0 before the first pass).
+    pub fn mean_size(&self) -> f64 {
+        if self.passes == 0 { 0.0 } else { self.sequences as f64 / self.passes as f64 }
+    }
+
+    fn record(&mut self, size: usize) {
+        let size = size as u64;
+        self.passes += 1;
+        self.sequences += size;
+        if size > 1 {
+            self.batched_passes += 1;
+            self.batched_sequences += size;
+        }
+        let bucket = BATCH_SIZE_BOUNDS.iter().position(|&b| size <= b).unwrap_or(BATCH_SIZE_BOUNDS.len());
+        self.sizes[bucket] += 1;
+    }
+}
+
+/// One actor's decode step: its model, where its cache and logits are, its position and token.
+pub(crate) struct Step {
+    pub model: Arc<Model>,
+    /// Address of the cache, `model.kv_floats(max_seq)` f32s.
+    pub kv: usize,
+    pub max_seq: usize,
+    pub pos: usize,
+    pub token: u32,
+    /// Address of the logits, `vocab` f32s.
+    pub logits: usize,
+}
+
+impl Step {
+    /// The step as the engine takes it.
+    ///
+    /// # Safety
+    ///
+    /// The contract of [`Batcher::decode`] holds for this step (its submitter is blocked until its result is
+    /// posted), and no other view of the same bytes is alive.
+    unsafe fn view(&self) -> BatchSeq<'_> {
+        let vocab = self.model.config().vocab_size;
+        // SAFETY: by the caller's contract the ranges are valid, aligned, exclusively ours for the view's life.
+        unsafe {
+            BatchSeq {
+                kv: KvCache::from_raw_parts(self.kv as *mut f32, &self.model, self.max_seq),
+                pos: self.pos,
+                token: self.token,
+                logits: TensorMut::from_raw_parts(self.logits as *mut u8, vocab, DType::F32),
+            }
+        }
+    }
+}
+
+/// Where a submitter waits for its own result.
+#[derive(Default)]
+struct Ticket {
+    result: Mutex<Option<Result<(), String>>>,
+    done: Condvar,
+}
+
+impl Ticket {
+    /// Posts `result` unless one was posted already.
+    fn post(&self, result: Result<(), String>) {
+        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        if slot.is_none() {
+            *slot = Some(result);
+            self.done.notify_all();
+        }
+    }
+
+    fn wait(&self) -> Result<(), String> {
+        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(result) = slot.take() {
+                return result;
+            }
+            slot = self.done.wait(slot).unwrap_or_else(|p| p.into_inner());
+        }
+    }
+}
+
+struct Pending {
+    step: Step,
+    ticket: Arc<Ticket>,
+}
+
+/// Posts an error to every step of a pass that got no result, so that no submitter waits forever if the
+/// pass panics.
+struct Release(Vec<Pending>);
+
+impl Drop for Release {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            p.ticket.post(Err("the batched decode pass did not complete (the thread running it panicked)".into()));
+        }
+    }
+}
+
+#[derive(Default)]
+struct Gathering {
+    /// Actors inside a call of this runtime ([`Batcher::enter`]).
+    active: usize,
+    /// Of those, actors inside a forward call that runs alone ([`Batcher::solo`]).
+    solo: usize,
+    /// Steps waiting for the next pass; the first one's submitter leads it.
+    pending: Vec<Pending>,
+}
+
+/// The rendezvous of one runtime (see the module documentation).
+pub(crate) struct Batcher {
+    window: Duration,
+    device: Arc<Device>,
+    gathering: Mutex<Gathering>,
+    /// Signalled when a step arrives or the number of actors the leader waits for drops.
+    changed: Condvar,
+    scratch: Mutex<BatchScratch>,
+    stats: Mutex<BatchStats>,
+}
+
+/// An actor inside a call; dropped when the call returns.
+pub(crate) struct InCall(Arc<Batcher>);
+
+impl Drop for InCall {
+    fn drop(&mut self) {
+        self.0.lock().active -= 1;
+        self.0.changed.notify_all();
+    }
+}
+
+/// An actor inside a forward call that runs alone; dropped when it returns.
+pub(crate) struct Solo(Arc<Batcher>);
+
+impl Drop for Solo {
+    fn drop(&mut self) {
+        self.0.lock().solo -= 1;
+    }
+}
+
+impl Batcher {
+    pub(crate) fn new(window: Duration, device: Arc<Device>) -> Self {
+        Batcher {
+            window,
+            device,
+            gathering: Mutex::default(),
+            changed: Condvar::new(),
+            scratch: Mutex::default(),
+            stats: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Gathering> {
+        self.gathering.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The longest a leader waits for the others.
+    pub(crate) fn window(&self) -> Duration {
+        self.window
+    }
+
+    pub(crate) fn stats(&self) -> BatchStats {
+        *self.stats.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Counts an actor as running a call until the guard is dropped: leaders wait for it.
+    pub(crate) fn enter(self: &Arc<Self>) -> InCall {
+        self.lock().active += 1;
+        InCall(self.clone())
+    }
+
+    /// Counts an actor as running a forward alone until the guard is dropped: leaders do not wait for it.
+    pub(crate) fn solo(self: &Arc<Self>) -> Solo {
+        self.lock().solo += 1;
+        self.changed.notify_all();
+        Solo(self.clone())
+    }
+
+    /// Runs `step` in the next batched pass and returns its own result, blocking until then.
+    ///
+    /// # Safety
+    ///
+    /// `step.kv` is the address of `step.model.kv_floats(step.max_seq)` f32s and `step.logits` of `vocab`
+    /// f32s, both 4-byte aligned, disjoint, inside the memory of the actor whose thread calls this, and nothing
+    /// else reads or writes them until this returns. The caller is that actor's host call: it stays blocked
+    /// here until the pass that computes on those bytes is complete (see the module documentation).
+    pub(crate) unsafe fn decode(&self, step: Step) -> Result<(), String> {
+        let ticket = Arc::new(Ticket::default());
+        let mut g = self.lock();
+        g.pending.push(Pending { step, ticket: ticket.clone() });
+        if g.pending.len() == 1 {
+            // Lead: wait for every actor in a call that is not running a forward alone, at most the window.
+            let deadline = Instant::now() + self.window;
+            loop {
+                let expected = g.active.saturating_sub(g.solo);
+                let now = Instant::now();
+                if g.pending.len() >= expected || now >= deadline {
+                    break;
+                }
+                g = self.changed.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+            }
+            let batch = std::mem::take(&mut g.pending);
+            drop(g);
+            self.run(Release(batch));
+        } else {
+            drop(g);
+            self.changed.notify_all();
+        }
+        ticket.wait()
+    }
+
+    /// Runs one pass per model over the steps of `batch` and posts each step's result.
+    fn run(&self, batch: Release) {
+        let steps = &batch.0;
+        let mut order: Vec<usize> = (0..steps.len()).collect();
+        order.sort_by_key(|&i| Arc::as_ptr(&steps[i].step.model) as usize);
+        let mut scratch = self.scratch.lock().unwrap_or_else(|p| p.into_inner());
+        for group in order.chunk_by(|&a, &b| Arc::ptr_eq(&steps[a].step.model, &steps[b].step.model)) {
+            let model = &steps[group[0]].step.model;
+            let pass = |members: &[usize], scratch: &mut BatchScratch| {
+                // SAFETY: every step's submitter is blocked in `decode` until its ticket is posted, which
+                // happens after this pass returns (the invariant of `decode`); each step is viewed once here.
+                let mut seqs: Vec<BatchSeq<'_>> = members.iter().map(|&i| unsafe { steps[i].step.view() }).collect();
+                let result = model.decode_batch(&self.device, &mut seqs, scratch).map_err(|e| e.to_string());
+                self.stats.lock().unwrap_or_else(|p| p.into_inner()).record(members.len());
+                result
+            };
+            match pass(group, &mut scratch) {
+                Ok(()) => group.iter().for_each(|&i| steps[i].ticket.post(Ok(()))),
+                // One sequence's failure must not fail the others: run each alone. A decode step only writes
+                // its own cache row at its position and its logits, so running it again is harmless.
+                Err(_) if group.len() > 1 => {
+                    for &i in group {
+                        steps[i].ticket.post(pass(&[i], &mut scratch));
+                    }
+                }
+                Err(e) => steps[group[0]].ticket.post(Err(e)),
+            }
+        }
+    }
+}
