@@ -308,10 +308,10 @@ fn check_failures(r: &GpuResults) -> Vec<String> {
             }
         }
     }
-    if let Some(g) = &r.golden {
-        if g.greedy_equal_f32 < g.greedy_compared || !g.argmax_equal_f32 || g.max_abs_diff_top64_vs_f32 > TOLERANCE {
-            out.push(format!("against transformers: {g:?}"));
-        }
+    if let Some(g) = &r.golden
+        && (g.greedy_equal_f32 < g.greedy_compared || !g.argmax_equal_f32 || g.max_abs_diff_top64_vs_f32 > TOLERANCE)
+    {
+        out.push(format!("against transformers: {g:?}"));
     }
     out
 }
