@@ -11,7 +11,7 @@
 
 use driftwood_backend::{AttentionDims, Backend, DType, Device, LinearDims, TensorMut, TensorRef};
 
-use crate::{EngineError, KvCache, Model};
+use crate::{EngineError, KvCache, Model, Scratch};
 
 /// One sequence's part of a batched decode step: its cache, the position of its new token, the token, and
 /// where its next-token logits `(vocab)` go.
@@ -43,6 +43,7 @@ pub struct BatchScratch {
     sin: Vec<f32>,    // (b, head_dim/2)
     logits: Vec<f32>, // (b, vocab)
     tokens: Vec<u32>, // (b)
+    single: Scratch,  // a batch of one runs the single-sequence forward pass
 }
 
 fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
@@ -160,6 +161,11 @@ impl Model {
         seqs: &mut [BatchSeq<'_>],
         s: &mut BatchScratch,
     ) -> Result<(), EngineError> {
+        if let [seq] = seqs {
+            // One sequence: nothing to share; the single-sequence pass writes straight into its cache rows.
+            let (pos, token) = (seq.pos, seq.token);
+            return self.forward(dev, &mut seq.kv, pos, &[token], seq.logits.reborrow(), &mut s.single);
+        }
         let c = self.config();
         let b = seqs.len();
         let (h, qd, kvd, ff, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);

@@ -82,6 +82,8 @@ pub(crate) struct ActorState {
     pending_save: Option<PendingSave>,
     /// The runtime's decode rendezvous, when batching is on.
     pub(crate) batcher: Option<Arc<crate::batch::Batcher>>,
+    /// Whether the batcher counts this actor as decoding (in a generation loop, see `batch`).
+    pub(crate) decoding: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
@@ -130,6 +132,7 @@ impl ActorState {
             host_error: None,
             pending_save: None,
             batcher: None,
+            decoding: Arc::default(),
         }
     }
 
@@ -268,8 +271,9 @@ impl Actor {
             .get_typed_func::<P, R>(&mut self.store, name)
             .map_err(|e| ActorError::NoSuchExport { export: name.into(), message: format!("{e:#}") })?;
         self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
-        // While the call runs, batched decode steps of other actors wait for this one's (at most the window).
-        let _in_call = self.store.data().batcher.as_ref().map(|b| b.enter());
+        // When the call returns, batched decode steps of other actors stop waiting for this one's.
+        let state = self.store.data();
+        let _in_call = state.batcher.as_ref().map(|b| b.enter(&state.decoding));
         func.call(&mut self.store, params).map_err(|e| classify(name, e, self.limits.deadline, false))
     }
 

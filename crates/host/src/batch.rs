@@ -3,9 +3,12 @@
 //! logits in its own memory.
 //!
 //! A rendezvous, no extra thread: the first actor to submit a step *leads*. It waits until every actor that
-//! is inside a call of this runtime has submitted a step too, except those running a forward alone (prefill),
-//! or until the window passes, whichever comes first; then it runs the steps gathered (one pass per model)
-//! and hands each actor its own result. Actors that arrive while a pass runs gather for the next one.
+//! is *decoding* has submitted a step too, or until the window passes, whichever comes first; then it runs
+//! the steps gathered (one pass per model) and hands each actor its own result. Actors that arrive while a
+//! pass runs gather for the next one. An actor is decoding from its first decode step in a call until the
+//! call returns or it runs a forward of several tokens (prefill, which runs alone): the leader does not wait
+//! for actors that are setting up a turn, prefilling or finishing one, only for those between two steps of
+//! a generation loop (sampling from their logits).
 //!
 //! # The invariant that makes this sound
 //!
@@ -15,7 +18,9 @@
 //! while another thread computes on them the guest cannot run, its memory cannot grow or be freed, and no
 //! host code of that actor touches them: exactly the call contract of a host call made by the actor itself.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use driftwood_backend::{DType, Device, TensorMut};
@@ -93,31 +98,37 @@ impl Step {
     }
 }
 
-/// Where a submitter waits for its own result.
-#[derive(Default)]
+/// Where a submitter waits for its own result (parked, woken by the leader).
 struct Ticket {
+    /// The submitter's thread.
+    owner: Thread,
+    posted: AtomicBool,
     result: Mutex<Option<Result<(), String>>>,
-    done: Condvar,
 }
 
 impl Ticket {
-    /// Posts `result` unless one was posted already.
+    fn new() -> Self {
+        Ticket { owner: std::thread::current(), posted: AtomicBool::new(false), result: Mutex::new(None) }
+    }
+
+    /// Posts `result` unless one was posted already, and wakes the submitter.
     fn post(&self, result: Result<(), String>) {
         let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        if slot.is_none() {
+        if slot.is_none() && !self.posted.load(Ordering::Acquire) {
             *slot = Some(result);
-            self.done.notify_all();
+            drop(slot);
+            self.posted.store(true, Ordering::Release);
+            self.owner.unpark();
         }
     }
 
+    /// Waits for the result; called by the submitter's thread only.
     fn wait(&self) -> Result<(), String> {
-        let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(result) = slot.take() {
-                return result;
-            }
-            slot = self.done.wait(slot).unwrap_or_else(|p| p.into_inner());
+        while !self.posted.load(Ordering::Acquire) {
+            std::thread::park();
         }
+        let result = self.result.lock().unwrap_or_else(|p| p.into_inner()).take();
+        result.unwrap_or_else(|| Err("the batched decode pass posted no result".into()))
     }
 }
 
@@ -140,12 +151,19 @@ impl Drop for Release {
 
 #[derive(Default)]
 struct Gathering {
-    /// Actors inside a call of this runtime ([`Batcher::enter`]).
-    active: usize,
-    /// Of those, actors inside a forward call that runs alone ([`Batcher::solo`]).
-    solo: usize,
+    /// Actors decoding (see the module documentation); each one's own flag says whether it is counted.
+    decoding: usize,
     /// Steps waiting for the next pass; the first one's submitter leads it.
     pending: Vec<Pending>,
+    /// Whether that leader is waiting for the others (and needs waking when they are all there).
+    leader_waiting: bool,
+}
+
+impl Gathering {
+    /// Every actor in a call that does not run a forward alone has a step pending.
+    fn complete(&self) -> bool {
+        self.pending.len() >= self.decoding
+    }
 }
 
 /// The rendezvous of one runtime (see the module documentation).
@@ -153,28 +171,21 @@ pub(crate) struct Batcher {
     window: Duration,
     device: Arc<Device>,
     gathering: Mutex<Gathering>,
-    /// Signalled when a step arrives or the number of actors the leader waits for drops.
+    /// Signalled when the waiting leader's gathering becomes complete.
     changed: Condvar,
     scratch: Mutex<BatchScratch>,
     stats: Mutex<BatchStats>,
 }
 
-/// An actor inside a call; dropped when the call returns.
-pub(crate) struct InCall(Arc<Batcher>);
+/// An actor inside a call; dropped when the call returns (or unwinds), which ends its decoding.
+pub(crate) struct InCall {
+    batcher: Arc<Batcher>,
+    decoding: Arc<AtomicBool>,
+}
 
 impl Drop for InCall {
     fn drop(&mut self) {
-        self.0.lock().active -= 1;
-        self.0.changed.notify_all();
-    }
-}
-
-/// An actor inside a forward call that runs alone; dropped when it returns.
-pub(crate) struct Solo(Arc<Batcher>);
-
-impl Drop for Solo {
-    fn drop(&mut self) {
-        self.0.lock().solo -= 1;
+        self.batcher.stop_decoding(&self.decoding);
     }
 }
 
@@ -194,6 +205,14 @@ impl Batcher {
         self.gathering.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Wakes the waiting leader if its gathering is complete (only then: each wake-up costs a context
+    /// switch).
+    fn wake_leader(&self, g: &Gathering) {
+        if g.leader_waiting && g.complete() {
+            self.changed.notify_one();
+        }
+    }
+
     /// The longest a leader waits for the others.
     pub(crate) fn window(&self) -> Duration {
         self.window
@@ -203,20 +222,24 @@ impl Batcher {
         *self.stats.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Counts an actor as running a call until the guard is dropped: leaders wait for it.
-    pub(crate) fn enter(self: &Arc<Self>) -> InCall {
-        self.lock().active += 1;
-        InCall(self.clone())
+    /// A call of the actor whose decoding flag is `decoding` begins; when the guard drops, the actor stops
+    /// counting as decoding.
+    pub(crate) fn enter(self: &Arc<Self>, decoding: &Arc<AtomicBool>) -> InCall {
+        InCall { batcher: self.clone(), decoding: decoding.clone() }
     }
 
-    /// Counts an actor as running a forward alone until the guard is dropped: leaders do not wait for it.
-    pub(crate) fn solo(self: &Arc<Self>) -> Solo {
-        self.lock().solo += 1;
-        self.changed.notify_all();
-        Solo(self.clone())
+    /// The actor whose flag this is no longer decoding (its call ended, or it runs a forward alone): leaders
+    /// stop waiting for it.
+    pub(crate) fn stop_decoding(&self, decoding: &AtomicBool) {
+        let mut g = self.lock();
+        if decoding.swap(false, Ordering::Relaxed) {
+            g.decoding -= 1;
+            self.wake_leader(&g);
+        }
     }
 
-    /// Runs `step` in the next batched pass and returns its own result, blocking until then.
+    /// Runs `step` in the next batched pass and returns its own result, blocking until then. `decoding` is
+    /// the submitting actor's flag (it counts as decoding from now on).
     ///
     /// # Safety
     ///
@@ -224,27 +247,31 @@ impl Batcher {
     /// f32s, both 4-byte aligned, disjoint, inside the memory of the actor whose thread calls this, and nothing
     /// else reads or writes them until this returns. The caller is that actor's host call: it stays blocked
     /// here until the pass that computes on those bytes is complete (see the module documentation).
-    pub(crate) unsafe fn decode(&self, step: Step) -> Result<(), String> {
-        let ticket = Arc::new(Ticket::default());
+    pub(crate) unsafe fn decode(&self, step: Step, decoding: &AtomicBool) -> Result<(), String> {
+        let ticket = Arc::new(Ticket::new());
         let mut g = self.lock();
+        if !decoding.swap(true, Ordering::Relaxed) {
+            g.decoding += 1;
+        }
         g.pending.push(Pending { step, ticket: ticket.clone() });
         if g.pending.len() == 1 {
-            // Lead: wait for every actor in a call that is not running a forward alone, at most the window.
+            // Lead: wait for every decoding actor, at most the window.
             let deadline = Instant::now() + self.window;
+            g.leader_waiting = true;
             loop {
-                let expected = g.active.saturating_sub(g.solo);
                 let now = Instant::now();
-                if g.pending.len() >= expected || now >= deadline {
+                if g.complete() || now >= deadline {
                     break;
                 }
                 g = self.changed.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
             }
+            g.leader_waiting = false;
             let batch = std::mem::take(&mut g.pending);
             drop(g);
             self.run(Release(batch));
         } else {
+            self.wake_leader(&g);
             drop(g);
-            self.changed.notify_all();
         }
         ticket.wait()
     }

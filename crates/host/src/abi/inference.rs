@@ -244,12 +244,14 @@ fn forward(
         // the actor's own, inside its host call: the guest is suspended and `data` stays borrowed until
         // `decode` returns, which it does only after the pass computing on these bytes is complete. So no
         // one else touches them while the leader's thread does.
-        unsafe { batcher.decode(step) }.map_err(|e| AbiError::new(CALL, e))?;
+        unsafe { batcher.decode(step, &state.decoding) }.map_err(|e| AbiError::new(CALL, e))?;
         state.stats.record_forward(1, started.elapsed());
         return Ok(());
     }
     // Prefill (or batching off) runs alone; batched decode steps of other actors do not wait for it.
-    let _solo = state.batcher.as_ref().map(|b| b.solo());
+    if let Some(batcher) = &state.batcher {
+        batcher.stop_decoding(&state.decoding);
+    }
     // SAFETY: each range was checked to lie inside the actor's memory and be 4-byte aligned (the region's
     // base is page-aligned); kv and logits are written and overlap nothing else; tokens are only read. The
     // guest is suspended in this call, which returns only after the backend is done with all three.
