@@ -128,6 +128,7 @@ impl ChatSession {
             placement: args.placement.unwrap_or_default(),
             log: LogMode::Stderr,
             limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
+            batch_window: None,
         })?;
         runtime.register_model("default", model);
         let mut actor = runtime.instantiate(driftwood_actors::CHAT)?;

@@ -8,7 +8,8 @@
 //! ```
 //!
 //! The server runs in this process on an ephemeral loopback port with a fresh store; with `--hibernate`
-//! every actor is released after each turn and restored from its snapshot on the next.
+//! every actor is released after each turn and restored from its snapshot on the next. Decode steps are
+//! batched with the server's default window; `--batch-window-ms 0` runs every turn's steps alone.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -24,11 +25,21 @@ struct Options {
     max_tokens: u32,
     workers: usize,
     hibernate: bool,
+    /// Milliseconds; `None`: the server's default.
+    batch_window_ms: Option<f64>,
     out: Option<PathBuf>,
 }
 
 fn parse() -> anyhow::Result<Options> {
-    let mut o = Options { sessions: 64, turns: 5, max_tokens: 16, workers: 4, hibernate: false, out: None };
+    let mut o = Options {
+        sessions: 64,
+        turns: 5,
+        max_tokens: 16,
+        workers: 4,
+        hibernate: false,
+        batch_window_ms: None,
+        out: None,
+    };
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
         let mut value = || args.next().with_context(|| format!("{a} needs a value"));
@@ -38,12 +49,16 @@ fn parse() -> anyhow::Result<Options> {
             "--max-tokens" => o.max_tokens = value()?.parse()?,
             "--workers" => o.workers = value()?.parse()?,
             "--hibernate" => o.hibernate = true,
+            "--batch-window-ms" => o.batch_window_ms = Some(value()?.parse()?),
             "--out" => o.out = Some(value()?.into()),
             other => bail!("unknown option {other}"),
         }
     }
     if o.sessions == 0 || o.turns == 0 || o.max_tokens == 0 || o.workers == 0 {
         bail!("--sessions, --turns, --max-tokens and --workers must be positive");
+    }
+    if o.batch_window_ms.is_some_and(|w| !(w.is_finite() && (0.0..=1000.0).contains(&w))) {
+        bail!("--batch-window-ms must be between 0 and 1000");
     }
     Ok(o)
 }
@@ -140,6 +155,10 @@ async fn main() -> anyhow::Result<()> {
     if o.hibernate {
         config.hibernate_after = Duration::ZERO;
     }
+    if let Some(ms) = o.batch_window_ms {
+        config.batch_window = (ms > 0.0).then(|| Duration::from_secs_f64(ms / 1000.0));
+    }
+    let batch_window_ms = config.batch_window.map_or(0.0, |w| w.as_secs_f64() * 1000.0);
     let server = Server::start(config).await?;
     let base = format!("http://{}", server.addr());
     let client = reqwest::Client::builder().pool_max_idle_per_host(o.sessions).build()?;
@@ -174,6 +193,7 @@ async fn main() -> anyhow::Result<()> {
         "max_tokens": o.max_tokens,
         "workers": o.workers,
         "forced_hibernation": o.hibernate,
+        "batch_window_ms": batch_window_ms,
         "requests": latencies.len(),
         "errors": errors.len(),
         "error_samples": errors.iter().take(5).collect::<Vec<_>>(),
@@ -188,6 +208,10 @@ async fn main() -> anyhow::Result<()> {
         "prefill_tokens_saved": metric("driftwood_prefill_tokens_saved_total"),
         "sessions_restored": metric("driftwood_sessions_restored_total"),
         "restore_mean_s": metric("driftwood_restore_seconds_sum") / metric("driftwood_restore_seconds_count"),
+        "decode_passes": metric("driftwood_decode_batch_size_count"),
+        "decode_steps": metric("driftwood_decode_batch_size_sum"),
+        "decode_batch_mean": metric("driftwood_decode_batch_size_sum") / metric("driftwood_decode_batch_size_count"),
+        "batched_decode_passes": metric("driftwood_batched_decode_passes_total"),
     });
     server.shutdown().await?;
     let command = format!(

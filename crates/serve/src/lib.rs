@@ -19,6 +19,10 @@
 //! letters, digits, `-`, `_`). Without one, the request runs in a fresh actor that is discarded afterwards.
 //! A second request on a session while one runs is answered 409.
 //!
+//! Turns run on blocking threads, at most `workers` at once; their decode steps are batched: steps of turns
+//! running at the same time are evaluated as one forward pass, each on its own actor's KV cache and logits
+//! ([`ServeConfig::batch_window`]).
+//!
 //! # Example
 //!
 //! ```no_run
@@ -52,6 +56,9 @@ use tokio::sync::oneshot;
 use metrics::Metrics;
 use sessions::{SessionConfig, Sessions};
 
+/// The longest a decode step waits for the steps of other running turns, by default.
+pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
+
 /// How to run the server.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -84,11 +91,15 @@ pub struct ServeConfig {
     pub max_live: usize,
     /// Largest request body, in bytes (413 beyond).
     pub max_body_bytes: usize,
+    /// Continuous batching: decode steps of turns running at the same time are evaluated as one forward
+    /// pass; the first step waits at most this long for the others. `None` runs each turn's steps alone.
+    pub batch_window: Option<Duration>,
 }
 
 impl ServeConfig {
     /// Defaults for the model in `model_dir` and the store `store`: loopback on port 8080, 4 workers, a
-    /// 256-request queue, hibernation after 5 minutes idle or past 256 live actors.
+    /// 256-request queue, hibernation after 5 minutes idle or past 256 live actors, decode steps batched with
+    /// a 2 ms window.
     pub fn new(model_dir: PathBuf, store: PathBuf) -> Self {
         ServeConfig {
             model_dir,
@@ -105,6 +116,7 @@ impl ServeConfig {
             hibernate_after: Duration::from_secs(300),
             max_live: 256,
             max_body_bytes: 4 << 20,
+            batch_window: Some(DEFAULT_BATCH_WINDOW),
         }
     }
 }
@@ -151,6 +163,7 @@ impl Server {
             backend: config.backend,
             log: LogMode::Capture,
             limits: config.limits,
+            batch_window: config.batch_window,
             ..Default::default()
         })?;
         runtime.register_model("default", model.clone());

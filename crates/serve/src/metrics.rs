@@ -5,7 +5,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::time::Duration;
 
-use driftwood_host::Runtime;
+use driftwood_host::{BATCH_SIZE_BOUNDS, Runtime};
 
 /// Upper bounds (seconds) of the restore-latency histogram's buckets.
 const RESTORE_BUCKETS: [f64; 12] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 10.0];
@@ -46,10 +46,6 @@ pub struct Metrics {
     pub rejected_queue_full: AtomicU64,
     /// Requests refused because their session was busy.
     pub rejected_busy: AtomicU64,
-    /// Batched decode passes and the sequences they carried (continuous batching).
-    pub batches: AtomicU64,
-    /// Sequences carried by batched decode passes.
-    pub batched_sequences: AtomicU64,
     restore_latency: Mutex<Histogram>,
 }
 
@@ -103,15 +99,16 @@ impl Metrics {
         );
         counter("driftwood_snapshots_written_total", "Actor snapshots written.", self.snapshots.load(Relaxed));
         counter("driftwood_actor_traps_total", "Turns whose actor trapped.", self.traps.load(Relaxed));
+        let batch = runtime.batch_stats();
         counter(
             "driftwood_batched_decode_passes_total",
             "Decode passes that carried more than one session.",
-            self.batches.load(Relaxed),
+            batch.batched_passes,
         );
         counter(
             "driftwood_batched_decode_sequences_total",
             "Sequences carried by batched decode passes.",
-            self.batched_sequences.load(Relaxed),
+            batch.batched_sequences,
         );
         let _ = writeln!(
             out,
@@ -158,6 +155,24 @@ impl Metrics {
         }
         let _ = writeln!(out, "driftwood_restore_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
         let _ = writeln!(out, "driftwood_restore_seconds_sum {}\ndriftwood_restore_seconds_count {}", h.sum, h.count);
+        // Every decode pass of the batcher by the sessions it carried (size 1 included); sum / count is the
+        // mean batch size.
+        let _ = writeln!(
+            out,
+            "# HELP driftwood_decode_batch_size Sessions per decode pass (continuous batching).\n\
+             # TYPE driftwood_decode_batch_size histogram"
+        );
+        let mut cumulative = 0;
+        for (bound, n) in BATCH_SIZE_BOUNDS.iter().zip(batch.sizes) {
+            cumulative += n;
+            let _ = writeln!(out, "driftwood_decode_batch_size_bucket{{le=\"{bound}\"}} {cumulative}");
+        }
+        let _ = writeln!(out, "driftwood_decode_batch_size_bucket{{le=\"+Inf\"}} {}", batch.passes);
+        let _ = writeln!(
+            out,
+            "driftwood_decode_batch_size_sum {}\ndriftwood_decode_batch_size_count {}",
+            batch.sequences, batch.passes
+        );
         out
     }
 }

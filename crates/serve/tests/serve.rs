@@ -145,6 +145,13 @@ async fn three_turns_across_a_restart_evaluate_only_new_messages() {
     assert_eq!(metric(&metrics, "driftwood_restore_prefill_tokens_saved_total"), saved_tokens as f64);
     assert_eq!(metric(&metrics, "driftwood_restore_seconds_count"), 1.0);
     assert_eq!(metric(&metrics, "driftwood_copy_ledger_bytes{kind=\"tensor\"}"), 0.0);
+    // Decode steps go through the batcher (on by default); one session at a time makes passes of one.
+    let passes = metric(&metrics, "driftwood_decode_batch_size_count");
+    let completion = resp3["usage"]["completion_tokens"].as_u64().unwrap() as f64;
+    assert!(passes > 0.0 && passes <= completion, "{passes} decode passes for {completion} tokens");
+    assert_eq!(metric(&metrics, "driftwood_decode_batch_size_sum"), passes);
+    assert_eq!(metric(&metrics, "driftwood_decode_batch_size_bucket{le=\"1\"}"), passes);
+    assert_eq!(metric(&metrics, "driftwood_batched_decode_passes_total"), 0.0);
     server.shutdown().await.expect("shutdown");
 }
 
