@@ -36,6 +36,14 @@ pub(crate) fn probe() -> Result<(), String> {
     if missing.is_empty() { Ok(()) } else { Err(format!("cannot load {}", missing.join(", "))) }
 }
 
+/// Devices the driver reports, 0 when it cannot be initialized. Call only after [`probe`] succeeded.
+pub(crate) fn device_count() -> i32 {
+    if result::init().is_err() {
+        return 0;
+    }
+    result::device::get_count().unwrap_or(0)
+}
+
 /// The primary context of one device.
 #[derive(Debug)]
 pub(crate) struct Context {

@@ -111,6 +111,12 @@ pub struct Exec {
 // SAFETY: every handle inside is usable from any thread once the context is bound (each entry point binds it).
 unsafe impl Send for Exec {}
 
+/// Whether a CUDA device can be opened here: the libraries load and the driver reports at least one device
+/// (cheap: no context is created and nothing is compiled).
+pub fn is_available() -> bool {
+    driver::probe().is_ok() && driver::device_count() > 0
+}
+
 impl CudaBackend {
     /// Opens CUDA device 0: loads the driver libraries, creates a stream, compiles the kernels.
     ///
