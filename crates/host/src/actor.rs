@@ -529,8 +529,10 @@ impl Actor {
     }
 }
 
+/// Epoch ticks for `deadline`. The call starts somewhere inside the current tick, so the first tick may come
+/// at once: one tick more than the deadline spans guarantees the guest at least its whole deadline.
 fn deadline_ticks(deadline: Duration) -> u64 {
-    (deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).max(1)
+    (deadline.as_nanos().div_ceil(EPOCH_TICK.as_nanos()) as u64).saturating_add(1)
 }
 
 /// Turns a wasmtime error into the [`ActorError`] a user can act on.
