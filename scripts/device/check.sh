@@ -16,6 +16,7 @@
 #   llama1b   `bench gpu` on that model: logits and greedy tokens against the CPU backend and against the
 #             golden logits, 128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned actors) at 24, 1024, 4096 tokens
+#   profile   (not in the default set) Nsight Compute per-kernel times of batch-1 decode steps
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bin=${DRIFTWOOD_BIN:-target/device/driftwood}
@@ -68,6 +69,16 @@ for stage in $stages; do
         run "$bin" bench snapshot --backend cuda --placement pinned --model "$models/llama1b" --context 24 \
             --context 1024 --context 4096 --reps 1 --out "$out/snapshot-cuda.json" > /dev/null 2> /tmp/snapshot.log
         grep context /tmp/snapshot.log >&2
+        ;;
+    profile)
+        # Per-kernel device time (Nsight Compute, cold caches per kernel) of a few batch-1 decode steps of the
+        # Llama-3.2-1B-shaped model, after the prompt's first steps: where the next optimization should go.
+        [ -f "$models/llama1b/model.safetensors" ] || run python3 bench/peers/make_llama1b.py --out "$models/llama1b" > /tmp/make_llama1b.log 2>&1
+        step "ncu per-kernel summary"
+        ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
+        run "$ncu_bin" --launch-skip 300 --launch-count 240 --print-summary per-kernel --csv \
+            "$bin" bench gpu --model "$models/llama1b" --skip-cpu --prompt-tokens 4 --gen-tokens 2 --batch 16 \
+            --context 8 --batch-steps 1 --no-write > "$out/ncu-summary.csv" 2> /tmp/ncu.log
         ;;
     peers)
         step "PyTorch peers"
