@@ -79,35 +79,10 @@ DEFAULT_SEED = 20250321
 
 
 def config_json(cfg: dict, dtype: str) -> dict:
-    torch_dtype = "float32" if dtype == "f32" else "bfloat16"
-    return {
-        "architectures": ["LlamaForCausalLM"],
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "bos_token_id": BOS_ID,
-        "eos_token_id": EOS_ID,
-        "head_dim": cfg["head_dim"],
-        "hidden_act": "silu",
-        "hidden_size": cfg["hidden_size"],
-        "initializer_range": 0.02,
-        "intermediate_size": cfg["intermediate_size"],
-        "max_position_embeddings": cfg["max_position_embeddings"],
-        "mlp_bias": False,
-        "model_type": "llama",
-        "num_attention_heads": cfg["num_attention_heads"],
-        "num_hidden_layers": cfg["num_hidden_layers"],
-        "num_key_value_heads": cfg["num_key_value_heads"],
-        "pad_token_id": None,
-        "pretraining_tp": 1,
-        "rms_norm_eps": cfg["rms_norm_eps"],
-        "rope_scaling": dict(cfg["rope_scaling"]),
-        "rope_theta": cfg["rope_theta"],
-        "tie_word_embeddings": cfg["tie_word_embeddings"],
-        "torch_dtype": torch_dtype,
-        "dtype": torch_dtype,
-        "use_cache": True,
-        "vocab_size": cfg["vocab_size"],
-    }
+    """make_model's Llama config, with this shape's llama3 RoPE scaling."""
+    doc = make_model.config_json(cfg, dtype)
+    doc["rope_scaling"] = dict(cfg["rope_scaling"])
+    return doc
 
 
 def generation_config_json() -> dict:
