@@ -9,8 +9,9 @@
 //! The projections write into backend scratch; each sequence's key and value rows are then stored into its
 //! cache at its position, and its logits row into its logits buffer.
 
-use driftwood_backend::{AttentionDims, Backend, DType, Device, LinearDims, TensorMut, TensorRef};
+use driftwood_backend::{AttentionDims, Backend, DType, Device, LinearDims, TensorMut};
 
+use crate::forward::{opt, r, sized, w};
 use crate::{EngineError, KvCache, Model, Scratch};
 
 /// One sequence's part of a batched decode step: its cache, the position of its new token, the token, and
@@ -44,23 +45,6 @@ pub struct BatchScratch {
     logits: Vec<f32>, // (b, vocab)
     tokens: Vec<u32>, // (b)
     single: Scratch,  // a batch of one runs the single-sequence forward pass
-}
-
-fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    buf.resize(len, 0.0);
-    &mut buf[..len]
-}
-
-fn r(buf: &[f32]) -> TensorRef<'_> {
-    TensorRef::from_f32(buf)
-}
-
-fn w(buf: &mut [f32]) -> TensorMut<'_> {
-    TensorMut::from_f32(buf)
-}
-
-fn opt(bias: &Option<Vec<f32>>) -> Option<TensorRef<'_>> {
-    bias.as_deref().map(TensorRef::from_f32)
 }
 
 /// Copies `src` into a writable view of the same length (a cache row or a logits buffer).

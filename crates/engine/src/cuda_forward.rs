@@ -203,18 +203,10 @@ impl Model {
             return Ok(());
         }
         for s in steps {
-            if s.token as usize >= c.vocab_size {
-                return Err(EngineError::Request(format!(
-                    "token {} is outside the {}-token vocabulary",
-                    s.token, c.vocab_size
-                )));
-            }
-            if s.pos < 0 || s.pos >= s.max_seq || s.pos as usize >= c.max_position_embeddings {
-                return Err(EngineError::Request(format!(
-                    "position {} is past the {}-token cache (model context {})",
-                    s.pos, s.max_seq, c.max_position_embeddings
-                )));
-            }
+            let (Ok(pos), Ok(max_seq)) = (usize::try_from(s.pos), usize::try_from(s.max_seq)) else {
+                return Err(EngineError::Request(format!("negative position {} or cache size {}", s.pos, s.max_seq)));
+            };
+            self.check_decode(max_seq, pos, s.token)?;
             let kv_bytes = self.kv_floats(s.max_seq as usize) * 4;
             if !dev.is_addressable(s.kv as usize, kv_bytes) || !dev.is_addressable(s.logits as usize, c.vocab_size * 4)
             {

@@ -21,20 +21,20 @@ pub struct Scratch {
     sin: Vec<f32>,  // (t, head_dim/2)
 }
 
-fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+pub(crate) fn sized(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     buf.resize(len, 0.0);
     &mut buf[..len]
 }
 
-fn r(buf: &[f32]) -> TensorRef<'_> {
+pub(crate) fn r(buf: &[f32]) -> TensorRef<'_> {
     TensorRef::from_f32(buf)
 }
 
-fn w(buf: &mut [f32]) -> TensorMut<'_> {
+pub(crate) fn w(buf: &mut [f32]) -> TensorMut<'_> {
     TensorMut::from_f32(buf)
 }
 
-fn opt(bias: &Option<Vec<f32>>) -> Option<TensorRef<'_>> {
+pub(crate) fn opt(bias: &Option<Vec<f32>>) -> Option<TensorRef<'_>> {
     bias.as_deref().map(TensorRef::from_f32)
 }
 
