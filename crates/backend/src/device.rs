@@ -4,7 +4,7 @@ use std::fmt;
 
 use crate::cpu::CpuBackend;
 use crate::cuda::CudaBackend;
-use crate::{BackendError, TensorMut, TensorRef};
+use crate::{BackendError, DType, TensorMut, TensorRef};
 
 /// Shape of `C (m, n) = A (m, k) · B (k, n)`, all row-major.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -29,6 +29,38 @@ impl MatmulDims {
         let b = self.k.checked_mul(self.n).ok_or_else(overflow)?;
         let c = self.m.checked_mul(self.n).ok_or_else(overflow)?;
         Ok((a, b, c))
+    }
+
+    /// Checks the operands of a matmul of these dims, as every backend requires them: `a (m, k)` and
+    /// `b (k, n)` of one dtype, `f32` or `bf16`, and `c (m, n)` `f32`. Returns the three element counts.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Overflow`] for absurd shapes, [`BackendError::Shape`] naming the operand whose length
+    /// does not match, [`BackendError::DType`] for `f16` or mixed inputs or a non-`f32` `c`.
+    pub fn check_operands(
+        &self,
+        a: &TensorRef<'_>,
+        b: &TensorRef<'_>,
+        c: &TensorMut<'_>,
+    ) -> Result<(usize, usize, usize), BackendError> {
+        const OP: &str = "matmul";
+        let counts @ (na, nb, nc) = self.element_counts()?;
+        for (operand, expected, actual) in [("a", na, a.len()), ("b", nb, b.len()), ("c", nc, c.len())] {
+            if expected != actual {
+                return Err(BackendError::Shape { op: OP, operand, expected, actual });
+            }
+        }
+        if a.dtype() == DType::F16 {
+            return Err(BackendError::DType { op: OP, operand: "a", expected: "f32 or bf16", actual: a.dtype() });
+        }
+        if b.dtype() != a.dtype() {
+            return Err(BackendError::DType { op: OP, operand: "b", expected: a.dtype().name(), actual: b.dtype() });
+        }
+        if c.dtype() != DType::F32 {
+            return Err(BackendError::DType { op: OP, operand: "c", expected: "f32", actual: c.dtype() });
+        }
+        Ok(counts)
     }
 
     /// Floating-point operations of the product (2·m·n·k).

@@ -19,26 +19,13 @@ const K_BLOCK: usize = 256;
 /// Elements widened per parallel task; smaller tasks cost more in scheduling than they save.
 const MIN_ELEMS_PER_TASK: usize = 1 << 15;
 
-fn check_len(operand: &'static str, expected: usize, actual: usize) -> Result<(), BackendError> {
-    if expected == actual { Ok(()) } else { Err(BackendError::Shape { op: "matmul", operand, expected, actual }) }
-}
-
 pub(super) fn matmul(
     a: TensorRef<'_>,
     b: TensorRef<'_>,
     c: TensorMut<'_>,
     dims: MatmulDims,
 ) -> Result<(), BackendError> {
-    let (a_len, b_len, c_len) = dims.element_counts()?;
-    check_len("a", a_len, a.len())?;
-    check_len("b", b_len, b.len())?;
-    check_len("c", c_len, c.len())?;
-    if a.dtype() == DType::F16 {
-        return Err(BackendError::DType { op: "matmul", operand: "a", expected: "f32 or bf16", actual: a.dtype() });
-    }
-    if b.dtype() != a.dtype() {
-        return Err(BackendError::DType { op: "matmul", operand: "b", expected: a.dtype().name(), actual: b.dtype() });
-    }
+    dims.check_operands(&a, &b, &c)?;
     let c_dtype = c.dtype();
     let c = c.into_f32().ok_or(BackendError::DType { op: "matmul", operand: "c", expected: "f32", actual: c_dtype })?;
     if c.is_empty() {

@@ -293,19 +293,8 @@ impl Backend for CudaBackend {
         dims: MatmulDims,
     ) -> Result<(), BackendError> {
         const OP: &str = "matmul";
-        let (na, nb, nc) = dims.element_counts()?;
-        for (operand, expected, actual) in [("a", na, a.len()), ("b", nb, b.len()), ("c", nc, c.len())] {
-            if expected != actual {
-                return Err(BackendError::Shape { op: OP, operand, expected, actual });
-            }
-        }
+        let (na, nb, nc) = dims.check_operands(&a, &b, &c)?;
         let t = blas_type(OP, "a", a.dtype())?;
-        if blas_type(OP, "b", b.dtype())? != t {
-            return Err(BackendError::DType { op: OP, operand: "b", expected: "the dtype of a", actual: b.dtype() });
-        }
-        if c.dtype() != DType::F32 {
-            return Err(BackendError::DType { op: OP, operand: "c", expected: "f32", actual: c.dtype() });
-        }
         let size = a.dtype().size();
         self.check_addressable(OP, "a", a.addr(), na * size)?;
         self.check_addressable(OP, "b", b.addr(), nb * size)?;
