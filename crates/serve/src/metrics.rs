@@ -143,36 +143,41 @@ impl Metrics {
             ledger.tensor_bytes, ledger.text_bytes, ledger.snapshot_bytes
         );
         let h = self.restore_latency.lock().unwrap_or_else(|p| p.into_inner());
-        let _ = writeln!(
-            out,
-            "# HELP driftwood_restore_seconds Time to restore a session's actor from its snapshot.\n\
-             # TYPE driftwood_restore_seconds histogram"
+        histogram(
+            &mut out,
+            ("driftwood_restore_seconds", "Time to restore a session's actor from its snapshot."),
+            RESTORE_BUCKETS.iter().zip(h.buckets),
+            h.sum,
+            h.count,
         );
-        let mut cumulative = 0;
-        for (bound, n) in RESTORE_BUCKETS.iter().zip(h.buckets) {
-            cumulative += n;
-            let _ = writeln!(out, "driftwood_restore_seconds_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "driftwood_restore_seconds_bucket{{le=\"+Inf\"}} {}", h.count);
-        let _ = writeln!(out, "driftwood_restore_seconds_sum {}\ndriftwood_restore_seconds_count {}", h.sum, h.count);
         // Every decode pass of the batcher by the sessions it carried (size 1 included); sum / count is the
         // mean batch size.
-        let _ = writeln!(
-            out,
-            "# HELP driftwood_decode_batch_size Sessions per decode pass (continuous batching).\n\
-             # TYPE driftwood_decode_batch_size histogram"
-        );
-        let mut cumulative = 0;
-        for (bound, n) in BATCH_SIZE_BOUNDS.iter().zip(batch.sizes) {
-            cumulative += n;
-            let _ = writeln!(out, "driftwood_decode_batch_size_bucket{{le=\"{bound}\"}} {cumulative}");
-        }
-        let _ = writeln!(out, "driftwood_decode_batch_size_bucket{{le=\"+Inf\"}} {}", batch.passes);
-        let _ = writeln!(
-            out,
-            "driftwood_decode_batch_size_sum {}\ndriftwood_decode_batch_size_count {}",
-            batch.sequences, batch.passes
+        histogram(
+            &mut out,
+            ("driftwood_decode_batch_size", "Sessions per decode pass (continuous batching)."),
+            BATCH_SIZE_BOUNDS.iter().zip(batch.sizes),
+            batch.sequences,
+            batch.passes,
         );
         out
     }
+}
+
+/// Writes a Prometheus histogram: HELP and TYPE lines, cumulative `_bucket` lines from per-bucket counts
+/// `(upper bound, count)`, the `+Inf` bucket, `_sum` and `_count`.
+fn histogram<B: std::fmt::Display>(
+    out: &mut String,
+    (name, help): (&str, &str),
+    buckets: impl IntoIterator<Item = (B, u64)>,
+    sum: impl std::fmt::Display,
+    count: u64,
+) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} histogram");
+    let mut cumulative = 0;
+    for (bound, n) in buckets {
+        cumulative += n;
+        let _ = writeln!(out, "{name}_bucket{{le=\"{bound}\"}} {cumulative}");
+    }
+    let _ = writeln!(out, "{name}_bucket{{le=\"+Inf\"}} {count}");
+    let _ = writeln!(out, "{name}_sum {sum}\n{name}_count {count}");
 }
