@@ -27,6 +27,6 @@ pub use actor::{
 pub use atomic::{Staged, stage_atomic, write_atomic};
 pub use error::{Format, SnapshotError};
 pub use session::{
-    SessionExpect, SessionFile, SessionSnapshot, parse_session, read_session, stage_session, write_session,
-    write_session_to,
+    OwnedSessionSnapshot, SessionExpect, SessionFile, SessionSnapshot, parse_session, read_session, stage_session,
+    write_session, write_session_to,
 };

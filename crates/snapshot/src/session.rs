@@ -117,6 +117,82 @@ pub struct SessionSnapshot<'a> {
     pub layers: Vec<(&'a [f32], &'a [f32])>,
 }
 
+impl SessionSnapshot<'_> {
+    /// Bytes of data the snapshot refers to (KV values, tokens, guest state), not counting the header.
+    pub fn data_bytes(&self) -> usize {
+        let kv: usize = self.layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
+        kv + self.tokens.len() * 4 + self.guest_state.len()
+    }
+
+    /// A copy that owns its data, so that it can be written after the borrowed memory changes or is gone
+    /// (for example on another thread, after the actor resumed).
+    pub fn to_owned_snapshot(&self) -> OwnedSessionSnapshot {
+        let mut kv = Vec::with_capacity(self.layers.iter().map(|(k, v)| k.len() + v.len()).sum());
+        for (k, v) in &self.layers {
+            kv.extend_from_slice(k);
+            kv.extend_from_slice(v);
+        }
+        OwnedSessionSnapshot {
+            model_fingerprint: self.model_fingerprint.to_string(),
+            tokenizer_fingerprint: self.tokenizer_fingerprint.to_string(),
+            num_layers: self.num_layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            tokens: self.tokens.to_vec(),
+            guest_state: self.guest_state.to_vec(),
+            layer_lens: self.layers.iter().map(|(k, v)| (k.len(), v.len())).collect(),
+            kv,
+        }
+    }
+}
+
+/// A [`SessionSnapshot`] that owns its data (see [`SessionSnapshot::to_owned_snapshot`]).
+pub struct OwnedSessionSnapshot {
+    model_fingerprint: String,
+    tokenizer_fingerprint: String,
+    num_layers: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    tokens: Vec<u32>,
+    guest_state: Vec<u8>,
+    /// Per layer, the lengths of k and v in `kv`.
+    layer_lens: Vec<(usize, usize)>,
+    /// Every layer's k then v, in layer order.
+    kv: Vec<f32>,
+}
+
+impl OwnedSessionSnapshot {
+    /// The borrowed view [`write_session`] takes; equal to the snapshot this was copied from.
+    pub fn view(&self) -> SessionSnapshot<'_> {
+        let mut rest = self.kv.as_slice();
+        let layers = self
+            .layer_lens
+            .iter()
+            .map(|&(k, v)| {
+                let (kv, tail) = rest.split_at(k + v);
+                rest = tail;
+                kv.split_at(k)
+            })
+            .collect();
+        SessionSnapshot {
+            model_fingerprint: &self.model_fingerprint,
+            tokenizer_fingerprint: &self.tokenizer_fingerprint,
+            num_layers: self.num_layers,
+            kv_heads: self.kv_heads,
+            head_dim: self.head_dim,
+            tokens: &self.tokens,
+            guest_state: &self.guest_state,
+            layers,
+        }
+    }
+}
+
+impl std::fmt::Debug for OwnedSessionSnapshot {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.view().fmt(f)
+    }
+}
+
 impl std::fmt::Debug for SessionSnapshot<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The KV cache can be gigabytes: show its shape, not its values.

@@ -58,6 +58,18 @@ fn writes_are_deterministic_and_aligned() {
 }
 
 #[test]
+fn an_owned_copy_writes_the_same_file() {
+    let data = SessionData::random(11, 3, 2, 4, 6, 5);
+    let borrowed = data.snapshot();
+    let owned = borrowed.to_owned_snapshot();
+    assert_eq!(owned.view().data_bytes(), borrowed.data_bytes());
+    let (mut a, mut b) = (Vec::new(), Vec::new());
+    write_session_to(&mut a, &borrowed).unwrap();
+    write_session_to(&mut b, &owned.view()).unwrap();
+    assert_eq!(a, b);
+}
+
+#[test]
 fn the_safetensors_crate_reads_it() {
     let data = SessionData::random(3, 3, 2, 4, 6, 9);
     let bytes = data.bytes();

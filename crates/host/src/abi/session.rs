@@ -101,9 +101,10 @@ fn session_save(
     // fsyncs, rename) runs on another thread. A small snapshot is copied out whole, which costs less than
     // writing a new file; a large one is written from guest memory here and only made durable in the background,
     // so an in-flight save never holds a second copy of a large KV cache.
-    let result = if staged_bytes(&snapshot) <= COPY_OUT_LIMIT {
-        let owned = OwnedSession::copy_of(&snapshot);
-        state.record_copy(CopyKind::Snapshot, owned.bytes());
+    let bytes = snapshot.data_bytes();
+    let result = if bytes <= COPY_OUT_LIMIT {
+        let owned = snapshot.to_owned_snapshot();
+        state.record_copy(CopyKind::Snapshot, bytes);
         let target = path.clone();
         state.save_in_background(path, move || write_session(&target, &owned.view()))
     } else {
@@ -126,71 +127,6 @@ fn session_save(
 
 /// Snapshots up to this size are copied out of guest memory and written in the background.
 const COPY_OUT_LIMIT: usize = 32 << 20;
-
-/// Bytes of guest memory a snapshot refers to.
-fn staged_bytes(s: &SessionSnapshot<'_>) -> usize {
-    let kv: usize = s.layers.iter().map(|(k, v)| (k.len() + v.len()) * 4).sum();
-    kv + s.tokens.len() * 4 + s.guest_state.len()
-}
-
-/// A session snapshot copied out of guest memory, so that it can be written after the host call returns.
-struct OwnedSession {
-    model_fingerprint: String,
-    tokenizer_fingerprint: String,
-    num_layers: usize,
-    kv_heads: usize,
-    head_dim: usize,
-    tokens: Vec<u32>,
-    guest_state: Vec<u8>,
-    /// (layer, {k, v}, n_tokens, kv_dim), contiguous.
-    kv: Vec<f32>,
-}
-
-impl OwnedSession {
-    fn copy_of(s: &SessionSnapshot<'_>) -> Self {
-        let mut kv = Vec::with_capacity(s.layers.iter().map(|(k, v)| k.len() + v.len()).sum());
-        for (k, v) in &s.layers {
-            kv.extend_from_slice(k);
-            kv.extend_from_slice(v);
-        }
-        OwnedSession {
-            model_fingerprint: s.model_fingerprint.to_string(),
-            tokenizer_fingerprint: s.tokenizer_fingerprint.to_string(),
-            num_layers: s.num_layers,
-            kv_heads: s.kv_heads,
-            head_dim: s.head_dim,
-            tokens: s.tokens.to_vec(),
-            guest_state: s.guest_state.to_vec(),
-            kv,
-        }
-    }
-
-    fn bytes(&self) -> usize {
-        (self.kv.len() + self.tokens.len()) * 4 + self.guest_state.len()
-    }
-
-    fn view(&self) -> SessionSnapshot<'_> {
-        // Each layer holds `half` K values then `half` V values.
-        let half = self.kv.len().checked_div(2 * self.num_layers).unwrap_or(0);
-        let layers = (0..self.num_layers)
-            .map(|l| {
-                let k = &self.kv[2 * l * half..(2 * l + 1) * half];
-                let v = &self.kv[(2 * l + 1) * half..(2 * l + 2) * half];
-                (k, v)
-            })
-            .collect();
-        SessionSnapshot {
-            model_fingerprint: &self.model_fingerprint,
-            tokenizer_fingerprint: &self.tokenizer_fingerprint,
-            num_layers: self.num_layers,
-            kv_heads: self.kv_heads,
-            head_dim: self.head_dim,
-            tokens: &self.tokens,
-            guest_state: &self.guest_state,
-            layers,
-        }
-    }
-}
 
 fn session_load(
     caller: &mut Caller<'_, ActorState>,
