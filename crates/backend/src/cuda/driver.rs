@@ -184,13 +184,6 @@ impl DeviceBuffer {
         // SAFETY: the whole buffer is ours (condition 2).
         unsafe { result::memset_d8_sync(self.ptr, 0, self.bytes) }.map_err(|e| driver_err("cuMemsetD8", e))
     }
-
-    pub(crate) fn read_f32(&self, out: &mut [f32]) -> Result<(), BackendError> {
-        self.ctx.bind()?;
-        let n = out.len().min(self.bytes / 4);
-        // SAFETY: copies at most the buffer's size into `out` (condition 2).
-        unsafe { result::memcpy_dtoh_sync(&mut out[..n], self.ptr) }.map_err(|e| driver_err("cuMemcpyDtoH", e))
-    }
 }
 
 impl Drop for DeviceBuffer {

@@ -371,8 +371,3 @@ extern "C" __global__ void scatter_logits(const float* __restrict__ logits, cons
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x)
         dst[i] = logits[(size_t)b * vocab + i];
 }
-
-// f32 → bf16, for uploading f32 or f16-converted weights.
-extern "C" __global__ void f32_to_bf16(const float* __restrict__ x, bf16* __restrict__ y, u64 n) {
-    for (u64 i = blockIdx.x * (u64)blockDim.x + threadIdx.x; i < n; i += (u64)gridDim.x * blockDim.x) y[i] = to_bf(x[i]);
-}

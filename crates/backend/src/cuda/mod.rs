@@ -72,15 +72,6 @@ impl DeviceTensor {
     pub fn bytes(&self) -> usize {
         self.0.bytes
     }
-
-    /// Copies the first `out.len()` f32 values back to the host (for tests and diagnostics).
-    ///
-    /// # Errors
-    ///
-    /// A driver error.
-    pub fn read_f32(&self, out: &mut [f32]) -> Result<(), BackendError> {
-        self.0.read_f32(out)
-    }
 }
 
 /// The CUDA backend: one device context, one stream, the compiled kernels and a cuBLAS handle.
