@@ -28,6 +28,12 @@ stages=${*:-smoke sanitize peers llama1b snapshot}
 status=0
 step() { echo "== $*" >&2; }
 run() { "$@" || { echo "FAILED ($?): $*" >&2; status=1; }; }
+# The Llama-3.2-1B-shaped model, generated once per machine.
+llama1b_model() {
+    [ -f "$models/llama1b/model.safetensors" ] && return
+    step "make the Llama-3.2-1B-shaped model"
+    run python3 bench/peers/make_llama1b.py --out "$models/llama1b" > /tmp/make_llama1b.log 2>&1
+}
 
 nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv > "$out/gpu.csv" 2>&1
 
@@ -51,10 +57,7 @@ for stage in $stages; do
         tail -5 "$out/memcheck.log" >&2
         ;;
     llama1b)
-        if [ ! -f "$models/llama1b/model.safetensors" ]; then
-            step "make the Llama-3.2-1B-shaped model"
-            run python3 bench/peers/make_llama1b.py --out "$models/llama1b" > /tmp/make_llama1b.log 2>&1
-        fi
+        llama1b_model
         step "bench gpu (Llama-3.2-1B-shaped)"
         golden=()
         for g in "$peers/golden.json" target/device/golden.json; do
@@ -73,7 +76,7 @@ for stage in $stages; do
     profile)
         # Per-kernel device time (Nsight Compute, cold caches per kernel) of a few batch-1 decode steps of the
         # Llama-3.2-1B-shaped model, after the prompt's first steps: where the next optimization should go.
-        [ -f "$models/llama1b/model.safetensors" ] || run python3 bench/peers/make_llama1b.py --out "$models/llama1b" > /tmp/make_llama1b.log 2>&1
+        llama1b_model
         step "ncu per-kernel summary"
         ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
         run "$ncu_bin" --launch-skip 300 --launch-count 240 --print-summary per-kernel --csv \
