@@ -221,22 +221,21 @@ impl Model {
         let max_seq = steps.iter().map(|s| s.max_seq as usize).max().unwrap_or(1);
         let chunk = attn_chunk(b);
         let splits = max_seq.div_ceil(chunk);
-        let mut state = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
-        let need_new = match &state.scratch {
-            Some(s) => s.batch < b || s.splits < splits,
-            None => true,
+        let mut guard = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        let scratch = match &mut state.scratch {
+            Some(s) if s.batch >= b && s.splits >= splits => &*s,
+            slot => {
+                // The captured graphs hold the old buffers' addresses. Free those buffers before allocating
+                // the larger ones.
+                let (had_batch, had_splits) = slot.as_ref().map_or((1, 1), |s| (s.batch, s.splits));
+                state.graphs.clear();
+                *slot = None;
+                &*slot.insert(GpuScratch::new(self, dev, had_batch.max(b), had_splits.max(splits))?)
+            }
         };
-        if need_new {
-            state.graphs.clear();
-            let grow = state.scratch.as_ref().map_or(1, |s| s.batch).max(b);
-            let splits = state.scratch.as_ref().map_or(1, |s| s.splits).max(splits);
-            state.scratch = None;
-            state.scratch = Some(GpuScratch::new(self, dev, grow, splits)?);
-        }
         let mut exec = dev.exec()?;
         exec.set_steps(steps)?;
-        let state = &mut *state;
-        let Some(scratch) = state.scratch.as_ref() else { return Err(EngineError::Request("no scratch".into())) };
         let key = (b, splits, if b == 1 { steps[0].logits } else { 0 });
         let graph = match state.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
