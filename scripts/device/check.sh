@@ -16,6 +16,9 @@
 #   llama1b   `bench gpu` on that model: logits and greedy tokens against the CPU backend and against the
 #             golden logits, 128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned actors) at 24, 1024, 4096 tokens
+#   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with each step
+#             optimization turned off in turn (DRIFTWOOD_CUDA_PDL=0, DRIFTWOOD_CUDA_KV_STAGE=0, both), to
+#             measure what each one is worth: $out/ab.json
 #   profile   (not in the default set) Nsight Compute per-kernel times of batch-1 decode steps
 set -uo pipefail
 cd "$(dirname "$0")/../.."
@@ -72,6 +75,23 @@ for stage in $stages; do
         run "$bin" bench snapshot --backend cuda --placement pinned --model "$models/llama1b" --context 24 \
             --context 1024 --context 4096 --reps 1 --out "$out/snapshot-cuda.json" > /dev/null 2> /tmp/snapshot.log
         grep context /tmp/snapshot.log >&2
+        ;;
+    ab)
+        llama1b_model
+        rm -f /tmp/ab-*.json
+        for v in "1 1" "0 1" "1 0" "0 0"; do
+            set -- $v
+            step "batch 1, DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2"
+            DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 run "$bin" bench gpu --model "$models/llama1b" \
+                --skip-cpu --prompt-tokens 128 --gen-tokens 256 --batch 0 --out "/tmp/ab-$1$2.json" \
+                > /dev/null 2>> /tmp/ab.log
+        done
+        python3 -c 'import json,sys; json.dump([json.load(open(f)) for f in sys.argv[1:]], sys.stdout, indent=1)' \
+            /tmp/ab-*.json > "$out/ab.json"
+        python3 -c 'import json,sys
+for r in json.load(open(sys.argv[1])):
+    print("pdl", r["early_launch"], "stage", r["stages_pinned_kv"],
+          " ".join("%s %.3f" % (p["placement"], p["decode_ms_per_token"]) for p in r["runs"]))' "$out/ab.json" >&2
         ;;
     profile)
         # Per-kernel device time (Nsight Compute, cold caches per kernel) of a few batch-1 decode steps of the

@@ -53,6 +53,8 @@ struct GpuScratch {
     act_bf: DeviceTensor, // (b, intermediate) bf16
     logits: DeviceTensor, // (b, vocab) f32
     splits: usize,
+    /// (layer, {k, v}, max_seq, kv_dim) f32: batch 1's pinned cache rows, copied here during the step.
+    stage: Option<DeviceTensor>,
 }
 
 /// A model's device state: its weights, scratch and captured step graphs.
@@ -69,8 +71,8 @@ pub(crate) struct GpuModel {
 #[derive(Debug, Default)]
 struct GpuState {
     scratch: Option<GpuScratch>,
-    /// Captured steps by (batch, splits, logits address for batch 1).
-    graphs: HashMap<(usize, usize, u64), Graph>,
+    /// Captured steps by (batch, splits, logits address for batch 1, whether the cache is staged).
+    graphs: HashMap<(usize, usize, u64, bool), Graph>,
 }
 
 fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -150,7 +152,13 @@ impl GpuModel {
 }
 
 impl GpuScratch {
-    fn new(m: &Model, dev: &CudaBackend, batch: usize, splits: usize) -> Result<Self, BackendError> {
+    fn new(
+        m: &Model,
+        dev: &CudaBackend,
+        batch: usize,
+        splits: usize,
+        stage_bytes: usize,
+    ) -> Result<Self, BackendError> {
         let c = m.config();
         let (h, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
         let z = |elems: usize, size: usize| dev.alloc_zeroed(batch * elems * size);
@@ -167,6 +175,7 @@ impl GpuScratch {
             act_bf: z(ff, 2)?,
             logits: z(c.vocab_size, 4)?,
             splits,
+            stage: if stage_bytes > 0 { Some(dev.alloc_zeroed(stage_bytes)?) } else { None },
         })
     }
 }
@@ -221,27 +230,49 @@ impl Model {
         let max_seq = steps.iter().map(|s| s.max_seq as usize).max().unwrap_or(1);
         let chunk = attn_chunk(b);
         let splits = max_seq.div_ceil(chunk);
+        // One sequence whose cache is in pinned host memory: attention would read every earlier row across the
+        // bus (tens of GB/s) after the layer's projections; instead a side stream copies them to the device
+        // from the start of the step, overlapped with the weight reads (the float4 copy needs 16-byte rows).
+        let staged = b == 1
+            && dev.stages_pinned_kv()
+            && dev.is_host_resident(steps[0].kv as usize)
+            && steps[0].kv.is_multiple_of(16)
+            && c.kv_dim().is_multiple_of(4);
+        let stage_bytes = if staged { self.kv_floats(max_seq) * 4 } else { 0 };
         let mut guard = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *guard;
         let scratch = match &mut state.scratch {
-            Some(s) if s.batch >= b && s.splits >= splits => &*s,
+            Some(s)
+                if s.batch >= b
+                    && s.splits >= splits
+                    && s.stage.as_ref().map_or(0, DeviceTensor::bytes) >= stage_bytes =>
+            {
+                &*s
+            }
             slot => {
                 // The captured graphs hold the old buffers' addresses. Free those buffers before allocating
                 // the larger ones.
-                let (had_batch, had_splits) = slot.as_ref().map_or((1, 1), |s| (s.batch, s.splits));
+                let (had_batch, had_splits, had_stage) = slot
+                    .as_ref()
+                    .map_or((1, 1, 0), |s| (s.batch, s.splits, s.stage.as_ref().map_or(0, DeviceTensor::bytes)));
                 state.graphs.clear();
                 *slot = None;
-                &*slot.insert(GpuScratch::new(self, dev, had_batch.max(b), had_splits.max(splits))?)
+                let sized = (had_batch.max(b), had_splits.max(splits), had_stage.max(stage_bytes));
+                &*slot.insert(GpuScratch::new(self, dev, sized.0, sized.1, sized.2)?)
             }
+        };
+        let stage = match (&scratch.stage, staged) {
+            (Some(t), true) => t.addr(),
+            _ => 0,
         };
         let mut exec = dev.exec()?;
         exec.set_steps(steps)?;
-        let key = (b, splits, if b == 1 { steps[0].logits } else { 0 });
+        let key = (b, splits, if b == 1 { steps[0].logits } else { 0 }, staged);
         let graph = match state.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
-            std::collections::hash_map::Entry::Vacant(slot) => {
-                slot.insert(exec.capture(|e| self.record_step(e, gpu, scratch, (b, chunk, splits), steps[0].logits))?)
-            }
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(
+                exec.capture(|e| self.record_step(e, gpu, scratch, (b, chunk, splits), (steps[0].logits, stage)))?,
+            ),
         };
         exec.replay(graph)?;
         exec.synchronize()?;
@@ -255,7 +286,7 @@ impl Model {
         g: &GpuModel,
         s: &GpuScratch,
         (b, chunk, splits): (usize, usize, usize),
-        logits_1: u64,
+        (logits_1, stage): (u64, u64),
     ) -> Result<(), BackendError> {
         let c = self.config();
         let (h, qd, kvd, ff, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
@@ -263,11 +294,20 @@ impl Model {
         let heads = (c.num_heads, c.num_kv_heads, hd);
         // SAFETY: every address is a live device buffer of this model or scratch, sized above for `b`
         // sequences and `splits` splits, or a step record's KV cache / logits, checked device-addressable and
-        // large enough by `decode_step_cuda` (and kept alive by the caller until it synchronizes).
+        // large enough by `decode_step_cuda` (and kept alive by the caller until it synchronizes). A non-zero
+        // `stage` is a scratch buffer as large as the one sequence's cache, which is 16-byte aligned.
         unsafe {
+            if stage != 0 {
+                // Layer 0's attention comes too soon for a copy to help: it reads the cache directly.
+                e.fork_side()?;
+                for l in 1..g.layers.len() {
+                    e.stage_kv(stage, l, kvd, window)?;
+                }
+            }
             e.embed(g.embed.addr(), s.x.addr(), b, h)?; // x (b, hidden)
             for (l, w) in g.layers.iter().enumerate() {
                 let bias = w.bqkv.as_ref().map_or(0, |t| t.addr());
+                let stage = if stage != 0 && l > 0 { stage } else { 0 };
                 if b == 1 {
                     // qkv = Wqkv · rmsnorm(x) (+ b); rope; k, v → cache; att = attention; x += Wo · att
                     e.gemv(
@@ -281,7 +321,20 @@ impl Model {
                         false,
                     )?;
                     e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
-                    e.attention(s.qkv.addr(), s.part.addr(), (s.att.addr(), 0), l, b, heads, (chunk, splits), window)?;
+                    if stage != 0 {
+                        e.join_stage(l)?;
+                    }
+                    e.attention(
+                        s.qkv.addr(),
+                        stage,
+                        s.part.addr(),
+                        (s.att.addr(), 0),
+                        l,
+                        b,
+                        heads,
+                        (chunk, splits),
+                        window,
+                    )?;
                     e.gemv(w.wo.addr(), s.att.addr(), s.x.addr(), 0, 0, 0.0, (qd, h), true)?;
                     // mlp = silu(Wg · rmsnorm(x)) * (Wu · rmsnorm(x)); x += Wd · mlp
                     e.gemv_swiglu(
@@ -303,6 +356,7 @@ impl Model {
                     e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
                     e.attention(
                         s.qkv.addr(),
+                        0,
                         s.part.addr(),
                         (0, s.att_bf.addr()),
                         l,

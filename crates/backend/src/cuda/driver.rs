@@ -132,6 +132,25 @@ impl Stream {
         Ok(Stream { raw, ctx: ctx.clone() })
     }
 
+    /// A stream whose blocks the scheduler prefers over those of default-priority streams (the highest
+    /// priority the context offers).
+    pub(crate) fn urgent(ctx: &Arc<Context>) -> Result<Self, BackendError> {
+        ctx.bind()?;
+        let (_, greatest) =
+            result::stream::get_priority_range().map_err(|e| driver_err("cuCtxGetStreamPriorityRange", e))?;
+        let raw = result::stream::create_with_priority(result::stream::StreamKind::NonBlocking, greatest)
+            .map_err(|e| driver_err("cuStreamCreateWithPriority", e))?;
+        Ok(Stream { raw, ctx: ctx.clone() })
+    }
+
+    /// Makes later work on this stream wait for `event`'s last record (also between streams being captured
+    /// into one graph, where it becomes a graph edge).
+    pub(crate) fn wait(&self, event: &Event) -> Result<(), BackendError> {
+        // SAFETY: both alive (condition 4).
+        unsafe { result::stream::wait_event(self.raw, event.0, sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT) }
+            .map_err(|e| driver_err("cuStreamWaitEvent", e))
+    }
+
     pub(crate) fn synchronize(&self) -> Result<(), BackendError> {
         // SAFETY: the stream is alive (condition 4).
         unsafe { result::stream::synchronize(self.raw) }.map_err(|e| driver_err("cuStreamSynchronize", e))
@@ -287,6 +306,10 @@ pub(crate) enum Arg {
 ///
 /// Conditions 1–4: every pointer argument is valid for what the kernel touches until the stream is
 /// synchronized, and `args` match the kernel's C signature in order and type.
+/// With `early`, the launch is a programmatic dependent launch (compute capability 9.0+): the kernel may start
+/// before the previous kernel on the stream has finished, and must execute `griddepcontrol.wait` before it
+/// reads anything that kernel writes or writes anything it reads (the kernels in `kernels.cu` call
+/// `wait_prior()` first thing after prefetching their weights).
 pub(crate) unsafe fn launch(
     f: Function,
     grid: (u32, u32, u32),
@@ -294,6 +317,7 @@ pub(crate) unsafe fn launch(
     shared: u32,
     stream: &Stream,
     args: &[Arg],
+    early: bool,
 ) -> Result<(), BackendError> {
     let mut values: Vec<[u8; 8]> = args
         .iter()
@@ -308,9 +332,31 @@ pub(crate) unsafe fn launch(
         })
         .collect();
     let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
-    // SAFETY: the caller's conditions; `params` point at `values`, alive for the call (the driver copies them).
-    unsafe { result::launch_kernel(f.0, grid, (block, 1, 1), shared, stream.raw, &mut params) }
-        .map_err(|e| driver_err("cuLaunchKernel", e))
+    if !early {
+        // SAFETY: the caller's conditions; `params` point at `values`, alive for the call (the driver copies
+        // them).
+        return unsafe { result::launch_kernel(f.0, grid, (block, 1, 1), shared, stream.raw, &mut params) }
+            .map_err(|e| driver_err("cuLaunchKernel", e));
+    }
+    // SAFETY: an all-zero attribute is a valid C value; the fields that matter are set below.
+    let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+    attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+    attr.value.programmaticStreamSerializationAllowed = 1;
+    let config = sys::CUlaunchConfig {
+        gridDimX: grid.0,
+        gridDimY: grid.1,
+        gridDimZ: grid.2,
+        blockDimX: block,
+        blockDimY: 1,
+        blockDimZ: 1,
+        sharedMemBytes: shared,
+        hStream: stream.raw,
+        attrs: &mut attr,
+        numAttrs: 1,
+    };
+    // SAFETY: as above; `config` and `attr` are alive for the call.
+    unsafe { sys::cuLaunchKernelEx(&config, f.0, params.as_mut_ptr(), std::ptr::null_mut()).result() }
+        .map_err(|e| driver_err("cuLaunchKernelEx", e))
 }
 
 /// Sets a kernel's dynamic shared memory limit above the 48 KiB default.
@@ -491,12 +537,18 @@ pub(crate) fn prefetch(
         .map_err(|e| driver_err("cuMemPrefetchAsync", e))
 }
 
-/// Events for timing.
+/// Events, for timing and for ordering work between streams.
 pub(crate) struct Event(sys::CUevent);
 
 impl Event {
     pub(crate) fn new() -> Result<Self, BackendError> {
         result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
+            .map(Event)
+            .map_err(|e| driver_err("cuEventCreate", e))
+    }
+    /// An event for ordering only (no timestamps, cheaper to record and wait on).
+    pub(crate) fn marker() -> Result<Self, BackendError> {
+        result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
             .map(Event)
             .map_err(|e| driver_err("cuEventCreate", e))
     }

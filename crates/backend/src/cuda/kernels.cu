@@ -29,6 +29,23 @@ __device__ __forceinline__ bf16 to_bf(float f) {
     return (bf16)(u >> 16);
 }
 
+// Programmatic dependent launch (compute capability 9.0+). A kernel launched early (see `driver::launch`) may
+// start while the kernel before it on the stream still runs: it prefetches what no earlier kernel writes (its
+// weights), then `wait_prior()` blocks until the earlier kernel has completed with its writes visible. Every
+// kernel here calls `wait_prior()` before its first read of activations, caches or step records and before its
+// first global write, then `allow_next()` so that the next kernel can launch and prefetch in turn. On older
+// devices, and for kernels launched normally, both are no-ops.
+__device__ __forceinline__ void wait_prior() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void allow_next() {
+#if __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" :::);
+#endif
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;
@@ -58,6 +75,8 @@ __device__ float block_sum(float v) {
 // x (b, hidden) = table[seqs[b].token]. grid (b), block any.
 extern "C" __global__ void embed(const bf16* __restrict__ table, const Seq* __restrict__ seqs, float* __restrict__ x,
                                  int hidden) {
+    wait_prior();
+    allow_next();
     int b = blockIdx.x;
     const bf16* row = table + (size_t)seqs[b].token * hidden;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) x[(size_t)b * hidden + i] = bf(row[i]);
@@ -66,6 +85,8 @@ extern "C" __global__ void embed(const bf16* __restrict__ table, const Seq* __re
 // y (b, n) = rmsnorm(x (b, n)) * w, written as bf16 (the input of a cuBLAS GEMM). grid (b), block 256.
 extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float* __restrict__ w, bf16* __restrict__ y,
                                         int n, float eps) {
+    wait_prior();
+    allow_next();
     const float* xr = x + (size_t)blockIdx.x * n;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < n; i += blockDim.x) ss += xr[i] * xr[i];
@@ -147,6 +168,8 @@ extern "C" __global__ void gemv(const bf16* __restrict__ W, const float* __restr
     const uint4* w1 = (const uint4*)(W + (size_t)row2 * in);
     Pre2 pre;
     if (active) prefetch2(pre, w0, w1, nv, lane);
+    wait_prior();  // x and y belong to earlier kernels
+    allow_next();
     load_x(xs, x, norm, in, eps);  // every thread takes part in its barriers
     if (!active) return;
     float a0 = 0.0f, a1 = 0.0f;
@@ -174,6 +197,8 @@ extern "C" __global__ void gemv_swiglu(const bf16* __restrict__ Wg, const bf16* 
     const uint4* ur = (const uint4*)(Wu + (size_t)(active ? row : 0) * in);
     Pre2 pre;
     if (active) prefetch2(pre, gr, ur, nv, lane);
+    wait_prior();
+    allow_next();
     load_x(xs, x, norm, in, eps);
     if (!active) return;
     float g = 0.0f, u = 0.0f;
@@ -187,6 +212,8 @@ extern "C" __global__ void gemv_swiglu(const bf16* __restrict__ Wg, const bf16* 
 extern "C" __global__ void rope_store(float* __restrict__ qkv, const Seq* __restrict__ seqs,
                                       const float* __restrict__ inv_freq, int layer, int heads, int kv_heads,
                                       int head_dim) {
+    wait_prior();
+    allow_next();
     int b = blockIdx.x;
     Seq s = seqs[b];
     int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim, half = head_dim / 2;
@@ -219,10 +246,16 @@ extern "C" __global__ void rope_store(float* __restrict__ qkv, const Seq* __rest
 // and V row once. DIMS = head_dim / 32 values per lane. GROUP and DIMS are template parameters so that the
 // per-lane arrays live in registers. Writes the split's running max, sum and unnormalized output to
 // part (b, heads, splits, head_dim + 2). grid (kv_heads, splits, b), block 128 (4 warps).
+// With `stage` non-null (one sequence, its cache in host memory), rows before the current position are read
+// from `stage`, a device copy laid out as the cache that `kv_stage` made during this step; the current row
+// from the cache itself.
 template <int GROUP, int DIMS>
 __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, const Seq* __restrict__ seqs,
-                                                float* __restrict__ part, int layer, int kv_heads, int chunk,
-                                                int splits, int window, float scale) {
+                                                const float* __restrict__ stage, float* __restrict__ part,
+                                                int layer, int kv_heads, int chunk, int splits, int window,
+                                                float scale) {
+    wait_prior();
+    allow_next();
     const int head_dim = DIMS * 32, heads = kv_heads * GROUP;
     int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
     Seq s = seqs[b];
@@ -244,18 +277,24 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
         m[g] = -INFINITY;
         l[g] = 0.0f;
     }
-    const float* kbase = (const float*)s.kv + (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim;
-    const float* vbase = (const float*)s.kv + (size_t)(layer * 2 + 1) * s.max_seq * kv_dim + kh * head_dim;
+    const size_t koff = (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim;
+    const size_t voff = (size_t)(layer * 2 + 1) * s.max_seq * kv_dim + kh * head_dim;
+    const float* kcache = (const float*)s.kv + koff;
+    const float* vcache = (const float*)s.kv + voff;
+    const float* kstage = stage ? stage + koff : kcache;
+    const float* vstage = stage ? stage + voff : vcache;
     // Four keys per warp per iteration, loaded before any is used, so their loads overlap.
     for (int j0 = start + warp; j0 < end; j0 += 4 * warps) {
         float k[4][DIMS], v[4][DIMS];
 #pragma unroll
         for (int u = 0; u < 4; u++) {
             int j = j0 + u * warps;
+            const float* kb = j < s.pos ? kstage : kcache;
+            const float* vb = j < s.pos ? vstage : vcache;
 #pragma unroll
             for (int d = 0; d < DIMS; d++) {
-                k[u][d] = j < end ? kbase[(size_t)j * kv_dim + lane + 32 * d] : 0.0f;
-                v[u][d] = j < end ? vbase[(size_t)j * kv_dim + lane + 32 * d] : 0.0f;
+                k[u][d] = j < end ? kb[(size_t)j * kv_dim + lane + 32 * d] : 0.0f;
+                v[u][d] = j < end ? vb[(size_t)j * kv_dim + lane + 32 * d] : 0.0f;
             }
         }
 #pragma unroll
@@ -322,9 +361,10 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
 
 #define ATTN_SPLIT(G, D)                                                                                        \
     extern "C" __global__ void attn_split_g##G##_d##D(const float* __restrict__ qkv, const Seq* __restrict__ seqs, \
-                                                      float* __restrict__ part, int layer, int kv_heads,         \
-                                                      int chunk, int splits, int window, float scale) {          \
-        attn_split_impl<G, D>(qkv, seqs, part, layer, kv_heads, chunk, splits, window, scale);                  \
+                                                      const float* __restrict__ stage, float* __restrict__ part, \
+                                                      int layer, int kv_heads, int chunk, int splits, int window, \
+                                                      float scale) {                                              \
+        attn_split_impl<G, D>(qkv, seqs, stage, part, layer, kv_heads, chunk, splits, window, scale);           \
     }
 ATTN_SPLIT(1, 1) ATTN_SPLIT(1, 2) ATTN_SPLIT(1, 4)
 ATTN_SPLIT(2, 1) ATTN_SPLIT(2, 2) ATTN_SPLIT(2, 4)
@@ -335,6 +375,8 @@ ATTN_SPLIT(8, 1) ATTN_SPLIT(8, 2) ATTN_SPLIT(8, 4)
 // grid (heads, b), block head_dim.
 extern "C" __global__ void attn_merge(const float* __restrict__ part, float* __restrict__ att,
                                       bf16* __restrict__ att_bf16, int heads, int head_dim, int splits) {
+    wait_prior();
+    allow_next();
     int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
     int stride = head_dim + 2;
     const float* p = part + ((size_t)b * heads + h) * splits * stride;
@@ -355,19 +397,53 @@ extern "C" __global__ void attn_merge(const float* __restrict__ part, float* __r
 // act (b·ff) bf16 = silu(g) * u, from the gate and up projections g, u (b·ff) f32.
 extern "C" __global__ void swiglu_bf16(const float* __restrict__ g, const float* __restrict__ u, bf16* __restrict__ act,
                                        int total) {
+    wait_prior();
+    allow_next();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x)
         act[i] = to_bf(g[i] / (1.0f + expf(-g[i])) * u[i]);
 }
 
 // Adds a per-row bias (f32) to y (b, n).
 extern "C" __global__ void add_bias(float* __restrict__ y, const float* __restrict__ bias, int n, int total) {
+    wait_prior();
+    allow_next();
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x) y[i] += bias[i % n];
 }
 
 // Copies each sequence's logits row (b, vocab) to that sequence's own logits buffer.
 extern "C" __global__ void scatter_logits(const float* __restrict__ logits, const Seq* __restrict__ seqs, int vocab) {
+    wait_prior();
+    allow_next();
     int b = blockIdx.y;
     float* dst = (float*)seqs[b].logits;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < vocab; i += gridDim.x * blockDim.x)
         dst[i] = logits[(size_t)b * vocab + i];
+}
+
+// Copies the rows a step's attention reads before the current position, [max(0, pos + 1 - window), pos), of
+// one layer's keys and values from the sequence's cache (seqs[0], page-locked host memory) to `stage`, laid
+// out as the cache: (layer, {k, v}, max_seq, kv_dim) f32. Runs on a second stream while the weights of
+// earlier layers stream, so the bus transfer overlaps them; the bytes still come from the cache every step.
+// The cache address must be 16-byte aligned and kv_dim a multiple of 4. grid any, block 256.
+extern "C" __global__ void kv_stage(const Seq* __restrict__ seqs, float* __restrict__ stage, int layer, int kv_dim,
+                                    int window) {
+    Seq s = seqs[0];
+    int lo = window > 0 && s.pos + 1 > window ? s.pos + 1 - window : 0;
+    size_t first = (size_t)lo * kv_dim / 4, n4 = (size_t)s.pos * kv_dim / 4;  // float4s of one k or v
+    size_t step = (size_t)gridDim.x * blockDim.x;
+    for (int kv = 0; kv < 2; kv++) {
+        size_t off = (size_t)(layer * 2 + kv) * s.max_seq * kv_dim / 4;
+        const float4* src = (const float4*)s.kv + off;
+        float4* dst = (float4*)stage + off;
+        // Four loads in flight per thread before their stores: the bus has a long latency.
+        size_t i = first + blockIdx.x * blockDim.x + threadIdx.x;
+        for (; i + 3 * step < n4; i += 4 * step) {
+            float4 a = src[i], b = src[i + step], c = src[i + 2 * step], d = src[i + 3 * step];
+            dst[i] = a;
+            dst[i + step] = b;
+            dst[i + 2 * step] = c;
+            dst[i + 3 * step] = d;
+        }
+        for (; i < n4; i += step) dst[i] = src[i];
+    }
 }

@@ -9,13 +9,21 @@ use driftwood_memory::{DeviceMemory, Placement};
 
 use super::driver::{self, Context};
 
-/// Host address ranges the device can address at the same address (start → length).
+/// Host address ranges the device can address at the same address (start → (length, whether the bytes stay
+/// in host memory, i.e. the device reads them across the bus)).
 #[derive(Debug, Default)]
-pub(crate) struct Addressable(Mutex<BTreeMap<usize, usize>>);
+pub(crate) struct Addressable(Mutex<BTreeMap<usize, (usize, bool)>>);
 
 impl Addressable {
-    fn insert(&self, start: usize, len: usize) {
-        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(start, len);
+    fn insert(&self, start: usize, len: usize, in_host: bool) {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).insert(start, (len, in_host));
+    }
+
+    /// Whether the range holding `addr` is page-locked host memory (pinned placement) rather than memory the
+    /// driver keeps on the device; false for an address in no range.
+    pub(crate) fn in_host(&self, addr: usize) -> bool {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        matches!(map.range(..=addr).next_back(), Some((&s, &(l, true))) if s + l > addr)
     }
 
     fn remove(&self, start: usize) {
@@ -31,7 +39,7 @@ impl Addressable {
         // Walk the ranges that cover `cursor` until `end` is covered.
         while cursor < end || (len == 0 && cursor == addr) {
             match map.range(..=cursor).next_back() {
-                Some((&s, &l)) if s + l > cursor => {
+                Some((&s, &(l, _))) if s + l > cursor => {
                     if len == 0 {
                         return true;
                     }
@@ -79,7 +87,7 @@ unsafe impl DeviceMemory for PinnedMemory {
                 ptr.as_ptr() as usize
             ));
         }
-        self.ranges.insert(ptr.as_ptr() as usize, len);
+        self.ranges.insert(ptr.as_ptr() as usize, len, true);
         Ok(())
     }
 
@@ -139,7 +147,7 @@ unsafe impl DeviceMemory for ManagedMemory {
         // Zeroed by the device, so the pages start out resident in device memory (where the KV cache is read);
         // the ones the guest touches migrate to the host on demand.
         driver::managed_zero(&self.ctx, ptr.as_ptr() as u64, len).map_err(|e| e.to_string())?;
-        self.ranges.insert(ptr.as_ptr() as usize, len);
+        self.ranges.insert(ptr.as_ptr() as usize, len, false);
         Ok(())
     }
 
@@ -155,8 +163,8 @@ mod tests {
     #[test]
     fn addressable_ranges_cover_adjacent_commits_only() {
         let a = Addressable::default();
-        a.insert(0x1000, 0x1000);
-        a.insert(0x2000, 0x2000);
+        a.insert(0x1000, 0x1000, true);
+        a.insert(0x2000, 0x2000, true);
         assert!(a.contains(0x1000, 0x3000));
         assert!(a.contains(0x1800, 0x100));
         assert!(!a.contains(0x0fff, 2));
@@ -164,5 +172,16 @@ mod tests {
         assert!(!a.contains(usize::MAX, 2));
         a.remove(0x2000);
         assert!(!a.contains(0x1000, 0x1001));
+    }
+
+    #[test]
+    fn ranges_remember_whether_they_stay_in_host_memory() {
+        let a = Addressable::default();
+        a.insert(0x1000, 0x1000, true);
+        a.insert(0x4000, 0x1000, false);
+        assert!(a.in_host(0x1000) && a.in_host(0x1fff));
+        assert!(!a.in_host(0x2000), "past the pinned range");
+        assert!(!a.in_host(0x4800), "managed");
+        assert!(!a.in_host(0x800), "in no range");
     }
 }

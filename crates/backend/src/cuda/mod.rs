@@ -56,6 +56,7 @@ struct Kernels {
     swiglu_bf16: Function,
     add_bias: Function,
     scatter_logits: Function,
+    kv_stage: Function,
 }
 
 /// Device memory owned by the backend: uploaded weights, scratch.
@@ -77,6 +78,8 @@ impl DeviceTensor {
 /// The CUDA backend: one device context, one stream, the compiled kernels and a cuBLAS handle.
 pub struct CudaBackend {
     ctx: Arc<Context>,
+    /// Stage a pinned cache's rows on the side stream (unless `DRIFTWOOD_CUDA_KV_STAGE=0`).
+    stage_pinned_kv: bool,
     exec: Mutex<Exec>,
     addressable: Arc<Addressable>,
     last: Mutex<OperandTrace>,
@@ -90,12 +93,22 @@ impl std::fmt::Debug for CudaBackend {
 
 /// Exclusive use of the backend's stream: every launch goes through here, one caller at a time.
 pub struct Exec {
-    // Field order is drop order: launches and handles before the stream they use.
+    // Field order is drop order: launches and handles before the streams they use.
     kernels: Kernels,
     blas: Blas,
     steps: MappedHost,
     _module: Module,
+    /// Marks the start of a step on `stream`, for `side` to wait on.
+    fork: driver::Event,
+    /// `staged[l]`: layer l's keys and values are staged (recorded on `side`).
+    staged: Vec<driver::Event>,
+    /// Copies pinned KV rows to the device while `stream` computes (higher priority, so that its few blocks
+    /// are scheduled between the main stream's).
+    side: Stream,
     stream: Stream,
+    /// Launch kernels as programmatic dependent launches (compute capability 9.0+, unless
+    /// `DRIFTWOOD_CUDA_PDL=0`).
+    early: bool,
     ctx: Arc<Context>,
 }
 
@@ -146,15 +159,32 @@ impl CudaBackend {
             swiglu_bf16: f("swiglu_bf16")?,
             add_bias: f("add_bias")?,
             scatter_logits: f("scatter_logits")?,
+            kv_stage: f("kv_stage")?,
         };
         for k in [kernels.gemv, kernels.gemv_swiglu] {
             driver::allow_shared(k, 96 << 10)?;
         }
         let blas = Blas::new(&ctx, &stream)?;
         let steps = MappedHost::new(&ctx, MAX_BATCH * size_of::<SeqStep>())?;
-        Ok(CudaBackend {
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        let early = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9
+            && std::env::var("DRIFTWOOD_CUDA_PDL").map_or(true, |v| v != "0");
+        let exec = Exec {
+            kernels,
+            blas,
+            steps,
+            _module: module,
+            fork: driver::Event::marker()?,
+            staged: Vec::new(),
+            side: Stream::urgent(&ctx)?,
+            stream,
+            early,
             ctx: ctx.clone(),
-            exec: Mutex::new(Exec { kernels, blas, steps, _module: module, stream, ctx }),
+        };
+        Ok(CudaBackend {
+            ctx,
+            stage_pinned_kv: std::env::var("DRIFTWOOD_CUDA_KV_STAGE").map_or(true, |v| v != "0"),
+            exec: Mutex::new(exec),
             addressable: Arc::default(),
             last: Mutex::default(),
         })
@@ -209,6 +239,25 @@ impl CudaBackend {
     /// Whether the device can address `[addr, addr + len)` (a committed range of a pinned or managed region).
     pub fn is_addressable(&self, addr: usize, len: usize) -> bool {
         self.addressable.contains(addr, len)
+    }
+
+    /// Whether `addr` is in a pinned region: host memory the device reads across the bus, at a fraction of
+    /// its own memory's bandwidth (false for managed memory and for addresses in no region).
+    pub fn is_host_resident(&self, addr: usize) -> bool {
+        self.addressable.in_host(addr)
+    }
+
+    /// Whether kernels are launched as programmatic dependent launches, each one prefetching its weights while
+    /// the one before it finishes (compute capability 9.0+; `DRIFTWOOD_CUDA_PDL=0` turns it off, to measure).
+    pub fn early_launch(&self) -> bool {
+        self.exec.lock().unwrap_or_else(|p| p.into_inner()).early
+    }
+
+    /// Whether a single sequence's pinned KV rows are copied to the device on a side stream during each step,
+    /// overlapping the bus transfer with the weight reads, instead of read across the bus by attention
+    /// (`DRIFTWOOD_CUDA_KV_STAGE=0` turns it off, to measure).
+    pub fn stages_pinned_kv(&self) -> bool {
+        self.stage_pinned_kv
     }
 
     fn check_addressable(
@@ -401,8 +450,64 @@ impl Exec {
         shared: u32,
         args: &[Arg],
     ) -> Result<(), BackendError> {
-        // SAFETY: forwarded to the callers of the `unsafe fn`s below, which promise valid addresses.
-        unsafe { driver::launch(f, grid, block, shared, &self.stream, args) }
+        // SAFETY: forwarded to the callers of the `unsafe fn`s below, which promise valid addresses. Every
+        // kernel calls `wait_prior()` before touching anything an earlier kernel writes (kernels.cu), as an
+        // early launch requires.
+        unsafe { driver::launch(f, grid, block, shared, &self.stream, args, self.early) }
+    }
+
+    /// Starts a step's side work: later [`Exec::stage_kv`] calls run on the side stream after everything
+    /// launched on the main stream so far.
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn fork_side(&self) -> Result<(), BackendError> {
+        self.fork.record(&self.stream)?;
+        self.side.wait(&self.fork)
+    }
+
+    /// On the side stream: copies layer `layer`'s key and value rows before the current position of the one
+    /// step sequence's cache (pinned host memory) into `stage`, which has the cache's layout; then marks the
+    /// layer staged for [`Exec::join_stage`].
+    ///
+    /// # Safety
+    ///
+    /// Step record 0 set; its cache 16-byte aligned and holding `layer`; `stage` a device buffer as large as
+    /// that cache; `kv_dim` a multiple of 4.
+    pub unsafe fn stage_kv(
+        &mut self,
+        stage: u64,
+        layer: usize,
+        kv_dim: usize,
+        window: usize,
+    ) -> Result<(), BackendError> {
+        while self.staged.len() <= layer {
+            self.staged.push(driver::Event::marker()?);
+        }
+        let args = [
+            Arg::Ptr(self.steps_addr()),
+            Arg::Ptr(stage),
+            Arg::I32(layer as i32),
+            Arg::I32(kv_dim as i32),
+            Arg::I32(window as i32),
+        ];
+        // SAFETY: the caller's promise; a normal launch (the kernel does not wait for programmatic edges).
+        unsafe { driver::launch(self.kernels.kv_stage, (32, 1, 1), 256, 0, &self.side, &args, false)? };
+        self.staged[layer].record(&self.side)
+    }
+
+    /// Makes the main stream's later work wait until layer `layer` is staged.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::OutOfRange`] when the layer was never staged; a driver error.
+    pub fn join_stage(&self, layer: usize) -> Result<(), BackendError> {
+        let event = self.staged.get(layer).ok_or_else(|| BackendError::OutOfRange {
+            op: "join_stage",
+            detail: format!("layer {layer} was not staged"),
+        })?;
+        self.stream.wait(event)
     }
 
     /// x (b, hidden) f32 = table (vocab, hidden) bf16 rows of the step tokens.
@@ -504,7 +609,9 @@ impl Exec {
     }
 
     /// Decode attention over each sequence's cache: att (b, q_dim) f32, or bf16 into `att_bf16` when non-zero.
-    /// `part` holds (b, heads, splits, head_dim + 2) f32 where splits = ceil(max_seq / chunk).
+    /// `part` holds (b, heads, splits, head_dim + 2) f32 where splits = ceil(max_seq / chunk). With `stage`
+    /// non-zero (one sequence), rows before the current position come from that copy of the cache
+    /// ([`Exec::stage_kv`], joined before this call).
     ///
     /// # Safety
     ///
@@ -514,6 +621,7 @@ impl Exec {
     pub unsafe fn attention(
         &self,
         qkv: u64,
+        stage: u64,
         part: u64,
         (att, att_bf16): (u64, u64),
         layer: usize,
@@ -534,6 +642,7 @@ impl Exec {
         let args = [
             Arg::Ptr(qkv),
             Arg::Ptr(self.steps_addr()),
+            Arg::Ptr(stage),
             Arg::Ptr(part),
             Arg::I32(layer as i32),
             Arg::I32(kv_heads as i32),

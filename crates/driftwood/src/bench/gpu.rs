@@ -80,6 +80,10 @@ struct BatchRun {
 struct GpuResults {
     model: String,
     device: String,
+    /// Kernels launched as programmatic dependent launches (`DRIFTWOOD_CUDA_PDL`).
+    early_launch: bool,
+    /// Batch 1's pinned KV rows staged on a side stream (`DRIFTWOOD_CUDA_KV_STAGE`).
+    stages_pinned_kv: bool,
     weight_bytes_per_token: usize,
     copy_bandwidth_gb_s: f64,
     floor_ms_per_token: f64,
@@ -273,6 +277,8 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
     let results = GpuResults {
         model: dir.display().to_string(),
         device: cuda.device_name().to_string(),
+        early_launch: cuda.early_launch(),
+        stages_pinned_kv: cuda.stages_pinned_kv(),
         weight_bytes_per_token: weight_bytes,
         copy_bandwidth_gb_s: copy_gb_s,
         floor_ms_per_token: floor_ms,
