@@ -16,9 +16,9 @@
 #   llama1b   `bench gpu` on that model: logits and greedy tokens against the CPU backend and against the
 #             golden logits, 128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned actors) at 24, 1024, 4096 tokens
-#   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with each step
-#             optimization turned off in turn (DRIFTWOOD_CUDA_PDL=0, DRIFTWOOD_CUDA_KV_STAGE=0, both), to
-#             measure what each one is worth: $out/ab.json
+#   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the opt-in step
+#             optimizations on and off (DRIFTWOOD_CUDA_PDL, DRIFTWOOD_CUDA_KV_STAGE: all four combinations),
+#             to measure what each one is worth before it becomes a default: $out/ab.json
 #   profile   (not in the default set) Nsight Compute per-kernel times of batch-1 decode steps
 set -uo pipefail
 cd "$(dirname "$0")/../.."

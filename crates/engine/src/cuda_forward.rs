@@ -9,6 +9,12 @@
 //! the projection's epilogue, SwiGLU's gate and up in one kernel); larger batches run cuBLAS GEMMs. Each shape
 //! of step is captured once in a CUDA graph and replayed. A prompt of several tokens is evaluated one token
 //! at a time through the same step (prefill is not yet batched over tokens on the GPU).
+//!
+//! Two step optimizations are built but off until measured on a GPU (`scripts/device/check.sh ab`):
+//! programmatic dependent launches (`DRIFTWOOD_CUDA_PDL=1`: each kernel streams its weights while the one
+//! before it finishes), and, for one sequence whose cache is in pinned host memory, staging its earlier KV rows
+//! to the device on a side stream from the start of the step (`DRIFTWOOD_CUDA_KV_STAGE=1`), so that their bus
+//! transfer overlaps the weight reads of earlier layers instead of following each layer's projections.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -267,6 +273,9 @@ impl Model {
         };
         let mut exec = dev.exec()?;
         exec.set_steps(steps)?;
+        if stage != 0 {
+            exec.prepare_stages(gpu.layers.len())?;
+        }
         let key = (b, splits, if b == 1 { steps[0].logits } else { 0 }, staged);
         let graph = match state.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
@@ -288,6 +297,13 @@ impl Model {
         (b, chunk, splits): (usize, usize, usize),
         (logits_1, stage): (u64, u64),
     ) -> Result<(), BackendError> {
+        if stage != 0 && b != 1 {
+            // Staging serves one sequence; the batched branch below would leave the side stream unjoined.
+            return Err(BackendError::OutOfRange {
+                op: "decode",
+                detail: "a staged cache with several sequences".into(),
+            });
+        }
         let c = self.config();
         let (h, qd, kvd, ff, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
         let (eps, window) = (c.rms_norm_eps, c.sliding_window.unwrap_or(0));

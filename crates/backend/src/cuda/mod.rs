@@ -78,7 +78,7 @@ impl DeviceTensor {
 /// The CUDA backend: one device context, one stream, the compiled kernels and a cuBLAS handle.
 pub struct CudaBackend {
     ctx: Arc<Context>,
-    /// Stage a pinned cache's rows on the side stream (unless `DRIFTWOOD_CUDA_KV_STAGE=0`).
+    /// Stage a pinned cache's rows on the side stream (`DRIFTWOOD_CUDA_KV_STAGE=1`).
     stage_pinned_kv: bool,
     exec: Mutex<Exec>,
     addressable: Arc<Addressable>,
@@ -106,14 +106,19 @@ pub struct Exec {
     /// are scheduled between the main stream's).
     side: Stream,
     stream: Stream,
-    /// Launch kernels as programmatic dependent launches (compute capability 9.0+, unless
-    /// `DRIFTWOOD_CUDA_PDL=0`).
+    /// Launch kernels as programmatic dependent launches (compute capability 9.0+ and `DRIFTWOOD_CUDA_PDL=1`).
     early: bool,
     ctx: Arc<Context>,
 }
 
 // SAFETY: every handle inside is usable from any thread once the context is bound (each entry point binds it).
 unsafe impl Send for Exec {}
+
+/// Whether the environment variable `name` is `1`: the switches of step optimizations that are built but not
+/// yet measured on a GPU, so off by default.
+fn opt_in(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "1")
+}
 
 /// Whether a CUDA device can be opened here: the libraries load and the driver reports at least one device
 /// (cheap: no context is created and nothing is compiled).
@@ -167,8 +172,8 @@ impl CudaBackend {
         let blas = Blas::new(&ctx, &stream)?;
         let steps = MappedHost::new(&ctx, MAX_BATCH * size_of::<SeqStep>())?;
         use cudarc::driver::sys::CUdevice_attribute as A;
-        let early = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9
-            && std::env::var("DRIFTWOOD_CUDA_PDL").map_or(true, |v| v != "0");
+        let early =
+            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9 && opt_in("DRIFTWOOD_CUDA_PDL");
         let exec = Exec {
             kernels,
             blas,
@@ -183,7 +188,7 @@ impl CudaBackend {
         };
         Ok(CudaBackend {
             ctx,
-            stage_pinned_kv: std::env::var("DRIFTWOOD_CUDA_KV_STAGE").map_or(true, |v| v != "0"),
+            stage_pinned_kv: opt_in("DRIFTWOOD_CUDA_KV_STAGE"),
             exec: Mutex::new(exec),
             addressable: Arc::default(),
             last: Mutex::default(),
@@ -248,14 +253,16 @@ impl CudaBackend {
     }
 
     /// Whether kernels are launched as programmatic dependent launches, each one prefetching its weights while
-    /// the one before it finishes (compute capability 9.0+; `DRIFTWOOD_CUDA_PDL=0` turns it off, to measure).
+    /// the one before it finishes (compute capability 9.0+ and `DRIFTWOOD_CUDA_PDL=1`). Off by default until
+    /// measured on a GPU: `scripts/device/check.sh ab` times batch-1 decode with and without it.
     pub fn early_launch(&self) -> bool {
         self.exec.lock().unwrap_or_else(|p| p.into_inner()).early
     }
 
     /// Whether a single sequence's pinned KV rows are copied to the device on a side stream during each step,
     /// overlapping the bus transfer with the weight reads, instead of read across the bus by attention
-    /// (`DRIFTWOOD_CUDA_KV_STAGE=0` turns it off, to measure).
+    /// (`DRIFTWOOD_CUDA_KV_STAGE=1`). Off by default until measured on a GPU, like
+    /// [`CudaBackend::early_launch`].
     pub fn stages_pinned_kv(&self) -> bool {
         self.stage_pinned_kv
     }
@@ -467,6 +474,19 @@ impl Exec {
         self.side.wait(&self.fork)
     }
 
+    /// Creates the ordering events of `layers` staged layers ahead of a capture (event creation is kept out
+    /// of the captured region).
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn prepare_stages(&mut self, layers: usize) -> Result<(), BackendError> {
+        while self.staged.len() < layers {
+            self.staged.push(driver::Event::marker()?);
+        }
+        Ok(())
+    }
+
     /// On the side stream: copies layer `layer`'s key and value rows before the current position of the one
     /// step sequence's cache (pinned host memory) into `stage`, which has the cache's layout; then marks the
     /// layer staged for [`Exec::join_stage`].
@@ -475,6 +495,10 @@ impl Exec {
     ///
     /// Step record 0 set; its cache 16-byte aligned and holding `layer`; `stage` a device buffer as large as
     /// that cache; `kv_dim` a multiple of 4.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::OutOfRange`] for a layer beyond [`Exec::prepare_stages`]; a driver error.
     pub unsafe fn stage_kv(
         &mut self,
         stage: u64,
@@ -482,8 +506,11 @@ impl Exec {
         kv_dim: usize,
         window: usize,
     ) -> Result<(), BackendError> {
-        while self.staged.len() <= layer {
-            self.staged.push(driver::Event::marker()?);
+        if layer >= self.staged.len() {
+            return Err(BackendError::OutOfRange {
+                op: "stage_kv",
+                detail: format!("layer {layer}, but events were prepared for {}", self.staged.len()),
+            });
         }
         let args = [
             Arg::Ptr(self.steps_addr()),
