@@ -79,19 +79,27 @@ for stage in $stages; do
     ab)
         llama1b_model
         rm -f /tmp/ab-*.json
+        # The first run, with both on, also checks logits and greedy tokens against the CPU backend (bench gpu
+        # exits non-zero on disagreement); every run's greedy tokens must equal the others'.
+        cpu=()
         for v in "1 1" "0 1" "1 0" "0 0"; do
             set -- $v
             step "batch 1, DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2"
             DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 run "$bin" bench gpu --model "$models/llama1b" \
-                --skip-cpu --prompt-tokens 128 --gen-tokens 256 --batch 0 --out "/tmp/ab-$1$2.json" \
-                > /dev/null 2>> /tmp/ab.log
+                "${cpu[@]}" --check-tokens 8 --prompt-tokens 128 --gen-tokens 256 --batch 0 \
+                --out "/tmp/ab-$1$2.json" > /dev/null 2>> /tmp/ab.log
+            cpu=(--skip-cpu)
         done
         python3 -c 'import json,sys; json.dump([json.load(open(f)) for f in sys.argv[1:]], sys.stdout, indent=1)' \
             /tmp/ab-*.json > "$out/ab.json"
-        python3 -c 'import json,sys
-for r in json.load(open(sys.argv[1])):
+        run python3 -c 'import json,sys
+runs = json.load(open(sys.argv[1]))
+for r in runs:
     print("pdl", r["early_launch"], "stage", r["stages_pinned_kv"],
-          " ".join("%s %.3f" % (p["placement"], p["decode_ms_per_token"]) for p in r["runs"]))' "$out/ab.json" >&2
+          " ".join("%s %.3f ms" % (p["placement"], p["decode_ms_per_token"]) for p in r["runs"]))
+tokens = {tuple(p["first_tokens"]) for r in runs for p in r["runs"]}
+print("greedy tokens equal across runs:", len(tokens) == 1)
+sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         ;;
     profile)
         # Per-kernel device time (Nsight Compute, cold caches per kernel) of a few batch-1 decode steps of the

@@ -59,8 +59,12 @@ struct GpuScratch {
     act_bf: DeviceTensor, // (b, intermediate) bf16
     logits: DeviceTensor, // (b, vocab) f32
     splits: usize,
-    /// (layer, {k, v}, max_seq, kv_dim) f32: batch 1's pinned cache rows, copied here during the step.
+    /// (layer, {k, v}, max_seq, kv_dim) f32: batch 1's pinned cache rows, copied here during the step. None
+    /// when not asked for, or when the device could not spare it (the step then reads the cache directly).
     stage: Option<DeviceTensor>,
+    /// Bytes of stage asked for when this scratch was made (met or not), so that a refused stage is not asked
+    /// for again at every step.
+    stage_asked: usize,
 }
 
 /// A model's device state: its weights, scratch and captured step graphs.
@@ -181,7 +185,9 @@ impl GpuScratch {
             act_bf: z(ff, 2)?,
             logits: z(c.vocab_size, 4)?,
             splits,
-            stage: if stage_bytes > 0 { Some(dev.alloc_zeroed(stage_bytes)?) } else { None },
+            // The stage is an optimization: without device memory for it the step still runs.
+            stage: if stage_bytes > 0 { dev.alloc_zeroed(stage_bytes).ok() } else { None },
+            stage_asked: stage_bytes,
         })
     }
 }
@@ -248,22 +254,17 @@ impl Model {
         let mut guard = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
         let state = &mut *guard;
         let scratch = match &mut state.scratch {
-            Some(s)
-                if s.batch >= b
-                    && s.splits >= splits
-                    && s.stage.as_ref().map_or(0, DeviceTensor::bytes) >= stage_bytes =>
-            {
-                &*s
-            }
+            Some(s) if s.batch >= b && s.splits >= splits && s.stage_asked >= stage_bytes => &*s,
             slot => {
                 // The captured graphs hold the old buffers' addresses. Free those buffers before allocating
                 // the larger ones.
-                let (had_batch, had_splits, had_stage) = slot
-                    .as_ref()
-                    .map_or((1, 1, 0), |s| (s.batch, s.splits, s.stage.as_ref().map_or(0, DeviceTensor::bytes)));
+                let (had_batch, had_splits, had_stage) =
+                    slot.as_ref().map_or((1, 1, 0), |s| (s.batch, s.splits, s.stage_asked));
                 state.graphs.clear();
                 *slot = None;
-                let sized = (had_batch.max(b), had_splits.max(splits), had_stage.max(stage_bytes));
+                // Reallocated for steps without a stage, the scratch drops it.
+                let stage = if staged { had_stage.max(stage_bytes) } else { 0 };
+                let sized = (had_batch.max(b), had_splits.max(splits), stage);
                 &*slot.insert(GpuScratch::new(self, dev, sized.0, sized.1, sized.2)?)
             }
         };
@@ -276,7 +277,7 @@ impl Model {
         if stage != 0 {
             exec.prepare_stages(gpu.layers.len())?;
         }
-        let key = (b, splits, if b == 1 { steps[0].logits } else { 0 }, staged);
+        let key = (b, splits, if b == 1 { steps[0].logits } else { 0 }, stage != 0);
         let graph = match state.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => slot.insert(
@@ -313,6 +314,7 @@ impl Model {
         // large enough by `decode_step_cuda` (and kept alive by the caller until it synchronizes). A non-zero
         // `stage` is a scratch buffer as large as the one sequence's cache, which is 16-byte aligned.
         unsafe {
+            let stage = if g.layers.len() > 1 { stage } else { 0 };
             if stage != 0 {
                 // Layer 0's attention comes too soon for a copy to help: it reads the cache directly.
                 e.fork_side()?;

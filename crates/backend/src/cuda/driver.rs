@@ -431,11 +431,31 @@ impl Graph {
         let recorded = record();
         // SAFETY: ends the capture begun above, whatever `record` returned.
         let graph = unsafe { result::stream::end_capture(stream.raw) }.map_err(|e| driver_err("cuStreamEndCapture", e));
-        recorded?;
-        let graph = graph?;
+        let graph = match (recorded, graph) {
+            (Ok(()), Ok(g)) => g,
+            (Err(e), Ok(g)) => {
+                // SAFETY: captured above, never instantiated, destroyed once.
+                unsafe {
+                    let _ = result::graph::destroy(g);
+                }
+                return Err(e);
+            }
+            (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
+        };
+        // Nodes keep the priority of the stream they were captured on (a side stream's copies are scheduled
+        // ahead of the main stream's blocks); without this flag every node would run at the launch stream's.
+        let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY;
         // SAFETY: `graph` was just captured.
-        let exec = unsafe { result::graph::instantiate(graph, sys::CUgraphInstantiate_flags(0)) }
-            .map_err(|e| driver_err("cuGraphInstantiate", e))?;
+        let exec = match unsafe { result::graph::instantiate(graph, flags) } {
+            Ok(exec) => exec,
+            Err(e) => {
+                // SAFETY: as above.
+                unsafe {
+                    let _ = result::graph::destroy(graph);
+                }
+                return Err(driver_err("cuGraphInstantiate", e));
+            }
+        };
         Ok(Graph { exec, graph })
     }
 

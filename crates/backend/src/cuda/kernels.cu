@@ -34,7 +34,8 @@ __device__ __forceinline__ bf16 to_bf(float f) {
 // weights), then `wait_prior()` blocks until the earlier kernel has completed with its writes visible. Every
 // kernel here calls `wait_prior()` before its first read of activations, caches or step records and before its
 // first global write, then `allow_next()` so that the next kernel can launch and prefetch in turn. On older
-// devices, and for kernels launched normally, both are no-ops.
+// devices, and for kernels launched normally, both are no-ops. The one exception, `kv_stage`, has neither and
+// must only be launched normally (it runs on a side stream ordered by events).
 __device__ __forceinline__ void wait_prior() {
 #if __CUDA_ARCH__ >= 900
     asm volatile("griddepcontrol.wait;" ::: "memory");

@@ -103,7 +103,7 @@ pub struct Exec {
     /// `staged[l]`: layer l's keys and values are staged (recorded on `side`).
     staged: Vec<driver::Event>,
     /// Copies pinned KV rows to the device while `stream` computes (higher priority, so that its few blocks
-    /// are scheduled between the main stream's).
+    /// are scheduled between the main stream's; graphs keep node priorities, see `Graph::capture`).
     side: Stream,
     stream: Stream,
     /// Launch kernels as programmatic dependent launches (compute capability 9.0+ and `DRIFTWOOD_CUDA_PDL=1`).
@@ -524,11 +524,13 @@ impl Exec {
         self.staged[layer].record(&self.side)
     }
 
-    /// Makes the main stream's later work wait until layer `layer` is staged.
+    /// Makes the main stream's later work wait until layer `layer` is staged. Call it only for a layer staged
+    /// in the same capture: the event would otherwise refer to an earlier one (the driver then fails the
+    /// capture).
     ///
     /// # Errors
     ///
-    /// [`BackendError::OutOfRange`] when the layer was never staged; a driver error.
+    /// [`BackendError::OutOfRange`] for a layer beyond [`Exec::prepare_stages`]; a driver error.
     pub fn join_stage(&self, layer: usize) -> Result<(), BackendError> {
         let event = self.staged.get(layer).ok_or_else(|| BackendError::OutOfRange {
             op: "join_stage",
