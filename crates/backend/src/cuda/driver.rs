@@ -418,10 +418,12 @@ unsafe impl Send for Graph {}
 unsafe impl Sync for Graph {}
 
 impl Graph {
-    /// Captures what `record` launches on `stream` (nothing runs during capture).
+    /// Captures what `record` launches on `stream` (nothing runs during capture). `record` returns whether
+    /// the nodes must keep the priorities of the streams they were captured on (work forked onto a stream of
+    /// another priority); otherwise every node runs at the priority of the stream the graph is launched on.
     pub(crate) fn capture(
         stream: &Stream,
-        record: impl FnOnce() -> Result<(), BackendError>,
+        record: impl FnOnce() -> Result<bool, BackendError>,
     ) -> Result<Self, BackendError> {
         // SAFETY: the stream is alive; capture mode is thread-local.
         unsafe {
@@ -431,8 +433,8 @@ impl Graph {
         let recorded = record();
         // SAFETY: ends the capture begun above, whatever `record` returned.
         let graph = unsafe { result::stream::end_capture(stream.raw) }.map_err(|e| driver_err("cuStreamEndCapture", e));
-        let graph = match (recorded, graph) {
-            (Ok(()), Ok(g)) => g,
+        let (graph, keep_priorities) = match (recorded, graph) {
+            (Ok(keep), Ok(g)) => (g, keep),
             (Err(e), Ok(g)) => {
                 // SAFETY: captured above, never instantiated, destroyed once.
                 unsafe {
@@ -440,11 +442,13 @@ impl Graph {
                 }
                 return Err(e);
             }
-            (Err(e), Err(_)) | (Ok(()), Err(e)) => return Err(e),
+            (Err(e), Err(_)) | (Ok(_), Err(e)) => return Err(e),
         };
-        // Nodes keep the priority of the stream they were captured on (a side stream's copies are scheduled
-        // ahead of the main stream's blocks); without this flag every node would run at the launch stream's.
-        let flags = sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY;
+        let flags = if keep_priorities {
+            sys::CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_USE_NODE_PRIORITY
+        } else {
+            sys::CUgraphInstantiate_flags(0)
+        };
         // SAFETY: `graph` was just captured.
         let exec = match unsafe { result::graph::instantiate(graph, flags) } {
             Ok(exec) => exec,

@@ -103,11 +103,13 @@ pub struct Exec {
     /// `staged[l]`: layer l's keys and values are staged (recorded on `side`).
     staged: Vec<driver::Event>,
     /// Copies pinned KV rows to the device while `stream` computes (higher priority, so that its few blocks
-    /// are scheduled between the main stream's; graphs keep node priorities, see `Graph::capture`).
+    /// are scheduled between the main stream's; a graph that forks onto it keeps node priorities).
     side: Stream,
     stream: Stream,
     /// Launch kernels as programmatic dependent launches (compute capability 9.0+ and `DRIFTWOOD_CUDA_PDL=1`).
     early: bool,
+    /// Whether the capture in progress forked work onto `side`.
+    forked: bool,
     ctx: Arc<Context>,
 }
 
@@ -184,6 +186,7 @@ impl CudaBackend {
             side: Stream::urgent(&ctx)?,
             stream,
             early,
+            forked: false,
             ctx: ctx.clone(),
         };
         Ok(CudaBackend {
@@ -412,7 +415,8 @@ impl Exec {
         self.stream.synchronize()
     }
 
-    /// Records the launches `record` makes into a graph instead of running them.
+    /// Records the launches `record` makes into a graph instead of running them. Work forked onto the side
+    /// stream ([`Exec::fork_side`]) keeps that stream's higher priority in the graph.
     ///
     /// # Errors
     ///
@@ -422,9 +426,10 @@ impl Exec {
         record: impl FnOnce(&mut Self) -> Result<(), BackendError>,
     ) -> Result<Graph, BackendError> {
         let stream = &self.stream as *const Stream;
+        self.forked = false;
         // SAFETY: `stream` is a field of `self`, alive for the call; `record` gets `self` mutably but the stream
         // is never moved or dropped by it.
-        Graph::capture(unsafe { &*stream }, || record(self))
+        Graph::capture(unsafe { &*stream }, || record(self).map(|()| self.forked))
     }
 
     /// Replays a captured graph.
@@ -469,7 +474,8 @@ impl Exec {
     /// # Errors
     ///
     /// A driver error.
-    pub fn fork_side(&self) -> Result<(), BackendError> {
+    pub fn fork_side(&mut self) -> Result<(), BackendError> {
+        self.forked = true;
         self.fork.record(&self.stream)?;
         self.side.wait(&self.fork)
     }
