@@ -6,7 +6,8 @@
 # Needs the stripped x86-64 binary at target/device/driftwood (build: cargo build --release && strip -o
 # target/device/driftwood target/release/driftwood) and, for the test stage, test binaries under
 # target/device/tests/. Writes JSON and logs under $OUT (default: target/device-out).
-# At most 8 files come back from a device run, so logs beyond those listed stay on the machine.
+# At most 8 files come back from a device run: with BUNDLE=FILE, everything under $out is also packed into
+# that one tar.gz at the end (put FILE under the run's $OUT and point OUT elsewhere).
 #   smoke     verify on the pinned and managed placements (JSON), and `bench gpu` on the bundled model:
 #             logits and greedy tokens against the CPU backend, batch-1 and batched decode
 #   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model
@@ -121,4 +122,7 @@ sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
     *) echo "unknown stage $stage" >&2; status=2 ;;
     esac
 done
+if [ -n "${BUNDLE:-}" ]; then
+    tar czf "$BUNDLE" -C "$out" . || status=1
+fi
 exit $status
