@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,7 +38,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import make_model  # noqa: E402  (the shared tokenizer builder)
+import make_model  # noqa: E402  (the shared tensor list, writer and tokenizer builder)
 
 SHAPE = {
     "hidden_size": 2048,
@@ -90,49 +89,27 @@ def generation_config_json() -> dict:
 
 
 def write_weights(path: Path, cfg: dict, dtype: str, seed: int, std: float, device: str) -> int:
-    """Generate the tensors in make_model.tensor_specs order and stream them into a safetensors file."""
-    specs = make_model.tensor_specs(cfg)
-    st_dtype, width, tdtype = ("F32", 4, torch.float32) if dtype == "f32" else ("BF16", 2, torch.bfloat16)
+    """Generate the tensors in make_model.tensor_specs order with torch and stream them into a safetensors
+    file (make_model.write_safetensors)."""
+    tdtype = torch.float32 if dtype == "f32" else torch.bfloat16
     meta = {"format": "pt", "generator": f"torch {torch.__version__} {device} seed {seed} std {std}"}
-    header: dict = {"__metadata__": meta}
-    offset = 0
-    for name, shape, _ in specs:
-        n = 1
-        for s in shape:
-            n *= s
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [offset, offset + n * width]}
-        offset += n * width
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-
     gen = torch.Generator(device=device)
     gen.manual_seed(seed)
-    count = 0
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "wb") as f:
-        f.write(len(head).to_bytes(8, "little"))
-        f.write(head)
-        for name, shape, kind in specs:
-            if kind == "ones":
-                w = torch.ones(shape, dtype=tdtype)
-            else:
-                w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
-                w.mul_(std)
-                w = w.to(tdtype).cpu()
-            count += w.numel()
-            # Raw little-endian bytes (numpy has no bfloat16: view the bits as int16).
-            raw = w.contiguous().view(torch.int16 if width == 2 else torch.int32).numpy()
-            if sys.byteorder != "little":
-                raw = raw.byteswap()
-            f.write(memoryview(raw).cast("B"))
-    os.replace(tmp, path)
 
-    from safetensors import safe_open
+    def tensor_bytes(shape: tuple[int, ...], kind: str) -> memoryview:
+        if kind == "ones":
+            w = torch.ones(shape, dtype=tdtype)
+        else:
+            w = torch.randn(shape, generator=gen, device=device, dtype=torch.float32)
+            w.mul_(std)
+            w = w.to(tdtype).cpu()
+        # Raw little-endian bytes (numpy has no bfloat16: view the bits as int16).
+        raw = w.contiguous().view(torch.int16 if dtype == "bf16" else torch.int32).numpy()
+        if sys.byteorder != "little":
+            raw = raw.byteswap()
+        return memoryview(raw).cast("B")
 
-    with safe_open(str(path), framework="pt") as st:
-        if len(list(st.keys())) != len(specs):
-            raise SystemExit("safetensors check failed: wrong tensor count")
-    return count
+    return make_model.write_safetensors(path, make_model.tensor_specs(cfg), dtype, meta, tensor_bytes)
 
 
 def main() -> int:

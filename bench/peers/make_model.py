@@ -104,11 +104,12 @@ def f32_to_bf16_bits(x: np.ndarray) -> np.ndarray:
     return ((u + rounding) >> 16).astype(np.uint16)
 
 
-def write_weights(path: Path, cfg: dict, dtype: str, seed: int, std: float) -> int:
-    """Stream the tensors into a safetensors file (8-byte aligned JSON header, then raw little-endian data)."""
-    specs = tensor_specs(cfg)
+def write_safetensors(path: Path, specs: list, dtype: str, metadata: dict, tensor_bytes) -> int:
+    """Stream tensors into a safetensors file: an 8-byte aligned JSON header, then each tensor's raw
+    little-endian data in `specs` order, as `tensor_bytes(shape, kind)` returns it. Written to a temporary
+    file and renamed into place. Returns the parameter count."""
     st_dtype, width = ("F32", 4) if dtype == "f32" else ("BF16", 2)
-    header: dict = {"__metadata__": {"format": "pt"}}
+    header: dict = {"__metadata__": metadata}
     offset = 0
     for name, shape, _ in specs:
         n = int(np.prod(shape))
@@ -117,21 +118,14 @@ def write_weights(path: Path, cfg: dict, dtype: str, seed: int, std: float) -> i
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
 
-    rng = np.random.default_rng(seed)
-    count = 0
     tmp = path.with_suffix(".tmp")
     with open(tmp, "wb") as f:
         f.write(len(head).to_bytes(8, "little"))
         f.write(head)
-        for name, shape, kind in specs:
-            if kind == "ones":
-                w = np.ones(shape, dtype=np.float32)
-            else:
-                w = rng.standard_normal(shape, dtype=np.float32)
-                w *= np.float32(std)
-            count += w.size
-            data = w if dtype == "f32" else f32_to_bf16_bits(w)
-            f.write(np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"), copy=False).tobytes())
+        for _, shape, kind in specs:
+            f.write(tensor_bytes(shape, kind))
+        if f.tell() != 8 + len(head) + offset:
+            raise SystemExit("safetensors write failed: tensor data does not match the header")
     os.replace(tmp, path)
 
     # Read the header back through the safetensors package as a format check.
@@ -140,7 +134,23 @@ def write_weights(path: Path, cfg: dict, dtype: str, seed: int, std: float) -> i
     with safe_open(str(path), framework="numpy") as st:
         if len(list(st.keys())) != len(specs):
             raise SystemExit("safetensors check failed: wrong tensor count")
-    return count
+    return offset // width
+
+
+def write_weights(path: Path, cfg: dict, dtype: str, seed: int, std: float) -> int:
+    """The model's tensors, drawn with numpy's seeded generator in tensor_specs order."""
+    rng = np.random.default_rng(seed)
+
+    def tensor_bytes(shape: tuple[int, ...], kind: str) -> bytes:
+        if kind == "ones":
+            w = np.ones(shape, dtype=np.float32)
+        else:
+            w = rng.standard_normal(shape, dtype=np.float32)
+            w *= np.float32(std)
+        data = w if dtype == "f32" else f32_to_bf16_bits(w)
+        return np.ascontiguousarray(data).astype(data.dtype.newbyteorder("<"), copy=False).tobytes()
+
+    return write_safetensors(path, tensor_specs(cfg), dtype, {"format": "pt"}, tensor_bytes)
 
 
 def corpus_files() -> list[Path]:
