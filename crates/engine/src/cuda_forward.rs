@@ -245,7 +245,9 @@ impl Model {
         // One sequence whose cache is in pinned host memory: attention would read every earlier row across the
         // bus (tens of GB/s) after the layer's projections; instead a side stream copies them to the device
         // from the start of the step, overlapped with the weight reads (the float4 copy needs 16-byte rows).
+        // Layer 0 always reads its cache directly, so a one-layer model has nothing to stage.
         let staged = b == 1
+            && self.layers.len() > 1
             && dev.stages_pinned_kv()
             && dev.is_host_resident(steps[0].kv as usize)
             && steps[0].kv.is_multiple_of(16)
@@ -264,8 +266,7 @@ impl Model {
                 *slot = None;
                 // Reallocated for steps without a stage, the scratch drops it.
                 let stage = if staged { had_stage.max(stage_bytes) } else { 0 };
-                let sized = (had_batch.max(b), had_splits.max(splits), stage);
-                &*slot.insert(GpuScratch::new(self, dev, sized.0, sized.1, sized.2)?)
+                &*slot.insert(GpuScratch::new(self, dev, had_batch.max(b), had_splits.max(splits), stage)?)
             }
         };
         let stage = match (&scratch.stage, staged) {
@@ -314,7 +315,6 @@ impl Model {
         // large enough by `decode_step_cuda` (and kept alive by the caller until it synchronizes). A non-zero
         // `stage` is a scratch buffer as large as the one sequence's cache, which is 16-byte aligned.
         unsafe {
-            let stage = if g.layers.len() > 1 { stage } else { 0 };
             if stage != 0 {
                 // Layer 0's attention comes too soon for a copy to help: it reads the cache directly.
                 e.fork_side()?;

@@ -565,16 +565,16 @@ pub(crate) fn prefetch(
 pub(crate) struct Event(sys::CUevent);
 
 impl Event {
+    fn with_flags(flags: sys::CUevent_flags) -> Result<Self, BackendError> {
+        result::event::create(flags).map(Event).map_err(|e| driver_err("cuEventCreate", e))
+    }
+    /// An event with timestamps, for [`Event::elapsed_ms`].
     pub(crate) fn new() -> Result<Self, BackendError> {
-        result::event::create(sys::CUevent_flags::CU_EVENT_DEFAULT)
-            .map(Event)
-            .map_err(|e| driver_err("cuEventCreate", e))
+        Self::with_flags(sys::CUevent_flags::CU_EVENT_DEFAULT)
     }
     /// An event for ordering only (no timestamps, cheaper to record and wait on).
     pub(crate) fn marker() -> Result<Self, BackendError> {
-        result::event::create(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
-            .map(Event)
-            .map_err(|e| driver_err("cuEventCreate", e))
+        Self::with_flags(sys::CUevent_flags::CU_EVENT_DISABLE_TIMING)
     }
     pub(crate) fn record(&self, stream: &Stream) -> Result<(), BackendError> {
         // SAFETY: both alive.
