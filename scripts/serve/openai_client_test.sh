@@ -7,6 +7,7 @@ cd "$(dirname "$0")/../.."
 TARGET="${CARGO_TARGET_DIR:-target}"
 VENV="$TARGET/serve-openai-venv"
 if [ ! -x "$VENV/bin/python" ]; then
+  echo "installing the openai Python client into $VENV (needs the package index; once)" >&2
   python3 -m venv "$VENV"
   "$VENV/bin/pip" install --quiet openai
 fi
