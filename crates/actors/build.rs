@@ -143,13 +143,8 @@ fn toolchain_targets(file: &Path) -> Vec<String> {
     let parsed = std::fs::read_to_string(file).ok().and_then(|text| {
         let line = text.lines().find(|l| l.trim_start().starts_with("targets"))?;
         let list = line.split_once('=')?.1;
-        let names: Vec<String> = list
-            .split('"')
-            .skip(1)
-            .step_by(2)
-            .map(str::to_owned)
-            .filter(|t| !t.is_empty())
-            .collect();
+        let names: Vec<String> =
+            list.split('"').skip(1).step_by(2).map(str::to_owned).filter(|t| !t.is_empty()).collect();
         (!names.is_empty()).then_some(names)
     });
     parsed.unwrap_or_else(|| FALLBACK_TARGETS.iter().map(|t| (*t).to_owned()).collect())
@@ -171,11 +166,8 @@ fn sysroot() -> Result<PathBuf, String> {
 /// Whether the sysroot holds the standard library for `target`.
 fn installed(sysroot: &Path, target: &str) -> bool {
     let lib = sysroot.join("lib/rustlib").join(target).join("lib");
-    std::fs::read_dir(lib).is_ok_and(|entries| {
-        entries
-            .flatten()
-            .any(|e| e.file_name().to_string_lossy().starts_with("libstd-"))
-    })
+    std::fs::read_dir(lib)
+        .is_ok_and(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libstd-")))
 }
 
 fn env_path(var: &str) -> Result<PathBuf, String> {
