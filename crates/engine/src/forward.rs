@@ -78,19 +78,21 @@ impl Model {
             )));
         }
         if let Device::Cuda(cuda) = dev {
-            // The GPU evaluates the tokens one step at a time; only the last step's logits reach the guest.
-            let mut step = driftwood_backend::cuda::SeqStep {
-                kv: kv.as_ptr() as u64,
-                logits: logits.addr() as u64,
-                max_seq: kv.max_seq() as i32,
-                ..Default::default()
-            };
-            for (i, &token) in tokens.iter().enumerate() {
-                step.pos = (pos + i) as i32;
-                step.token = token;
-                self.decode_step_cuda(cuda, &[step])?;
+            // The GPU runs a prompt as whole-chunk matrix products, a decode step as one captured graph; only
+            // the last token's logits reach the guest.
+            let (kv_addr, logits_addr) = (kv.as_ptr() as u64, logits.addr() as u64);
+            if let [token] = tokens {
+                let step = driftwood_backend::cuda::SeqStep {
+                    kv: kv_addr,
+                    logits: logits_addr,
+                    max_seq: kv.max_seq() as i32,
+                    pos: pos as i32,
+                    token: *token,
+                    ..Default::default()
+                };
+                return self.decode_step_cuda(cuda, &[step]);
             }
-            return Ok(());
+            return self.prefill_cuda(cuda, (kv_addr, kv.max_seq()), pos, tokens, logits_addr, &mut || Ok(()));
         }
         let mut start = 0;
         while start < tokens.len() {

@@ -32,8 +32,8 @@
 
 mod batch;
 mod config;
-mod cuda_forward;
 mod error;
+mod exec;
 mod forward;
 mod kv;
 mod model;

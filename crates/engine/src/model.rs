@@ -52,7 +52,7 @@ pub struct Model {
     tokenizer_fingerprint: String,
     weight_bytes_per_token: usize,
     /// The weights on the CUDA device, uploaded on first GPU use.
-    pub(crate) gpu: std::sync::OnceLock<crate::cuda_forward::GpuModel>,
+    pub(crate) gpu: std::sync::OnceLock<crate::exec::cuda::GpuModel>,
     // Last: the mappings the `Weight`s point into are dropped after everything that refers to them.
     _files: WeightFiles,
 }
@@ -239,7 +239,17 @@ impl Model {
 
     /// f32 elements of a KV cache for `max_seq` tokens: `layers · 2 · max_seq · kv_dim`.
     pub fn kv_floats(&self, max_seq: usize) -> usize {
+        self.kv_elems(max_seq)
+    }
+
+    /// Elements of a KV cache for `max_seq` tokens, of any dtype: `layers · 2 · max_seq · kv_dim`.
+    pub fn kv_elems(&self, max_seq: usize) -> usize {
         self.config.num_layers * 2 * max_seq * self.config.kv_dim()
+    }
+
+    /// Bytes of a KV cache for `max_seq` tokens whose elements are `dtype`.
+    pub fn kv_bytes(&self, max_seq: usize, dtype: driftwood_backend::DType) -> usize {
+        self.kv_elems(max_seq) * dtype.size()
     }
 
     /// Token ids of `text`. With `add_special`, the tokenizer's own special tokens are added, and the

@@ -298,6 +298,8 @@ pub(crate) enum Arg {
     Ptr(u64),
     I32(i32),
     F32(f32),
+    /// A `repr(C)` parameter struct passed by value, as its bytes (its C mirror has the same size and layout).
+    Struct(Vec<u8>),
 }
 
 /// Launches `f` on `stream`.
@@ -308,7 +310,7 @@ pub(crate) enum Arg {
 /// synchronized, and `args` match the kernel's C signature in order and type.
 /// With `early`, the launch is a programmatic dependent launch (compute capability 9.0+): the kernel may start
 /// before the previous kernel on the stream has finished, and must execute `griddepcontrol.wait` before it
-/// reads anything that kernel writes or writes anything it reads (the kernels in `kernels.cu` call
+/// reads anything that kernel writes or writes anything it reads (the kernels in `kernels/` call
 /// `wait_prior()` first thing after prefetching their weights).
 pub(crate) unsafe fn launch(
     f: Function,
@@ -319,16 +321,23 @@ pub(crate) unsafe fn launch(
     args: &[Arg],
     early: bool,
 ) -> Result<(), BackendError> {
-    let mut values: Vec<[u8; 8]> = args
+    // Each value in 8-byte words, so that every parameter's bytes start 8-byte aligned.
+    let mut values: Vec<Vec<u64>> = args
         .iter()
         .map(|a| {
-            let mut b = [0u8; 8];
-            match a {
-                Arg::Ptr(p) => b.copy_from_slice(&p.to_ne_bytes()),
-                Arg::I32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
-                Arg::F32(v) => b[..4].copy_from_slice(&v.to_ne_bytes()),
+            let bytes: Vec<u8> = match a {
+                Arg::Ptr(p) => p.to_ne_bytes().to_vec(),
+                Arg::I32(v) => v.to_ne_bytes().to_vec(),
+                Arg::F32(v) => v.to_ne_bytes().to_vec(),
+                Arg::Struct(b) => b.clone(),
+            };
+            let mut words = vec![0u64; bytes.len().div_ceil(8).max(1)];
+            for (word, chunk) in words.iter_mut().zip(bytes.chunks(8)) {
+                let mut w = [0u8; 8];
+                w[..chunk.len()].copy_from_slice(chunk);
+                *word = u64::from_ne_bytes(w);
             }
-            b
+            words
         })
         .collect();
     let mut params: Vec<*mut c_void> = values.iter_mut().map(|v| v.as_mut_ptr().cast()).collect();
@@ -639,7 +648,7 @@ impl Blas {
     }
 
     /// Row-major `c (m, n) = beta·c + a (m, k) · bᵀ` when `b_transposed` (b stored (n, k)), else `a · b` (b
-    /// stored (k, n)); `c` is f32, `a` and `b` of type `ab`.
+    /// stored (k, n)); `a` and `b` of type `ab`, `c` of type `ct`, accumulated in f32.
     ///
     /// # Safety
     ///
@@ -652,7 +661,7 @@ impl Blas {
         b: u64,
         b_transposed: bool,
         c: u64,
-        ab: BlasType,
+        (ab, ct): (BlasType, BlasType),
         beta: f32,
     ) -> Result<(), BackendError> {
         use cudarc::cublas::sys::{cublasComputeType_t, cublasGemmAlgo_t, cublasOperation_t, cudaDataType};
@@ -662,10 +671,11 @@ impl Blas {
             i32::try_from(n).map_err(|_| too_big())?,
             i32::try_from(k).map_err(|_| too_big())?,
         );
-        let t = match ab {
+        let cuda_type = |t: BlasType| match t {
             BlasType::F32 => cudaDataType::CUDA_R_32F,
             BlasType::Bf16 => cudaDataType::CUDA_R_16BF,
         };
+        let (t, c_t) = (cuda_type(ab), cuda_type(ct));
         // Column-major view: cᵀ (n, m) = op(b)ᵀ… computed as C' = B' · A' with A' = aᵀ (k, m) of ld k.
         let (op_b, ld_b) =
             if b_transposed { (cublasOperation_t::CUBLAS_OP_T, ki) } else { (cublasOperation_t::CUBLAS_OP_N, ni) };
@@ -689,7 +699,7 @@ impl Blas {
                 ki,
                 (&beta as *const f32).cast(),
                 c as *mut c_void,
-                cudaDataType::CUDA_R_32F,
+                c_t,
                 ni,
                 cublasComputeType_t::CUBLAS_COMPUTE_32F,
                 cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,

@@ -4,8 +4,8 @@
 //!
 //! Layers: [`driver`] is the only unsafe FFI; [`memory`] holds the placements' [`DeviceMemory`] providers;
 //! this file offers the safe backend ([`Backend::matmul`] on guest memory through cuBLAS) and [`Exec`], the
-//! kernel launches the engine's GPU forward pass is written in. Kernels are CUDA C in `kernels.cu`, compiled
-//! by NVRTC for the device when the backend opens.
+//! kernel launches the engine's GPU forward pass is written in. Kernels are CUDA C in `kernels/`, one file per
+//! family, compiled together by NVRTC for the device when the backend opens.
 
 pub(crate) mod driver;
 mod memory;
@@ -21,16 +21,77 @@ use memory::{Addressable, ManagedMemory, PinnedMemory};
 
 pub use driver::Graph;
 
-const KERNELS: &str = include_str!("kernels.cu");
+/// The kernel sources, in dependency order (`kernels/common.cuh` says what each holds).
+const KERNELS: &str = concat!(
+    include_str!("kernels/common.cuh"),
+    include_str!("kernels/elementwise.cu"),
+    include_str!("kernels/gemv.cu"),
+    include_str!("kernels/attn_decode.cu"),
+    include_str!("kernels/attn_prefill.cu"),
+);
 
 /// Most sequences one batched step can carry.
 pub const MAX_BATCH: usize = 256;
 
-/// One sequence of a decode step, as the kernels read it (`struct Seq` in `kernels.cu`).
+/// Most tokens one prefill pass ([`Exec::set_tokens`]) carries; longer prompts are evaluated in chunks.
+pub const MAX_PREFILL: usize = 4096;
+
+/// Head dimensions the attention kernels are built for.
+pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
+
+/// The parameters of the prefill attention kernel (`struct AttnPrefill` in `kernels/attn_prefill.cu`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AttnPrefillParams {
+    /// (t, heads, head_dim) bf16: rotated queries times the softmax scale · log2 e.
+    pub q: u64,
+    /// The sequence's KV cache, (layer, {k, v}, max_seq, kv_dim) bf16.
+    pub cache: u64,
+    /// (t, kv_dim) bf16: this chunk's rotated keys.
+    pub knew: u64,
+    /// (t, kv_dim) bf16: this chunk's values.
+    pub vnew: u64,
+    /// (t, heads · head_dim) bf16 output.
+    pub out: u64,
+    /// Query rows in the chunk.
+    pub t: i32,
+    /// Position of row 0 (tokens already in the cache).
+    pub pos0: i32,
+    /// Rows per (layer, k|v) of the cache.
+    pub max_seq: i32,
+    /// The layer.
+    pub layer: i32,
+    /// Query heads.
+    pub heads: i32,
+    /// Key/value heads.
+    pub kv_heads: i32,
+    /// Sliding window, 0 for none.
+    pub window: i32,
+    /// Padding to a multiple of 8 bytes.
+    pub pad: i32,
+}
+
+const _: () = assert!(size_of::<AttnPrefillParams>() == 72);
+const _: () = assert!(size_of::<SeqStep>() == 32);
+
+impl AttnPrefillParams {
+    fn bytes(&self) -> Vec<u8> {
+        let mut b = Vec::with_capacity(size_of::<Self>());
+        for p in [self.q, self.cache, self.knew, self.vnew, self.out] {
+            b.extend_from_slice(&p.to_ne_bytes());
+        }
+        for v in [self.t, self.pos0, self.max_seq, self.layer, self.heads, self.kv_heads, self.window, self.pad] {
+            b.extend_from_slice(&v.to_ne_bytes());
+        }
+        b
+    }
+}
+
+/// One sequence of a decode step, as the kernels read it (`struct Seq` in `kernels/common.cuh`).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct SeqStep {
-    /// Device address of the sequence's KV cache, (layer, {k, v}, max_seq, kv_dim) f32.
+    /// Device address of the sequence's KV cache, (layer, {k, v}, max_seq, kv_dim) bf16, 16-byte aligned.
     pub kv: u64,
     /// Device address of its logits (vocab) f32.
     pub logits: u64,
@@ -46,6 +107,11 @@ pub struct SeqStep {
 
 struct Kernels {
     embed: Function,
+    embed_tokens: Function,
+    rope_prefill: Function,
+    swiglu_pairs_bf16: Function,
+    /// Prefill attention by head dimension ([`HEAD_DIMS`]).
+    attn_prefill: [Function; 3],
     rmsnorm_bf16: Function,
     gemv: Function,
     gemv_swiglu: Function,
@@ -97,6 +163,8 @@ pub struct Exec {
     kernels: Kernels,
     blas: Blas,
     steps: MappedHost,
+    /// A prefill pass's token ids (page-locked host memory the device maps), [`MAX_PREFILL`] of them.
+    tokens: MappedHost,
     _module: Module,
     /// Marks the start of a step on `stream`, for `side` to wait on.
     fork: driver::Event,
@@ -149,6 +217,10 @@ impl CudaBackend {
         let f = |name: &str| module.function(name);
         let kernels = Kernels {
             embed: f("embed")?,
+            embed_tokens: f("embed_tokens")?,
+            rope_prefill: f("rope_prefill")?,
+            swiglu_pairs_bf16: f("swiglu_pairs_bf16")?,
+            attn_prefill: [f("attn_prefill_d32")?, f("attn_prefill_d64")?, f("attn_prefill_d128")?],
             rmsnorm_bf16: f("rmsnorm_bf16")?,
             gemv: f("gemv")?,
             gemv_swiglu: f("gemv_swiglu")?,
@@ -171,8 +243,12 @@ impl CudaBackend {
         for k in [kernels.gemv, kernels.gemv_swiglu] {
             driver::allow_shared(k, 96 << 10)?;
         }
+        for (k, hd) in kernels.attn_prefill.iter().zip(HEAD_DIMS) {
+            driver::allow_shared(*k, prefill_shared(hd) as i32)?;
+        }
         let blas = Blas::new(&ctx, &stream)?;
         let steps = MappedHost::new(&ctx, MAX_BATCH * size_of::<SeqStep>())?;
+        let tokens = MappedHost::new(&ctx, MAX_PREFILL * size_of::<u32>())?;
         use cudarc::driver::sys::CUdevice_attribute as A;
         let early =
             ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9 && opt_in("DRIFTWOOD_CUDA_PDL");
@@ -180,6 +256,7 @@ impl CudaBackend {
             kernels,
             blas,
             steps,
+            tokens,
             _module: module,
             fork: driver::Event::marker()?,
             staged: Vec::new(),
@@ -362,7 +439,7 @@ impl Backend for CudaBackend {
                 b.addr() as u64,
                 false,
                 c.addr() as u64,
-                t,
+                (t, BlasType::F32),
                 0.0,
             )?;
         }
@@ -374,6 +451,18 @@ impl Backend for CudaBackend {
     fn last_operands(&self) -> OperandTrace {
         *self.last.lock().unwrap_or_else(|p| p.into_inner())
     }
+}
+
+/// Query rows per block of the prefill attention kernel for `head_dim` (two 16-row tiles per warp, one for
+/// head dimension 128, whose accumulators leave no registers for a second).
+fn prefill_rows(head_dim: usize) -> usize {
+    if head_dim > 64 { 64 } else { 128 }
+}
+
+/// Dynamic shared memory of the prefill attention kernel for `head_dim`: the query tile and two buffers each
+/// of 64 key and 64 value rows, bf16.
+fn prefill_shared(head_dim: usize) -> usize {
+    (prefill_rows(head_dim) + 4 * 64) * head_dim * 2
 }
 
 /// Grid of a one-warp-per-row kernel with 8 warps per block.
@@ -463,7 +552,7 @@ impl Exec {
         args: &[Arg],
     ) -> Result<(), BackendError> {
         // SAFETY: forwarded to the callers of the `unsafe fn`s below, which promise valid addresses. Every
-        // kernel calls `wait_prior()` before touching anything an earlier kernel writes (kernels.cu), as an
+        // kernel calls `wait_prior()` before touching anything an earlier kernel writes (`kernels/`), as an
         // early launch requires.
         unsafe { driver::launch(f, grid, block, shared, &self.stream, args, self.early) }
     }
@@ -500,7 +589,7 @@ impl Exec {
     /// # Safety
     ///
     /// Step record 0 set; its cache 16-byte aligned and holding `layer`; `stage` a device buffer as large as
-    /// that cache; `kv_dim` a multiple of 4.
+    /// that cache; `kv_dim` a multiple of 8 (the cache is bf16).
     ///
     /// # Errors
     ///
@@ -553,6 +642,104 @@ impl Exec {
     pub unsafe fn embed(&self, table: u64, x: u64, b: usize, hidden: usize) -> Result<(), BackendError> {
         let args = [Arg::Ptr(table), Arg::Ptr(self.steps_addr()), Arg::Ptr(x), Arg::I32(hidden as i32)];
         self.launch(self.kernels.embed, (b as u32, 1, 1), 256, 0, &args)
+    }
+
+    /// Writes a prefill pass's token ids where [`Exec::embed_tokens`] reads them.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::OutOfRange`] for more than [`MAX_PREFILL`] tokens.
+    pub fn set_tokens(&mut self, tokens: &[u32]) -> Result<(), BackendError> {
+        if tokens.len() > MAX_PREFILL {
+            return Err(BackendError::OutOfRange {
+                op: "prefill",
+                detail: format!("{} tokens in one pass, at most {MAX_PREFILL}", tokens.len()),
+            });
+        }
+        // The previous pass's kernels may still read the ids: wait for them first.
+        self.stream.synchronize()?;
+        // SAFETY: the buffer holds MAX_PREFILL ids, is ours, and no device work reads it now.
+        unsafe { std::ptr::copy_nonoverlapping(tokens.as_ptr(), self.tokens.ptr.cast::<u32>(), tokens.len()) };
+        Ok(())
+    }
+
+    /// x (t, hidden) f32 = table (vocab, hidden) bf16 rows of the ids [`Exec::set_tokens`] wrote.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents; `t` ids set, each below the table's rows.
+    pub unsafe fn embed_tokens(&self, table: u64, x: u64, t: usize, hidden: usize) -> Result<(), BackendError> {
+        let args = [Arg::Ptr(table), Arg::Ptr(self.tokens.ptr as u64), Arg::Ptr(x), Arg::I32(hidden as i32)];
+        self.launch(self.kernels.embed_tokens, (t as u32, 1, 1), 256, 0, &args)
+    }
+
+    /// RoPE for `t` consecutive positions from `pos0` of one sequence: from qkv (t, q_dim + 2 kv_dim) f32, the
+    /// rotated queries times `qscale` into q (t, heads, head_dim) bf16, and the rotated keys and the values into
+    /// knew, vnew (t, kv_dim) bf16 and into the cache rows `pos0..pos0 + t` of `layer`.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents; the cache holds `max_seq ≥ pos0 + t` rows per layer and `layer`.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn rope_prefill(
+        &self,
+        qkv: u64,
+        inv_freq: u64,
+        (q, knew, vnew): (u64, u64, u64),
+        (cache, layer, max_seq): (u64, usize, usize),
+        (t, pos0): (usize, usize),
+        (heads, kv_heads, head_dim): (usize, usize, usize),
+        qscale: f32,
+    ) -> Result<(), BackendError> {
+        let args = [
+            Arg::Ptr(qkv),
+            Arg::Ptr(inv_freq),
+            Arg::Ptr(q),
+            Arg::Ptr(knew),
+            Arg::Ptr(vnew),
+            Arg::Ptr(cache),
+            Arg::I32(layer as i32),
+            Arg::I32(pos0 as i32),
+            Arg::I32(max_seq as i32),
+            Arg::I32(heads as i32),
+            Arg::I32(kv_heads as i32),
+            Arg::I32(head_dim as i32),
+            Arg::F32(qscale),
+        ];
+        self.launch(self.kernels.rope_prefill, (t as u32, 1, 1), 128, 0, &args)
+    }
+
+    /// Causal grouped-query attention of a prefill chunk (`kernels/attn_prefill.cu`).
+    ///
+    /// # Safety
+    ///
+    /// The buffers `p` names are valid for its shapes; the cache is 16-byte aligned and holds `layer` and
+    /// the rows `0..pos0` the queries see; `head_dim` is one of [`HEAD_DIMS`] (checked: others are refused).
+    pub unsafe fn attn_prefill(&self, p: &AttnPrefillParams, head_dim: usize) -> Result<(), BackendError> {
+        let Some(di) = HEAD_DIMS.iter().position(|&d| d == head_dim) else {
+            return Err(BackendError::Unsupported { backend: "cuda", op: "prefill attention with this head size" });
+        };
+        if p.t <= 0 || p.kv_heads <= 0 || p.heads % p.kv_heads != 0 {
+            return Err(BackendError::OutOfRange {
+                op: "attn_prefill",
+                detail: format!("{} rows, {} heads over {} key/value heads", p.t, p.heads, p.kv_heads),
+            });
+        }
+        let grid = ((p.t as u32).div_ceil(prefill_rows(head_dim) as u32), p.heads as u32, 1);
+        let args = [Arg::Struct(p.bytes())];
+        self.launch(self.kernels.attn_prefill[di], grid, 128, prefill_shared(head_dim) as u32, &args)
+    }
+
+    /// act (t, ff) bf16 = silu(gate) · up from gu (t, 2 ff) bf16, whose rows are `[gate | up]`. `ff` must be a
+    /// multiple of 8.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents, 16-byte aligned.
+    pub unsafe fn swiglu_pairs(&self, gu: u64, act: u64, t: usize, ff: usize) -> Result<(), BackendError> {
+        let vectors = t * ff / 8;
+        let args = [Arg::Ptr(gu), Arg::Ptr(act), Arg::I32(t as i32), Arg::I32(ff as i32)];
+        self.launch(self.kernels.swiglu_pairs_bf16, (vectors.div_ceil(256).min(8192) as u32, 1, 1), 256, 0, &args)
     }
 
     /// y (out) = [y +] W (out, in) bf16 · rmsnorm?(x (in)) (+ bias). `in` must be a multiple of 8.
@@ -762,7 +949,24 @@ impl Exec {
         beta: f32,
     ) -> Result<(), BackendError> {
         // SAFETY: the caller's promise.
-        unsafe { self.blas.gemm((m, n, k), a, w, true, c, BlasType::Bf16, beta) }
+        unsafe { self.blas.gemm((m, n, k), a, w, true, c, (BlasType::Bf16, BlasType::F32), beta) }
+    }
+
+    /// Row-major c (m, n) bf16 = a (m, k) bf16 · w (n, k)ᵀ bf16 (f32 accumulation), with cuBLAS: for products
+    /// whose result only feeds another product.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents.
+    pub unsafe fn gemm_bf16_to_bf16(
+        &self,
+        a: u64,
+        w: u64,
+        c: u64,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<(), BackendError> {
+        // SAFETY: the caller's promise.
+        unsafe { self.blas.gemm((m, n, k), a, w, true, c, (BlasType::Bf16, BlasType::Bf16), 0.0) }
     }
 
     /// Copies `bytes` from `src` to `dst` on the stream (device memory).

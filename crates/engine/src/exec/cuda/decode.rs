@@ -1,0 +1,254 @@
+//! Decode on the CUDA backend: one token per sequence per step, any number of sequences (actors) per step, each
+//! attending to its own bf16 KV cache in its own actor's memory.
+//!
+//! Batch 1 runs fused GEMV kernels (RMSNorm folded into the projection that follows it, the residual add into
+//! the projection's epilogue, SwiGLU's gate and up in one kernel); larger batches run cuBLAS GEMMs. Each shape
+//! of step is captured once in a CUDA graph and replayed.
+//!
+//! Two step optimizations are built but off until measured on a GPU (`scripts/device/check.sh ab`):
+//! programmatic dependent launches (`DRIFTWOOD_CUDA_PDL=1`: each kernel streams its weights while the one
+//! before it finishes), and, for one sequence whose cache is in pinned host memory, staging its earlier KV rows
+//! to the device on a side stream from the start of the step (`DRIFTWOOD_CUDA_KV_STAGE=1`), so that their bus
+//! transfer overlaps the weight reads of earlier layers instead of following each layer's projections.
+
+use driftwood_backend::cuda::{CudaBackend, DeviceTensor, Exec, SeqStep};
+use driftwood_backend::{BackendError, DType};
+
+use super::weights::GpuModel;
+use crate::{EngineError, Model};
+
+/// Keys per split of decode attention: small for a few sequences, so that a short context still spreads over
+/// many blocks; larger for big batches, which fill the device anyway (each block reads its keys once for all
+/// query heads of its group).
+fn attn_chunk(batch: usize) -> usize {
+    if batch < 8 { 32 } else { 128 }
+}
+
+/// Scratch of a step for up to `batch` sequences (device memory).
+#[derive(Debug)]
+pub(crate) struct GpuScratch {
+    batch: usize,
+    x: DeviceTensor,      // (b, hidden) f32 residual stream
+    qkv: DeviceTensor,    // (b, q_dim + 2 kv_dim) f32
+    part: DeviceTensor,   // (b, heads, splits, head_dim + 2) f32
+    att: DeviceTensor,    // (b, q_dim) f32
+    mlp: DeviceTensor,    // (b, intermediate) f32 (gate, batch 1: activation)
+    up: DeviceTensor,     // (b, intermediate) f32
+    xn_bf: DeviceTensor,  // (b, hidden) bf16
+    att_bf: DeviceTensor, // (b, q_dim) bf16
+    act_bf: DeviceTensor, // (b, intermediate) bf16
+    logits: DeviceTensor, // (b, vocab) f32
+    splits: usize,
+    /// (layer, {k, v}, max_seq, kv_dim) bf16: batch 1's pinned cache rows, copied here during the step. None
+    /// when not asked for, or when the device could not spare it (the step then reads the cache directly).
+    stage: Option<DeviceTensor>,
+    /// Bytes of stage asked for when this scratch was made (met or not), so that a refused stage is not asked
+    /// for again at every step.
+    stage_asked: usize,
+}
+
+impl GpuScratch {
+    pub(crate) fn new(
+        m: &Model,
+        dev: &CudaBackend,
+        batch: usize,
+        splits: usize,
+        stage_bytes: usize,
+    ) -> Result<Self, BackendError> {
+        let c = m.config();
+        let (h, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let z = |elems: usize, size: usize| dev.alloc_zeroed(batch * elems * size);
+        Ok(GpuScratch {
+            batch,
+            x: z(h, 4)?,
+            qkv: z(qd + 2 * kvd, 4)?,
+            part: z(c.num_heads * splits * (c.head_dim + 2), 4)?,
+            att: z(qd, 4)?,
+            mlp: z(ff, 4)?,
+            up: z(ff, 4)?,
+            xn_bf: z(h, 2)?,
+            att_bf: z(qd, 2)?,
+            act_bf: z(ff, 2)?,
+            logits: z(c.vocab_size, 4)?,
+            splits,
+            // The stage is an optimization: without device memory for it the step still runs.
+            stage: if stage_bytes > 0 { dev.alloc_zeroed(stage_bytes).ok() } else { None },
+            stage_asked: stage_bytes,
+        })
+    }
+}
+
+impl Model {
+    /// One decode step on the GPU for every sequence in `steps`: embeds each step's token, writes its keys
+    /// and values into its own cache at its position, and its next-token logits into its logits buffer.
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Request`] when a token is outside the vocabulary, a position is past its cache or the
+    /// model's context, or a cache or logits buffer is not in device-addressable memory; driver errors.
+    pub fn decode_step_cuda(&self, dev: &CudaBackend, steps: &[SeqStep]) -> Result<(), EngineError> {
+        if steps.is_empty() {
+            return Ok(());
+        }
+        for s in steps {
+            let (Ok(pos), Ok(max_seq)) = (usize::try_from(s.pos), usize::try_from(s.max_seq)) else {
+                return Err(EngineError::Request(format!("negative position {} or cache size {}", s.pos, s.max_seq)));
+            };
+            self.check_decode(max_seq, pos, s.token)?;
+            self.check_gpu_buffers(dev, s.kv, max_seq, s.logits)?;
+        }
+        let gpu = self.gpu(dev)?;
+        let b = steps.len();
+        let max_seq = steps.iter().map(|s| s.max_seq as usize).max().unwrap_or(1);
+        let chunk = attn_chunk(b);
+        let splits = max_seq.div_ceil(chunk);
+        // One sequence whose cache is in pinned host memory: attention would read every earlier row across the
+        // bus (tens of GB/s) after the layer's projections; instead a side stream copies them to the device
+        // from the start of the step, overlapped with the weight reads (in 16-byte units: the cache is 16-byte
+        // aligned, checked above, and kv_dim a multiple of 8 with head_dim ≥ 32).
+        // Layer 0 always reads its cache directly, so a one-layer model has nothing to stage.
+        let staged =
+            b == 1 && self.layers.len() > 1 && dev.stages_pinned_kv() && dev.is_host_resident(steps[0].kv as usize);
+        let stage_bytes = if staged { self.kv_bytes(max_seq, DType::BF16) } else { 0 };
+        let mut guard = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
+        let state = &mut *guard;
+        let scratch = match &mut state.scratch {
+            Some(s) if s.batch >= b && s.splits >= splits && s.stage_asked >= stage_bytes => &*s,
+            slot => {
+                // The captured graphs hold the old buffers' addresses. Free those buffers before allocating
+                // the larger ones.
+                let (had_batch, had_splits, had_stage) =
+                    slot.as_ref().map_or((1, 1, 0), |s| (s.batch, s.splits, s.stage_asked));
+                state.graphs.clear();
+                *slot = None;
+                // Reallocated for steps without a stage, the scratch drops it.
+                let stage = if staged { had_stage.max(stage_bytes) } else { 0 };
+                &*slot.insert(GpuScratch::new(self, dev, had_batch.max(b), had_splits.max(splits), stage)?)
+            }
+        };
+        let stage = match (&scratch.stage, staged) {
+            (Some(t), true) => t.addr(),
+            _ => 0,
+        };
+        let mut exec = dev.exec()?;
+        exec.set_steps(steps)?;
+        if stage != 0 {
+            exec.prepare_stages(gpu.layers.len())?;
+        }
+        let key = (b, splits, if b == 1 { steps[0].logits } else { 0 }, stage != 0);
+        let graph = match state.graphs.entry(key) {
+            std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
+            std::collections::hash_map::Entry::Vacant(slot) => slot.insert(
+                exec.capture(|e| self.record_step(e, gpu, scratch, (b, chunk, splits), (steps[0].logits, stage)))?,
+            ),
+        };
+        exec.replay(graph)?;
+        exec.synchronize()?;
+        Ok(())
+    }
+
+    /// Launches one step (recorded into a graph by the caller).
+    fn record_step(
+        &self,
+        e: &mut Exec,
+        g: &GpuModel,
+        s: &GpuScratch,
+        (b, chunk, splits): (usize, usize, usize),
+        (logits_1, stage): (u64, u64),
+    ) -> Result<(), BackendError> {
+        if stage != 0 && b != 1 {
+            // Staging serves one sequence; the batched branch below would leave the side stream unjoined.
+            return Err(BackendError::OutOfRange {
+                op: "decode",
+                detail: "a staged cache with several sequences".into(),
+            });
+        }
+        let c = self.config();
+        let (h, qd, kvd, ff, hd) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size, c.head_dim);
+        let (eps, window) = (c.rms_norm_eps, c.sliding_window.unwrap_or(0));
+        let heads = (c.num_heads, c.num_kv_heads, hd);
+        // SAFETY: every address is a live device buffer of this model or scratch, sized above for `b`
+        // sequences and `splits` splits, or a step record's KV cache / logits, checked device-addressable and
+        // large enough by `decode_step_cuda` (and kept alive by the caller until it synchronizes). A non-zero
+        // `stage` is a scratch buffer as large as the one sequence's cache, which is 16-byte aligned.
+        unsafe {
+            if stage != 0 {
+                // Layer 0's attention comes too soon for a copy to help: it reads the cache directly.
+                e.fork_side()?;
+                for l in 1..g.layers.len() {
+                    e.stage_kv(stage, l, kvd, window)?;
+                }
+            }
+            e.embed(g.embed.addr(), s.x.addr(), b, h)?; // x (b, hidden)
+            for (l, w) in g.layers.iter().enumerate() {
+                let bias = w.bqkv.as_ref().map_or(0, |t| t.addr());
+                let stage = if stage != 0 && l > 0 { stage } else { 0 };
+                if b == 1 {
+                    // qkv = Wqkv · rmsnorm(x) (+ b); rope; k, v → cache; att = attention; x += Wo · att
+                    e.gemv(
+                        w.wqkv.addr(),
+                        s.x.addr(),
+                        s.qkv.addr(),
+                        bias,
+                        w.attn_norm.addr(),
+                        eps,
+                        (h, qd + 2 * kvd),
+                        false,
+                    )?;
+                    e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
+                    if stage != 0 {
+                        e.join_stage(l)?;
+                    }
+                    e.attention(
+                        s.qkv.addr(),
+                        stage,
+                        s.part.addr(),
+                        (s.att.addr(), 0),
+                        l,
+                        b,
+                        heads,
+                        (chunk, splits),
+                        window,
+                    )?;
+                    e.gemv(w.wo.addr(), s.att.addr(), s.x.addr(), 0, 0, 0.0, (qd, h), true)?;
+                    // mlp = silu(Wg · rmsnorm(x)) * (Wu · rmsnorm(x)); x += Wd · mlp
+                    e.gemv_swiglu(w.w_gate(), w.w_up(), s.x.addr(), s.mlp.addr(), w.ffn_norm.addr(), eps, (h, ff))?;
+                    e.gemv(w.w_down.addr(), s.mlp.addr(), s.x.addr(), 0, 0, 0.0, (ff, h), true)?;
+                } else {
+                    e.rmsnorm_bf16(s.x.addr(), w.attn_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
+                    e.gemm_bf16(s.xn_bf.addr(), w.wqkv.addr(), s.qkv.addr(), (b, qd + 2 * kvd, h), 0.0)?;
+                    if bias != 0 {
+                        e.add_bias(s.qkv.addr(), bias, b, qd + 2 * kvd)?;
+                    }
+                    e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
+                    e.attention(
+                        s.qkv.addr(),
+                        0,
+                        s.part.addr(),
+                        (0, s.att_bf.addr()),
+                        l,
+                        b,
+                        heads,
+                        (chunk, splits),
+                        window,
+                    )?;
+                    e.gemm_bf16(s.att_bf.addr(), w.wo.addr(), s.x.addr(), (b, h, qd), 1.0)?; // x += att · Woᵀ
+                    e.rmsnorm_bf16(s.x.addr(), w.ffn_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
+                    e.gemm_bf16(s.xn_bf.addr(), w.w_gate(), s.mlp.addr(), (b, ff, h), 0.0)?;
+                    e.gemm_bf16(s.xn_bf.addr(), w.w_up(), s.up.addr(), (b, ff, h), 0.0)?;
+                    e.swiglu_bf16(s.mlp.addr(), s.up.addr(), s.act_bf.addr(), b, ff)?;
+                    e.gemm_bf16(s.act_bf.addr(), w.w_down.addr(), s.x.addr(), (b, h, ff), 1.0)?; // x += act · Wdᵀ
+                }
+            }
+            if b == 1 {
+                // logits = lm_head · rmsnorm(x), straight into the guest's logits buffer.
+                e.gemv(g.lm_head(), s.x.addr(), logits_1, 0, g.final_norm.addr(), eps, (h, c.vocab_size), false)?;
+            } else {
+                e.rmsnorm_bf16(s.x.addr(), g.final_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
+                e.gemm_bf16(s.xn_bf.addr(), g.lm_head(), s.logits.addr(), (b, c.vocab_size, h), 0.0)?;
+                e.scatter_logits(s.logits.addr(), b, c.vocab_size)?;
+            }
+        }
+        Ok(())
+    }
+}
