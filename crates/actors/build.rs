@@ -42,6 +42,8 @@ fn build() -> Result<(), String> {
         println!("cargo:rerun-if-changed={}", guest.join(watched).display());
     }
     println!("cargo:rerun-if-changed={}", root.join("rust-toolchain.toml").display());
+    // The ABI crate is shared with the host and is a path dependency of the guest SDK.
+    println!("cargo:rerun-if-changed={}", root.join("crates/abi").display());
 
     ensure_targets(&root)?;
 

@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks and benchmarks on a GPU machine, from a binary built elsewhere.
 #
-#   scripts/device/check.sh [STAGE...]        stages: smoke sanitize peers llama1b snapshot (default: all)
+#   scripts/device/check.sh [STAGE...]        stages: kernels smoke sanitize peers llama1b snapshot (default: all)
 #
 # Needs the stripped x86-64 binary at target/device/driftwood (build: cargo build --release && strip -o
 # target/device/driftwood target/release/driftwood) and, for the test stage, test binaries under
 # target/device/tests/. Writes JSON and logs under $OUT (default: target/device-out).
 # At most 8 files come back from a device run: with BUNDLE=FILE, everything under $out is also packed into
 # that one tar.gz at the end (put FILE under the run's $OUT and point OUT elsewhere).
+#   kernels   the prefill kernels one by one against PyTorch, and timed next to PyTorch's attention and GEMMs
+#             (scripts/device/kernels/check_prefill_kernels.py): $out/kernels.json
 #   smoke     verify on the pinned and managed placements (JSON), and `bench gpu` on the bundled model:
-#             logits and greedy tokens against the CPU backend, batch-1 and batched decode
-#   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model
+#             logits and greedy tokens against the CPU backend (decode, and prefill from position 0 and after
+#             a cached prefix), prefill times, batch-1 and batched decode
+#   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model, whose prefills run
+#             in chunks of 64 tokens
 #   peers     a Llama-3.2-1B-shaped random bf16 model generated on the device (bench/peers/make_llama1b.py);
 #             transformers eager, a static-cache CUDA-graph PyTorch loop and a batched PyTorch decode on it,
 #             plus transformers' golden logits (scripts/device/peers/torch_peers.sh)
 #   llama1b   `bench gpu` on that model: logits and greedy tokens against the CPU backend and against the
-#             golden logits, 128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
+#             golden logits, prefill of 16/128/1024 tokens against the CPU, prefill times at 24/128/1024/4096,
+#             128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned actors) at 24, 1024, 4096 tokens
 #   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the opt-in step
 #             optimizations on and off (DRIFTWOOD_CUDA_PDL, DRIFTWOOD_CUDA_KV_STAGE: all four combinations),
@@ -28,7 +33,7 @@ out=${OUT:-target/device-out}
 models=${MODELS:-/tmp/driftwood-models}
 peers=${PEERS:-/tmp/driftwood-peers}   # the peers' full output (logs, .npy); its JSON is copied to $out/peers
 mkdir -p "$out" "$models"
-stages=${*:-smoke sanitize peers llama1b snapshot}
+stages=${*:-kernels smoke sanitize peers llama1b snapshot}
 status=0
 step() { echo "== $*" >&2; }
 run() { "$@" || { echo "FAILED ($?): $*" >&2; status=1; }; }
@@ -43,6 +48,12 @@ nvidia-smi --query-gpu=name,driver_version,memory.total,memory.used --format=csv
 
 for stage in $stages; do
     case $stage in
+    kernels)
+        step "prefill kernels against PyTorch"
+        PYTHONUNBUFFERED=1 run python3 scripts/device/kernels/check_prefill_kernels.py --out "$out/kernels.json" \
+            > "$out/kernels.log" 2>&1
+        tail -12 "$out/kernels.log" >&2
+        ;;
     smoke)
         for p in pinned managed; do
             step "verify --placement $p"
@@ -57,7 +68,8 @@ for stage in $stages; do
         sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
         run "$sanitizer" --tool memcheck --leak-check full --error-exitcode 3 \
             "$bin" bench gpu --prompt-tokens 8 --gen-tokens 8 --check-tokens 4 --batch 4 --context 32 \
-            --batch-steps 2 --no-write > "$out/memcheck.log" 2>&1
+            --batch-steps 2 --prefill-chunk 64 --prefill-check-tokens 200 --prefill-tokens 200 --prefill-reps 1 \
+            --no-write > "$out/memcheck.log" 2>&1
         tail -5 "$out/memcheck.log" >&2
         ;;
     llama1b)
@@ -116,7 +128,8 @@ sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         step "PyTorch peers"
         run bash scripts/device/peers/torch_peers.sh "$peers" "$models/llama1b" > "$peers.log" 2>&1
         mkdir -p "$out/peers"
-        cp "$peers"/torch_decode.json "$peers"/torch_batched.json "$peers"/golden.json "$out/peers/" 2>/dev/null
+        cp "$peers"/torch_decode.json "$peers"/torch_batched.json "$peers"/torch_prefill.json "$peers"/golden.json \
+            "$out/peers/" 2>/dev/null
         tail -3 "$peers.log" >&2
         ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;

@@ -183,4 +183,11 @@ impl<'a> TensorMut<'a> {
             // SAFETY: conditions 1–3 of `from_raw_parts` make this a valid exclusive slice for 'a.
             .then(|| unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.len) })
     }
+
+    /// The elements as a mutable `bf16` slice, if the view is `bf16`.
+    pub fn into_bf16(self) -> Option<&'a mut [bf16]> {
+        (self.dtype == DType::BF16)
+            // SAFETY: as in `into_f32`.
+            .then(|| unsafe { std::slice::from_raw_parts_mut(self.ptr.as_ptr().cast(), self.len) })
+    }
 }

@@ -79,7 +79,13 @@ impl Model {
         }
         if let Device::Cuda(cuda) = dev {
             // The GPU runs a prompt as whole-chunk matrix products, a decode step as one captured graph; only
-            // the last token's logits reach the guest.
+            // the last token's logits reach the guest. Its kernels read and write bf16 caches.
+            if kv.dtype() != driftwood_backend::DType::BF16 {
+                return Err(EngineError::Request(format!(
+                    "the CUDA backend runs bf16 KV caches; this one is {}",
+                    kv.dtype()
+                )));
+            }
             let (kv_addr, logits_addr) = (kv.as_ptr() as u64, logits.addr() as u64);
             if let [token] = tokens {
                 let step = driftwood_backend::cuda::SeqStep {

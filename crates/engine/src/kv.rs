@@ -1,6 +1,6 @@
 //! [`KvCache`]: a view of one sequence's keys and values, preallocated and written in place.
 //!
-//! Layout, f32: `(layer, {k, v}, max_seq, kv_dim)` with `kv_dim = kv_heads · head_dim`. A token's K (or V)
+//! Layout, f32 or bf16: `(layer, {k, v}, max_seq, kv_dim)` with `kv_dim = kv_heads · head_dim`. A token's K (or V)
 //! for a layer is one contiguous row, so the K and V projections of new tokens write straight into their
 //! rows, and the first `n` tokens of a layer's K are one contiguous `(n, kv_dim)` block (what a session
 //! snapshot stores).
@@ -15,7 +15,8 @@ use crate::Model;
 /// actor's linear memory).
 #[derive(Debug)]
 pub struct KvCache<'a> {
-    base: *mut f32,
+    base: *mut u8,
+    dtype: DType,
     layers: usize,
     max_seq: usize,
     kv_dim: usize,
@@ -23,15 +24,31 @@ pub struct KvCache<'a> {
 }
 
 impl<'a> KvCache<'a> {
-    /// Views `model.kv_floats(max_seq)` f32s at `base` as a KV cache.
+    /// Views `model.kv_floats(max_seq)` f32s at `base` as an f32 KV cache.
     ///
     /// # Safety
     ///
     /// For `'a`: 1. `base` is non-null and 4-byte aligned; 2. the `model.kv_floats(max_seq)` f32s from `base`
     /// are readable and writable; 3. nothing else accesses them.
     pub unsafe fn from_raw_parts(base: *mut f32, model: &Model, max_seq: usize) -> Self {
+        // SAFETY: the caller's conditions are those of `from_raw_parts_typed` for f32.
+        unsafe { Self::from_raw_parts_typed(base.cast(), DType::F32, model, max_seq) }
+    }
+
+    /// Views `model.kv_bytes(max_seq, dtype)` bytes at `base` as a KV cache of `dtype` (f32 or bf16).
+    ///
+    /// # Safety
+    ///
+    /// For `'a`: 1. `base` is non-null and aligned to `dtype`; 2. the `model.kv_bytes(max_seq, dtype)` bytes
+    /// from `base` are readable and writable; 3. nothing else accesses them.
+    pub unsafe fn from_raw_parts_typed(base: *mut u8, dtype: DType, model: &Model, max_seq: usize) -> Self {
         let c = model.config();
-        KvCache { base, layers: c.num_layers, max_seq, kv_dim: c.kv_dim(), _memory: PhantomData }
+        KvCache { base, dtype, layers: c.num_layers, max_seq, kv_dim: c.kv_dim(), _memory: PhantomData }
+    }
+
+    /// The element type of the cache.
+    pub fn dtype(&self) -> DType {
+        self.dtype
     }
 
     /// Tokens the cache can hold.
@@ -39,8 +56,8 @@ impl<'a> KvCache<'a> {
         self.max_seq
     }
 
-    /// Address of the cache's first value (for a device backend that addresses guest memory directly).
-    pub fn as_ptr(&self) -> *mut f32 {
+    /// Address of the cache's first byte (for a device backend that addresses guest memory directly).
+    pub fn as_ptr(&self) -> *mut u8 {
         self.base
     }
 
@@ -54,9 +71,9 @@ impl<'a> KvCache<'a> {
         // TensorMut of this cache is alive.
         unsafe {
             TensorRef::from_raw_parts(
-                self.base.add(self.offset(layer, which, start)).cast(),
+                self.base.add(self.offset(layer, which, start) * self.dtype.size()),
                 n * self.kv_dim,
-                DType::F32,
+                self.dtype,
             )
         }
     }
@@ -66,9 +83,9 @@ impl<'a> KvCache<'a> {
         // SAFETY: as in `rows`, and `&mut self` makes this the only view.
         unsafe {
             TensorMut::from_raw_parts(
-                self.base.add(self.offset(layer, which, start)).cast(),
+                self.base.add(self.offset(layer, which, start) * self.dtype.size()),
                 n * self.kv_dim,
-                DType::F32,
+                self.dtype,
             )
         }
     }

@@ -21,8 +21,10 @@
 pub mod llm;
 pub mod sample;
 
-/// The host ABI version this SDK speaks. The host refuses modules built for another version.
-pub const ABI_VERSION: u32 = 0;
+/// The host ABI version this SDK speaks (`driftwood-abi`). The host refuses modules built for another version.
+pub const ABI_VERSION: u32 = driftwood_abi::ABI_VERSION;
+
+pub use driftwood_abi::DTypeCode;
 
 /// Raw imports of the `driftwood` module. Prefer the safe wrappers; these are public so that tests can
 /// exercise the host's validation with deliberately bad arguments.
@@ -39,7 +41,7 @@ pub mod raw {
         pub fn noop();
         /// Handle of the model the host loaded as the UTF-8 name at `ptr`.
         pub fn model_open(ptr: *const u8, len: usize) -> i32;
-        /// Writes 16 u32s describing the model at `out`.
+        /// Writes `driftwood_abi::MODEL_INFO_WORDS` u32s describing the model at `out`.
         pub fn model_info(model: u32, out: *mut u32);
         /// Token ids of the text at `ptr`; returns the count (nothing written if it exceeds `cap`).
         pub fn tokenize(model: u32, ptr: *const u8, len: usize, add_special: u32, out: *mut u32, cap: usize) -> i32;
@@ -47,17 +49,18 @@ pub mod raw {
         pub fn detokenize(model: u32, ids: *const u32, n: usize, skip_special: u32, out: *mut u8, cap: usize) -> i32;
         /// Renders a JSON list of `{role, content}` with the model's chat template; returns the byte count.
         pub fn chat_template(model: u32, ptr: *const u8, len: usize, add_generation_prompt: u32, out: *mut u8, cap: usize) -> i32;
-        /// Runs `n` tokens at `pos` of the KV cache at `kv` (`max_seq` tokens), writing the last token's logits.
-        pub fn forward(model: u32, kv: *mut f32, max_seq: u32, pos: u32, tokens: *const u32, n: usize, logits: *mut f32);
+        /// Runs `n` tokens at `pos` of the KV cache at `kv` (`max_seq` tokens of dtype code `kv_dtype`, 16-byte
+        /// aligned), writing the last token's logits.
+        pub fn forward(model: u32, kv: *mut u8, kv_dtype: u32, max_seq: u32, pos: u32, tokens: *const u32, n: usize, logits: *mut f32);
         /// Streams generated text to the host.
         pub fn emit(ptr: *const u8, len: usize);
         /// Writes the session (the first `n` tokens' KV rows, the tokens, and `state`) to the snapshot file the
         /// host chose. Returns 0, or -1 if the host could not (its reason goes to the host's error report).
-        pub fn session_save(model: u32, kv: *const f32, max_seq: u32, tokens: *const u32, n: usize, state: *const u8, state_len: usize) -> i32;
+        pub fn session_save(model: u32, kv: *const u8, kv_dtype: u32, max_seq: u32, tokens: *const u32, n: usize, state: *const u8, state_len: usize) -> i32;
         /// Reads the snapshot file the host chose into a session: KV rows into `kv`, tokens into `tokens`
         /// (capacity `max_seq`), the saved state into `state` (capacity `state_cap`). Returns the token count,
         /// or -1 if the host refused the file.
-        pub fn session_load(model: u32, kv: *mut f32, max_seq: u32, tokens: *mut u32, state: *mut u8, state_cap: usize) -> i32;
+        pub fn session_load(model: u32, kv: *mut u8, kv_dtype: u32, max_seq: u32, tokens: *mut u32, state: *mut u8, state_cap: usize) -> i32;
     }
 }
 

@@ -1,6 +1,10 @@
 //! Language models from inside an actor: open a model the host loaded, tokenize, render chat templates, and
-//! run a [`Session`] whose KV cache and logits are ordinary `Vec`s in this actor's memory. The host computes
+//! run a [`Session`] whose KV cache and logits are ordinary buffers in this actor's memory. The host computes
 //! on those bytes in place; nothing is copied across the boundary.
+
+use std::alloc::{Layout, alloc_zeroed, dealloc, handle_alloc_error};
+
+use driftwood_abi::{DTypeCode, MODEL_INFO_WORDS};
 
 use crate::raw;
 
@@ -13,8 +17,10 @@ pub struct ModelInfo {
     pub layers: u32,
     /// Longest sequence the model supports.
     pub max_position: u32,
-    /// Bytes of KV cache one token needs.
+    /// Bytes of KV cache one token needs, in `kv_dtype`.
     pub kv_bytes_per_token: u32,
+    /// The KV cache element type the host recommends for this model on its backend.
+    pub kv_dtype: DTypeCode,
     /// Beginning-of-sequence token.
     pub bos: Option<u32>,
     /// Tokens that end a generation.
@@ -46,16 +52,18 @@ impl Model {
     pub fn open(name: &str) -> Model {
         // SAFETY: `name` is readable for the call; the host traps on an unknown name.
         let handle = unsafe { raw::model_open(name.as_ptr(), name.len()) } as u32;
-        let mut w = [0u32; 16];
-        // SAFETY: `w` holds the 16 words the host writes.
+        let mut w = [0u32; MODEL_INFO_WORDS];
+        // SAFETY: `w` holds the words the host writes.
         unsafe { raw::model_info(handle, w.as_mut_ptr()) };
+        let abi = driftwood_abi::ModelInfo::from_words(&w);
         let info = ModelInfo {
-            vocab_size: w[0],
-            layers: w[2],
-            max_position: w[6],
-            kv_bytes_per_token: w[7],
-            bos: (w[8] != u32::MAX).then_some(w[8]),
-            eos: w[10..10 + (w[9] as usize).min(6)].to_vec(),
+            vocab_size: abi.vocab_size,
+            layers: abi.layers,
+            max_position: abi.max_position,
+            kv_bytes_per_token: abi.kv_bytes_per_token,
+            kv_dtype: DTypeCode::from_code(abi.kv_dtype).unwrap_or(DTypeCode::F32),
+            bos: (abi.bos != u32::MAX).then_some(abi.bos),
+            eos: abi.eos_ids().to_vec(),
         };
         Model { handle, info }
     }
@@ -128,24 +136,58 @@ fn json_string(out: &mut String, s: &str) {
     out.push('"');
 }
 
+/// Zeroed bytes at a 64-byte-aligned address in this actor's memory: a KV cache (the host requires 16-byte
+/// alignment; 64 keeps rows on cache lines).
+struct KvBuffer {
+    ptr: *mut u8,
+    layout: Layout,
+}
+
+impl KvBuffer {
+    fn zeroed(bytes: usize) -> KvBuffer {
+        let layout = Layout::from_size_align(bytes.max(1), 64).unwrap_or_else(|_| Layout::new::<u8>());
+        // SAFETY: the layout has a non-zero size.
+        let ptr = unsafe { alloc_zeroed(layout) };
+        if ptr.is_null() {
+            handle_alloc_error(layout);
+        }
+        KvBuffer { ptr, layout }
+    }
+
+    fn len(&self) -> usize {
+        self.layout.size()
+    }
+}
+
+impl Drop for KvBuffer {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `zeroed` with this layout, freed once.
+        unsafe { dealloc(self.ptr, self.layout) }
+    }
+}
+
 /// One sequence: its KV cache `(layer, {k, v}, max_seq, kv_dim)` and logits `(vocab)` live in this actor's
-/// memory, along with the tokens the cache holds.
+/// memory, along with the tokens the cache holds and the cache's element type, so that a snapshot of the actor
+/// carries all four.
 pub struct Session {
     model: Model,
-    kv: Vec<f32>,     // (layers, 2, max_seq, kv_dim)
+    kv: KvBuffer,     // (layers, 2, max_seq, kv_dim) of kv_dtype
+    kv_dtype: DTypeCode,
     logits: Vec<f32>, // (vocab)
     max_seq: u32,
     tokens: Vec<u32>, // the tokens whose keys and values are in `kv`, in order
 }
 
 impl Session {
-    /// A session able to hold `max_seq` tokens (capped at the model's context length).
+    /// A session able to hold `max_seq` tokens (capped at the model's context length), its cache of the dtype the
+    /// host recommends.
     pub fn new(model: &Model, max_seq: u32) -> Session {
         let max_seq = max_seq.clamp(1, model.info.max_position);
-        let floats = model.info.kv_bytes_per_token as usize / 4 * max_seq as usize;
+        let bytes = model.info.kv_bytes_per_token as usize * max_seq as usize;
         Session {
             model: model.clone(),
-            kv: vec![0f32; floats],
+            kv: KvBuffer::zeroed(bytes),
+            kv_dtype: model.info.kv_dtype,
             logits: vec![0f32; model.info.vocab_size as usize],
             max_seq,
             tokens: Vec::new(),
@@ -164,7 +206,12 @@ impl Session {
 
     /// Offset of the KV cache in this actor's memory and its size in bytes.
     pub fn kv_region(&self) -> (u32, u32) {
-        (self.kv.as_ptr() as u32, (self.kv.len() * 4) as u32)
+        (self.kv.ptr as u32, self.kv.len() as u32)
+    }
+
+    /// The element type of the KV cache.
+    pub fn kv_dtype(&self) -> DTypeCode {
+        self.kv_dtype
     }
 
     /// Tokens the cache can hold.
@@ -194,7 +241,8 @@ impl Session {
         unsafe {
             raw::session_save(
                 self.model.handle,
-                self.kv.as_ptr(),
+                self.kv.ptr,
+                self.kv_dtype as u32,
                 self.max_seq,
                 self.tokens.as_ptr(),
                 self.tokens.len(),
@@ -213,7 +261,8 @@ impl Session {
         let n = unsafe {
             raw::session_load(
                 self.model.handle,
-                self.kv.as_mut_ptr(),
+                self.kv.ptr,
+                self.kv_dtype as u32,
                 self.max_seq,
                 tokens.as_mut_ptr(),
                 state.as_mut_ptr(),
@@ -240,7 +289,8 @@ impl Session {
         unsafe {
             raw::forward(
                 self.model.handle,
-                self.kv.as_mut_ptr(),
+                self.kv.ptr,
+                self.kv_dtype as u32,
                 self.max_seq,
                 self.tokens.len() as u32,
                 tokens.as_ptr(),

@@ -197,10 +197,25 @@ impl Backend for CpuBackend {
         let q_len = checked(OP, &[d.t, d.heads, d.head_dim])?;
         let kv_len = checked(OP, &[d.pos + d.t, d.kv_heads, d.head_dim])?;
         let q = f32_ref(OP, "q", q, q_len)?;
-        let k = f32_ref(OP, "k", k, kv_len)?;
-        let v = f32_ref(OP, "v", v, kv_len)?;
         let out = f32_mut(OP, "out", out, q_len)?;
-        ops::attention(q, k, v, out, d);
+        // The cache is f32 or bf16; keys and values share its dtype.
+        for (operand, t) in [("k", &k), ("v", &v)] {
+            if t.len() != kv_len {
+                return Err(BackendError::Shape { op: OP, operand, expected: kv_len, actual: t.len() });
+            }
+        }
+        match (k.as_f32(), v.as_f32(), k.as_bf16(), v.as_bf16()) {
+            (Some(k), Some(v), _, _) => ops::attention(q, k, v, out, d),
+            (_, _, Some(k), Some(v)) => ops::attention(q, k, v, out, d),
+            _ => {
+                return Err(BackendError::DType {
+                    op: OP,
+                    operand: "v",
+                    expected: if k.dtype() == DType::BF16 { "bf16 (as k)" } else { "f32 or bf16 (as k)" },
+                    actual: v.dtype(),
+                });
+            }
+        }
         Ok(())
     }
 

@@ -54,6 +54,31 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.iter().sum::<f32>() + sum
 }
 
+/// An element type of the KV cache: f32, or bf16 widened to f32 one row at a time as attention reads it.
+pub(crate) trait KvElem: Copy + Send + Sync {
+    /// `row` as f32s: the row itself for f32, else widened into `buf` (at least `row.len()` long).
+    fn as_f32<'b>(row: &'b [Self], buf: &'b mut [f32]) -> &'b [f32];
+}
+
+impl KvElem for f32 {
+    #[inline(always)]
+    fn as_f32<'b>(row: &'b [f32], _buf: &'b mut [f32]) -> &'b [f32] {
+        row
+    }
+}
+
+impl KvElem for half::bf16 {
+    #[inline(always)]
+    fn as_f32<'b>(row: &'b [half::bf16], buf: &'b mut [f32]) -> &'b [f32] {
+        let out = &mut buf[..row.len()];
+        // bf16 is the top half of an f32: widening is a shift (vectorized).
+        for (o, x) in out.iter_mut().zip(row) {
+            *o = f32::from_bits(u32::from(x.to_bits()) << 16);
+        }
+        out
+    }
+}
+
 /// Positions per attention task: long contexts are split into chunks processed in parallel and merged
 /// (a partial softmax per chunk), so decode uses every core even with few key/value heads.
 const CHUNK: usize = 128;
@@ -63,13 +88,13 @@ const CHUNK: usize = 128;
 ///
 /// Each task takes one token, one key/value head and one chunk of positions, and serves all the query heads
 /// that share that key/value head, so each key and value row is read once per chunk, not once per query head.
-pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], d: AttentionDims) {
+pub(crate) fn attention<E: KvElem>(q: &[f32], k: &[E], v: &[E], out: &mut [f32], d: AttentionDims) {
     let AttentionDims { t, pos, heads, kv_heads, head_dim: hd, .. } = d;
     let group = heads / kv_heads;
     let chunks = (pos + t).div_ceil(CHUNK);
     let part_len = group * (hd + 2); // per query head: acc (hd), max, sum
     let mut parts = vec![0f32; t * kv_heads * chunks * part_len]; // (t, kv_heads, chunks, group, hd + 2)
-    let mut kernel: ChunkKernel = chunk_generic;
+    let mut kernel: ChunkKernel<E> = chunk_generic;
     #[cfg(target_arch = "x86_64")]
     {
         if std::arch::is_x86_feature_detected!("avx512f") {
@@ -79,12 +104,12 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], d: Att
         }
     }
     parts.par_chunks_mut(part_len).enumerate().for_each_init(
-        || vec![0f32; group * CHUNK],
-        |scores, (task, part)| {
+        || (vec![0f32; group * CHUNK], vec![0f32; hd]),
+        |(scores, row), (task, part)| {
             let (i, rest) = (task / (kv_heads * chunks), task % (kv_heads * chunks));
             let (g, c) = (rest / chunks, rest % chunks);
             // SAFETY: `kernel` matches this CPU (chosen above).
-            unsafe { kernel(q, k, v, d, (i, g, c), scores, part) }
+            unsafe { kernel(q, k, v, d, (i, g, c), (scores, row), part) }
         },
     );
     // Merge the chunks of each (token, query head): rescale each partial sum to the global maximum.
@@ -118,23 +143,26 @@ pub(crate) fn attention(q: &[f32], k: &[f32], v: &[f32], out: &mut [f32], d: Att
     }
 }
 
-type ChunkKernel = unsafe fn(&[f32], &[f32], &[f32], AttentionDims, (usize, usize, usize), &mut [f32], &mut [f32]);
+/// Scratch of one attention task: scores `(group, CHUNK)` and one widened row `(hd)`.
+type TaskScratch<'s> = (&'s mut [f32], &'s mut [f32]);
+
+type ChunkKernel<E> = unsafe fn(&[f32], &[E], &[E], AttentionDims, (usize, usize, usize), TaskScratch<'_>, &mut [f32]);
 
 /// [`chunk`] without extra target features.
 ///
 /// # Safety
 ///
 /// None beyond the types; `unsafe` only to share a signature with the feature-specific versions.
-unsafe fn chunk_generic(
+unsafe fn chunk_generic<E: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     d: AttentionDims,
     at: (usize, usize, usize),
-    scores: &mut [f32],
+    scratch: TaskScratch<'_>,
     part: &mut [f32],
 ) {
-    chunk(q, k, v, d, at, scores, part)
+    chunk(q, k, v, d, at, scratch, part)
 }
 
 /// [`chunk`] compiled for AVX-512.
@@ -144,16 +172,16 @@ unsafe fn chunk_generic(
 /// The CPU must support AVX-512F.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f")]
-unsafe fn chunk_avx512(
+unsafe fn chunk_avx512<E: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     d: AttentionDims,
     at: (usize, usize, usize),
-    scores: &mut [f32],
+    scratch: TaskScratch<'_>,
     part: &mut [f32],
 ) {
-    chunk(q, k, v, d, at, scores, part)
+    chunk(q, k, v, d, at, scratch, part)
 }
 
 /// [`chunk`] compiled for AVX2 with FMA.
@@ -163,16 +191,16 @@ unsafe fn chunk_avx512(
 /// The CPU must support AVX2 and FMA.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn chunk_avx2(
+unsafe fn chunk_avx2<E: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     d: AttentionDims,
     at: (usize, usize, usize),
-    scores: &mut [f32],
+    scratch: TaskScratch<'_>,
     part: &mut [f32],
 ) {
-    chunk(q, k, v, d, at, scores, part)
+    chunk(q, k, v, d, at, scratch, part)
 }
 
 /// Rows ahead to prefetch: a head's rows are `kv_dim` apart, a stride the hardware prefetchers follow poorly.
@@ -180,10 +208,10 @@ const PREFETCH_ROWS: usize = 10;
 
 /// Asks the CPU to start loading `hd` floats at `data[at..]` (no effect past the end or off x86-64).
 #[inline(always)]
-fn prefetch_row(data: &[f32], at: usize, hd: usize) {
+fn prefetch_row<E>(data: &[E], at: usize, hd: usize) {
     #[cfg(target_arch = "x86_64")]
     if at + hd <= data.len() {
-        for line in (0..hd).step_by(16) {
+        for line in (0..hd).step_by(64 / size_of::<E>().max(1)) {
             // SAFETY: prefetching is a hint and never faults; the address is inside `data` anyway.
             unsafe {
                 std::arch::x86_64::_mm_prefetch(data.as_ptr().add(at + line).cast(), std::arch::x86_64::_MM_HINT_T0)
@@ -198,14 +226,14 @@ fn prefetch_row(data: &[f32], at: usize, hd: usize) {
 /// per query head, the unnormalized weighted sum of values (`hd`), the chunk's maximum score and its sum of
 /// `exp(score − max)` (0 when the chunk has no visible position).
 #[inline(always)]
-fn chunk(
+fn chunk<E: KvElem>(
     q: &[f32],
-    k: &[f32],
-    v: &[f32],
+    k: &[E],
+    v: &[E],
     d: AttentionDims,
     (i, g, c): (usize, usize, usize),
-    scores: &mut [f32], // (group, CHUNK)
-    part: &mut [f32],   // (group, hd + 2)
+    (scores, buf): TaskScratch<'_>, // (group, CHUNK), (hd)
+    part: &mut [f32],               // (group, hd + 2)
 ) {
     let AttentionDims { pos, heads, kv_heads, head_dim: hd, window, .. } = d;
     let group = heads / kv_heads;
@@ -226,7 +254,7 @@ fn chunk(
     for s in lo..hi {
         let row = s * kv_stride + g * hd;
         prefetch_row(k, row + PREFETCH_ROWS * kv_stride, hd);
-        let kr = &k[row..row + hd];
+        let kr = E::as_f32(&k[row..row + hd], buf);
         for hq in 0..group {
             scores[hq * CHUNK + s - lo] = dot(&q[q0 + hq * hd..q0 + (hq + 1) * hd], kr) * scale;
         }
@@ -245,7 +273,7 @@ fn chunk(
     for s in lo..hi {
         let row = s * kv_stride + g * hd;
         prefetch_row(v, row + PREFETCH_ROWS * kv_stride, hd);
-        let vr = &v[row..row + hd];
+        let vr = E::as_f32(&v[row..row + hd], buf);
         for hq in 0..group {
             let w = scores[hq * CHUNK + s - lo];
             let acc = &mut part[hq * (hd + 2)..hq * (hd + 2) + hd];

@@ -144,6 +144,8 @@ impl DeviceTensor {
 /// The CUDA backend: one device context, one stream, the compiled kernels and a cuBLAS handle.
 pub struct CudaBackend {
     ctx: Arc<Context>,
+    /// Tokens per prefill pass, at most [`MAX_PREFILL`] ([`CudaBackend::set_prefill_chunk`]).
+    prefill_chunk: std::sync::atomic::AtomicUsize,
     /// Stage a pinned cache's rows on the side stream (`DRIFTWOOD_CUDA_KV_STAGE=1`).
     stage_pinned_kv: bool,
     exec: Mutex<Exec>,
@@ -268,11 +270,26 @@ impl CudaBackend {
         };
         Ok(CudaBackend {
             ctx,
+            prefill_chunk: std::sync::atomic::AtomicUsize::new(MAX_PREFILL),
             stage_pinned_kv: opt_in("DRIFTWOOD_CUDA_KV_STAGE"),
             exec: Mutex::new(exec),
             addressable: Arc::default(),
             last: Mutex::default(),
         })
+    }
+
+    /// Sets the tokens per prefill pass (clamped to `1..=MAX_PREFILL`; longer prompts run in chunks) and
+    /// returns the value in effect. Smaller chunks bound the prefill scratch memory and the time the backend is
+    /// held by one actor at a time.
+    pub fn set_prefill_chunk(&self, tokens: usize) -> usize {
+        let tokens = tokens.clamp(1, MAX_PREFILL);
+        self.prefill_chunk.store(tokens, std::sync::atomic::Ordering::Relaxed);
+        tokens
+    }
+
+    /// Tokens per prefill pass.
+    pub fn prefill_chunk(&self) -> usize {
+        self.prefill_chunk.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// The device's name.

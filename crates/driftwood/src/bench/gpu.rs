@@ -47,6 +47,19 @@ pub struct GpuArgs {
     /// Skip the CPU comparison (large models take long on the CPU).
     #[arg(long)]
     skip_cpu: bool,
+    /// Prompt lengths whose GPU prefill is timed (lengths past the model's context are skipped).
+    #[arg(long, value_delimiter = ',', default_value = "24,128,1024,4096")]
+    prefill_tokens: Vec<usize>,
+    /// Prompt lengths whose GPU prefill logits are checked against the CPU backend, from position 0 and after
+    /// a cached prefix of half the prompt.
+    #[arg(long, value_delimiter = ',', default_value = "16,128,1024")]
+    prefill_check_tokens: Vec<usize>,
+    /// Timed repetitions of each prefill (median).
+    #[arg(long, default_value_t = 5)]
+    prefill_reps: usize,
+    /// Tokens per GPU prefill pass (longer prompts run in chunks; at most the backend's maximum).
+    #[arg(long)]
+    prefill_chunk: Option<usize>,
     /// A `transformers` reference (JSON with `prompt` and `f32`/`bf16` `top64_indices`, `top64_values`,
     /// `greedy_continuation`, as bench/peers/torch_decode.py --golden writes) to compare the GPU against.
     #[arg(long)]
@@ -65,6 +78,29 @@ struct PlacementRun {
     decode_ms_per_token: f64,
     decode_ms_per_token_p90: f64,
     first_tokens: Vec<u32>,
+}
+
+/// GPU prefill logits against the CPU backend's (f32 KV cache) for one prompt.
+#[derive(Serialize, Debug)]
+struct PrefillCheck {
+    placement: &'static str,
+    tokens: usize,
+    /// Tokens already in the cache when the rest of the prompt was evaluated (0: the whole prompt at once).
+    cached_prefix: usize,
+    max_abs_logit_diff_vs_cpu: f32,
+    /// The CPU's largest |logit|, for scale.
+    max_abs_logit_cpu: f32,
+    argmax_equal_cpu: bool,
+}
+
+/// The time of one GPU prefill from position 0 (the call as an actor makes it, host clock, median).
+#[derive(Serialize, Debug)]
+struct PrefillRun {
+    placement: &'static str,
+    tokens: usize,
+    ms: f64,
+    /// Matrix-product and attention FLOPs of the prompt over the time.
+    tflops: f64,
 }
 
 #[derive(Serialize, Debug)]
@@ -89,7 +125,13 @@ struct GpuResults {
     floor_ms_per_token: f64,
     prompt_tokens: usize,
     gen_tokens: usize,
+    /// Bytes of bf16 KV cache per token on the GPU (half of the f32 cache's).
+    kv_bytes_per_token: usize,
+    kv_bytes_per_token_f32: usize,
+    prefill_chunk: usize,
     runs: Vec<PlacementRun>,
+    prefill_checks: Vec<PrefillCheck>,
+    prefill: Vec<PrefillRun>,
     golden: Option<GoldenCheck>,
     batched: Option<BatchRun>,
 }
@@ -108,37 +150,40 @@ struct GoldenCheck {
     greedy_compared: usize,
 }
 
-/// A KV cache and a logits buffer in one region of `placement`.
+/// A KV cache and a logits buffer in one region of `placement`: a bf16 cache for the GPU, f32 on the host.
 struct SeqMemory {
     region: SharedRegion,
     max_seq: usize,
-    kv_floats: usize,
+    dtype: DType,
+    kv_bytes: usize,
 }
 
 impl SeqMemory {
     fn new(model: &Model, cuda: Option<&CudaBackend>, placement: Placement, max_seq: usize) -> anyhow::Result<Self> {
-        let kv_floats = model.kv_floats(max_seq);
-        let bytes = (kv_floats + model.config().vocab_size) * 4;
+        let dtype = if placement == Placement::Host { DType::F32 } else { DType::BF16 };
+        // The logits start on a 64-byte boundary after the cache.
+        let kv_bytes = model.kv_bytes(max_seq, dtype).next_multiple_of(64);
+        let bytes = kv_bytes + model.config().vocab_size * 4;
         let device = match cuda {
             Some(c) if placement != Placement::Host => Some(c.device_memory(placement)?),
             _ => None,
         };
         let region = SharedRegion::reserve_on(bytes, 0, device)?;
         region.commit_to(bytes)?;
-        Ok(SeqMemory { region, max_seq, kv_floats })
+        Ok(SeqMemory { region, max_seq, dtype, kv_bytes })
     }
 
-    fn kv_ptr(&self) -> *mut f32 {
-        self.region.base().cast()
+    fn kv_ptr(&self) -> *mut u8 {
+        self.region.base()
     }
 
     fn logits_ptr(&self) -> *mut f32 {
-        // SAFETY: the region holds kv_floats + vocab f32.
-        unsafe { self.kv_ptr().add(self.kv_floats) }
+        // SAFETY: the region holds kv_bytes then vocab f32.
+        unsafe { self.kv_ptr().add(self.kv_bytes).cast() }
     }
 
     fn vocab(&self) -> usize {
-        self.region.len() / 4 - self.kv_floats
+        (self.region.len() - self.kv_bytes) / 4
     }
 
     /// A copy of the logits (no device work is in flight: every step synchronizes).
@@ -167,8 +212,9 @@ impl SeqMemory {
         tokens: &[u32],
         scratch: &mut Scratch,
     ) -> anyhow::Result<Vec<f32>> {
-        // SAFETY: the region holds the cache for max_seq and is used by this call alone.
-        let mut kv = unsafe { KvCache::from_raw_parts(self.kv_ptr(), model, self.max_seq) };
+        // SAFETY: the region holds the cache for max_seq in `dtype` at its page-aligned base and is used by this
+        // call alone.
+        let mut kv = unsafe { KvCache::from_raw_parts_typed(self.kv_ptr(), self.dtype, model, self.max_seq) };
         // SAFETY: the logits follow the cache in the region, disjoint from it, and only this call uses them.
         let logits = unsafe { TensorMut::from_raw_parts(self.logits_ptr().cast(), self.vocab(), DType::F32) };
         model.forward(dev, &mut kv, pos, tokens, logits, scratch)?;
@@ -269,6 +315,9 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         runs.push(run);
     }
 
+    let chunk = cuda.set_prefill_chunk(args.prefill_chunk.unwrap_or(driftwood_backend::cuda::MAX_PREFILL));
+    let (prefill_checks, prefill) = prefill_runs(&model, cuda, &device, args)?;
+
     let golden = match &args.golden {
         Some(path) => Some(golden_check(&model, cuda, &device, path)?),
         None => None,
@@ -284,7 +333,12 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         floor_ms_per_token: floor_ms,
         prompt_tokens: args.prompt_tokens,
         gen_tokens: args.gen_tokens,
+        kv_bytes_per_token: model.kv_bytes(1, DType::BF16),
+        kv_bytes_per_token_f32: model.kv_bytes(1, DType::F32),
+        prefill_chunk: chunk,
         runs,
+        prefill_checks,
+        prefill,
         golden,
         batched,
     };
@@ -300,6 +354,8 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
 /// bf16 rounding of a few units.
 fn check_failures(r: &GpuResults) -> Vec<String> {
     const TOLERANCE: f32 = 0.05;
+    // A whole prompt in bf16 activations and a bf16 cache: a few bf16 units of the largest logit.
+    const PREFILL_REL_TOLERANCE: f32 = 0.02;
     let mut out = vec![];
     for run in &r.runs {
         if let (Some(equal), Some(diff)) = (run.greedy_tokens_equal_cpu, run.max_abs_logit_diff_vs_cpu) {
@@ -312,6 +368,12 @@ fn check_failures(r: &GpuResults) -> Vec<String> {
             if diff.is_nan() || diff > TOLERANCE {
                 out.push(format!("{}: logits differ from the CPU's by up to {diff}", run.placement));
             }
+        }
+    }
+    for p in &r.prefill_checks {
+        let tolerance = TOLERANCE.max(PREFILL_REL_TOLERANCE * p.max_abs_logit_cpu);
+        if p.max_abs_logit_diff_vs_cpu.is_nan() || p.max_abs_logit_diff_vs_cpu > tolerance || !p.argmax_equal_cpu {
+            out.push(format!("prefill against the CPU: {p:?}"));
         }
     }
     if let Some(g) = &r.golden
@@ -355,7 +417,7 @@ fn batched(model: &Model, cuda: &CudaBackend, args: &GpuArgs, copy_gb_s: f64) ->
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let step_ms = median(&mut times);
-    let kv_bytes_per_step = args.batch * 2 * c.num_layers * args.context * c.kv_dim() * 4;
+    let kv_bytes_per_step = args.batch * model.kv_bytes(args.context, DType::BF16);
     let roofline_step_s = (model.weight_bytes_per_token() + kv_bytes_per_step) as f64 / (copy_gb_s * 1e9);
     let run = BatchRun {
         batch: args.batch,
@@ -366,6 +428,85 @@ fn batched(model: &Model, cuda: &CudaBackend, args: &GpuArgs, copy_gb_s: f64) ->
     };
     eprintln!("{run:?}");
     Ok(run)
+}
+
+/// Matrix-product and attention FLOPs of a prefill of `t` tokens from position 0 (the last token's logits only).
+fn prefill_flops(model: &Model, t: usize) -> f64 {
+    let c = model.config();
+    let (h, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+    let per_token = 2.0 * (h * (qd + 2 * kvd) + qd * h + 3 * h * ff) as f64 * c.num_layers as f64;
+    let attention = 4.0 * (t * (t + 1) / 2) as f64 * qd as f64 * c.num_layers as f64;
+    per_token * t as f64 + attention + 2.0 * (h * c.vocab_size) as f64
+}
+
+/// GPU prefill against the CPU (whole prompts and prompts after a cached prefix), then prefill times, on both
+/// placements.
+fn prefill_runs(
+    model: &Model,
+    cuda: &CudaBackend,
+    device: &Device,
+    args: &GpuArgs,
+) -> anyhow::Result<(Vec<PrefillCheck>, Vec<PrefillRun>)> {
+    let c = model.config();
+    let fits = |t: &usize| *t >= 1 && *t < c.max_position_embeddings;
+    let mut checks = vec![];
+    if !args.skip_cpu {
+        let cpu = Device::cpu();
+        for &t in args.prefill_check_tokens.iter().filter(|t| fits(t)) {
+            let tokens = prompt(t, c.vocab_size);
+            let reference = SeqMemory::new(model, None, Placement::Host, t)?.forward(
+                model,
+                &cpu,
+                0,
+                &tokens,
+                &mut Scratch::default(),
+            )?;
+            let max_ref = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            for placement in [Placement::CudaPinned, Placement::CudaManaged] {
+                for cached_prefix in [0, t / 2] {
+                    let mem = SeqMemory::new(model, Some(cuda), placement, t)?;
+                    let mut scratch = Scratch::default();
+                    if cached_prefix > 0 {
+                        mem.forward(model, device, 0, &tokens[..cached_prefix], &mut scratch)?;
+                    }
+                    let logits = mem.forward(model, device, cached_prefix, &tokens[cached_prefix..], &mut scratch)?;
+                    let diff = reference.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    let check = PrefillCheck {
+                        placement: placement.name(),
+                        tokens: t,
+                        cached_prefix,
+                        max_abs_logit_diff_vs_cpu: diff,
+                        max_abs_logit_cpu: max_ref,
+                        argmax_equal_cpu: argmax(&reference) == argmax(&logits),
+                    };
+                    eprintln!("{check:?}");
+                    checks.push(check);
+                }
+            }
+        }
+    }
+    let mut runs = vec![];
+    for placement in [Placement::CudaPinned, Placement::CudaManaged] {
+        for &t in args.prefill_tokens.iter().filter(|t| fits(t)) {
+            let tokens = prompt(t, c.vocab_size);
+            let mem = SeqMemory::new(model, Some(cuda), placement, t)?;
+            let mut scratch = Scratch::default();
+            let mut times = vec![];
+            for rep in 0..args.prefill_reps.max(1) + 1 {
+                let start = Instant::now();
+                mem.forward(model, device, 0, &tokens, &mut scratch)?;
+                if rep > 0 {
+                    times.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let ms = median(&mut times);
+            let run =
+                PrefillRun { placement: placement.name(), tokens: t, ms, tflops: prefill_flops(model, t) / ms / 1e9 };
+            eprintln!("{run:?}");
+            runs.push(run);
+        }
+    }
+    Ok((checks, runs))
 }
 
 /// Device-to-device copy bandwidth (read + write bytes per second / 2 = bytes read per second), in GB/s.

@@ -11,7 +11,7 @@
 //! GEMMs plus ≈ 1.1 TFLOP of causal attention (4 · t²/2 · heads · head_dim per layer), about 11.6 ms at the
 //! measured ~790 TFLOP/s. Bytes are no limit here (weights 2.5 GB once per chunk, activations a few hundred MB).
 //!
-//! Long prompts run in chunks of [`MAX_PREFILL`] tokens; between chunks the backend is released, so that other
+//! Long prompts run in chunks of [`CudaBackend::prefill_chunk`] tokens (at most [`MAX_PREFILL`]); between chunks the backend is released, so that other
 //! actors' decode steps run, and the caller's `between` check (the actor's deadline) runs.
 
 use driftwood_backend::BackendError;
@@ -94,13 +94,14 @@ impl Model {
         }
         self.check_gpu_buffers(dev, kv, max_seq, logits)?;
         let gpu = self.gpu(dev)?;
-        let chunks = tokens.chunks(MAX_PREFILL);
+        let per_pass = dev.prefill_chunk().clamp(1, MAX_PREFILL);
+        let chunks = tokens.chunks(per_pass);
         let last = chunks.len() - 1;
         for (i, chunk) in chunks.enumerate() {
             if i > 0 {
                 between()?;
             }
-            let at = pos + i * MAX_PREFILL;
+            let at = pos + i * per_pass;
             let mut guard = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
             let scratch = match &mut guard.prefill {
                 Some(s) if s.tokens >= chunk.len() => &*s,
