@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks and benchmarks on a GPU machine, from a binary built elsewhere.
 #
-#   scripts/device/check.sh [STAGE...]        stages: kernels smoke sanitize peers llama1b snapshot (default: all)
+#   scripts/device/check.sh [STAGE...]        stages: kernels smoke sanitize peers llama1b snapshot ttft (default: all)
 #
 # Needs the stripped x86-64 binary at target/device/driftwood (build: cargo build --release && strip -o
 # target/device/driftwood target/release/driftwood) and, for the test stage, test binaries under
@@ -22,6 +22,8 @@
 #             golden logits, prefill of 16/128/1024 tokens against the CPU, prefill times at 24/128/1024/4096,
 #             128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned actors) at 24, 1024, 4096 tokens
+#   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
+#             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
 #   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the opt-in step
 #             optimizations on and off (DRIFTWOOD_CUDA_PDL, DRIFTWOOD_CUDA_KV_STAGE: all four combinations),
 #             to measure what each one is worth before it becomes a default: $out/ab.json
@@ -33,7 +35,7 @@ out=${OUT:-target/device-out}
 models=${MODELS:-/tmp/driftwood-models}
 peers=${PEERS:-/tmp/driftwood-peers}   # the peers' full output (logs, .npy); its JSON is copied to $out/peers
 mkdir -p "$out" "$models"
-stages=${*:-kernels smoke sanitize peers llama1b snapshot}
+stages=${*:-kernels smoke sanitize peers llama1b snapshot ttft}
 status=0
 step() { echo "== $*" >&2; }
 run() { "$@" || { echo "FAILED ($?): $*" >&2; status=1; }; }
@@ -88,6 +90,13 @@ for stage in $stages; do
         run "$bin" bench snapshot --backend cuda --placement pinned --model "$models/llama1b" --context 24 \
             --context 1024 --context 4096 --reps 1 --out "$out/snapshot-cuda.json" > /dev/null 2> /tmp/snapshot.log
         grep context /tmp/snapshot.log >&2
+        ;;
+    ttft)
+        llama1b_model
+        step "time to first token through serve (1024-token prompt)"
+        run python3 scripts/device/serve_ttft.py --bin "$bin" --model "$models/llama1b" --tokens 1024 \
+            --out "$out/ttft.json" > /tmp/ttft.log 2>&1
+        tail -2 /tmp/ttft.log >&2
         ;;
     ab)
         llama1b_model
