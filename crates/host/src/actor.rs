@@ -84,6 +84,8 @@ pub(crate) struct ActorState {
     pub(crate) batcher: Option<Arc<crate::batch::Batcher>>,
     /// Whether the batcher counts this actor as decoding (in a generation loop, see `batch`).
     pub(crate) decoding: Arc<std::sync::atomic::AtomicBool>,
+    /// The KV cache dtype `model_info` recommends to this actor (the runtime's, see `Runtime::kv_dtype`).
+    pub(crate) kv_dtype: driftwood_backend::DType,
 }
 
 /// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
@@ -133,6 +135,7 @@ impl ActorState {
             pending_save: None,
             batcher: None,
             decoding: Arc::default(),
+            kv_dtype: crate::CPU_KV_DTYPE,
         }
     }
 
