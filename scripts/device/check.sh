@@ -7,7 +7,7 @@
 # target/device/driftwood target/release/driftwood) and, for the test stage, test binaries under
 # target/device/tests/. Writes JSON and logs under $OUT (default: target/device-out).
 # At most 8 files come back from a device run: with BUNDLE=FILE, everything under $out is also packed into
-# that one tar.gz at the end (put FILE under the run's $OUT and point OUT elsewhere).
+# that one tar.gz, repacked after every stage (put FILE under the run's $OUT and point OUT elsewhere).
 #   kernels   the prefill kernels one by one against PyTorch, and timed next to PyTorch's attention and GEMMs
 #             (scripts/device/kernels/check_prefill_kernels.py): $out/kernels.json
 #   smoke     verify on the pinned and managed placements (JSON), and `bench gpu` on the bundled model:
@@ -143,8 +143,9 @@ sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         ;;
     *) echo "unknown stage $stage" >&2; status=2 ;;
     esac
+    # Packed after every stage, so a run cut off by its time limit still brings back the stages it finished.
+    if [ -n "${BUNDLE:-}" ]; then
+        tar czf "$BUNDLE.tmp" -C "$out" . && mv "$BUNDLE.tmp" "$BUNDLE" || status=1
+    fi
 done
-if [ -n "${BUNDLE:-}" ]; then
-    tar czf "$BUNDLE" -C "$out" . || status=1
-fi
 exit $status

@@ -222,6 +222,48 @@ fn gpu_table(v: &Value, peers_decode: Option<&Value>, peers_batched: Option<&Val
     t + &provenance(v)
 }
 
+/// GPU prefill from position 0 (last token's logits only): ours per placement next to transformers and the
+/// static-cache PyTorch prefill, from `gpu-cuda.json` and `peers-torch-prefill-cuda.json`.
+fn prefill_table(gpu: &Value, peers: Option<&Value>) -> String {
+    let runs: Vec<&Value> = gpu["prefill"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    let peer = |tokens: u64, key: &str| {
+        peers
+            .and_then(|p| p["prefill"].as_array())
+            .and_then(|rows| rows.iter().find(|r| r["tokens"].as_u64() == Some(tokens)))
+            .map_or(f64::NAN, |r| num(r, key))
+    };
+    let ours = |tokens: u64, placement: &str| {
+        runs.iter().find(|r| r["tokens"].as_u64() == Some(tokens) && r["placement"] == placement).copied()
+    };
+    let mut tokens: Vec<u64> = runs.iter().filter_map(|r| r["tokens"].as_u64()).collect();
+    tokens.dedup();
+    let mut t = String::from(
+        "| prompt tokens | Driftwood, pinned | TFLOP/s | Driftwood, managed | transformers (bf16, SDPA) | PyTorch static          cache | vs transformers |
+|---:|---:|---:|---:|---:|---:|---:|
+",
+    );
+    for n in tokens {
+        let pinned = ours(n, "pinned");
+        let managed = ours(n, "managed");
+        let ms = |r: Option<&Value>| r.map_or("—".into(), |r| format!("{:.2} ms", num(r, "ms")));
+        let hf = peer(n, "transformers_ms");
+        let best = [pinned, managed].iter().flatten().map(|r| num(r, "ms")).fold(f64::INFINITY, f64::min);
+        t += &format!(
+            "| {n} | {} | {} | {} | {hf:.2} ms | {:.2} ms | {:.1}× |
+",
+            ms(pinned),
+            pinned.map_or("—".into(), |r| format!("{:.0}", num(r, "tflops"))),
+            ms(managed),
+            peer(n, "static_ms"),
+            hf / best,
+        );
+    }
+    t + "
+Medians; ours timed on the host clock around the call an actor makes (the last token's logits land in          its memory), the peers with CUDA events around `model(ids, use_cache=True, logits_to_keep=1)`.
+"
+        + &provenance(gpu)
+}
+
 fn replace_between(doc: &str, name: &str, body: &str) -> anyhow::Result<String> {
     let (open, close) = (format!("<!-- bench:{name} -->"), format!("<!-- /bench:{name} -->"));
     let (Some(start), Some(end)) = (doc.find(&open), doc.find(&close)) else {
@@ -247,6 +289,10 @@ pub fn run(args: &ReadmeArgs) -> anyhow::Result<()> {
     if let Ok(gpu) = load(args, "gpu-cuda") {
         let (d, b) = (load(args, "peers-torch-decode-cuda").ok(), load(args, "peers-torch-batched-cuda").ok());
         doc = replace_between(&doc, "gpu", &gpu_table(&gpu, d.as_ref(), b.as_ref()))?;
+        if gpu["prefill"].as_array().is_some_and(|a| !a.is_empty()) {
+            let peers = load(args, "peers-torch-prefill-cuda").ok();
+            doc = replace_between(&doc, "gpu-prefill", &prefill_table(&gpu, peers.as_ref()))?;
+        }
     }
     if let Ok(snapshot) = load(args, "snapshot-cuda") {
         doc = replace_between(&doc, "snapshot-gpu", &snapshot_table(&snapshot))?;
