@@ -90,7 +90,7 @@ fn write_out(
 
 pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
     linker.func_wrap(MODULE, "model_open", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| {
-        model_open(&mut c, ptr, len).map_err(wasmtime::Error::from)
+        model_open(&mut c, ptr, len)
     })?;
     linker.func_wrap(MODULE, "model_info", |mut c: Caller<'_, ActorState>, m: u32, out: u32| {
         model_info(&mut c, m, out).map_err(wasmtime::Error::from)
@@ -123,21 +123,22 @@ pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
             forward(&mut c, m, (kv, max_seq), pos, (tokens, n), logits).map_err(wasmtime::Error::from)
         },
     )?;
-    linker.func_wrap(MODULE, "emit", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| {
-        emit(&mut c, ptr, len).map_err(wasmtime::Error::from)
-    })?;
+    linker.func_wrap(MODULE, "emit", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| emit(&mut c, ptr, len))?;
     Ok(())
 }
 
-fn model_open(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> Result<i32, AbiError> {
+/// Opening a name again returns the handle already open for it (while it names the same model); new handles
+/// are charged to the actor's host allowance.
+fn model_open(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> wasmtime::Result<i32> {
     const CALL: &str = "driftwood.model_open";
     let (data, state) = guest_memory(caller, CALL)?;
     let name = text(data, CALL, "name", ptr, len)?;
     let model = state.registry.get(name).ok_or_else(|| {
         AbiError::new(CALL, format!("no model named `{name}` is loaded; loaded: {}", state.registry.names().join(", ")))
     })?;
-    state.models.push((name.to_string(), model));
-    Ok(state.models.len() as i32 - 1)
+    let handle = state.open_model(CALL, name, model)?;
+    // At most MAX_MODEL_HANDLES handles exist, far below i32::MAX.
+    Ok(handle as i32)
 }
 
 fn model_info(caller: &mut Caller<'_, ActorState>, handle: u32, out: u32) -> Result<(), AbiError> {
@@ -181,6 +182,10 @@ fn detokenize(
     let range = check_range(CALL, "ids", ids_ptr, n as u64, 4, data.len())?;
     let ids: Vec<u32> = data[range].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     state.record_copy(CopyKind::Text, ids.len() * 4);
+    let vocab = model.config().vocab_size;
+    if let Some((i, bad)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+        return Err(AbiError::new(CALL, format!("token id {bad} (ids[{i}]) is outside the {vocab}-token vocabulary")));
+    }
     let text = model.detokenize(&ids, skip_special).map_err(|e| AbiError::new(CALL, e.to_string()))?;
     write_out(data, state, CALL, (out, cap, 1), text.as_bytes())
 }
@@ -271,11 +276,11 @@ fn forward(
     Ok(())
 }
 
-fn emit(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> Result<(), AbiError> {
+/// Text the host keeps (no sink) is charged to the actor's host allowance until taken.
+fn emit(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> wasmtime::Result<()> {
     const CALL: &str = "driftwood.emit";
     let (data, state) = guest_memory(caller, CALL)?;
     let piece = text(data, CALL, "text", ptr, len)?;
     state.record_copy(CopyKind::Text, piece.len());
-    state.emit(piece);
-    Ok(())
+    state.emit(CALL, piece)
 }
