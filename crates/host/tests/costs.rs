@@ -92,7 +92,9 @@ fn a_matmul_past_its_deadline_stops_within_twice_the_deadline() {
     let pages = bytes.div_ceil(65536) as u32;
     let last = c + (m * n - 1) * 4;
     let deadline = Duration::from_millis(500);
-    let rt = runtime(ActorLimits { deadline, memory_bytes: pages as usize * 65536, ..ActorLimits::default() });
+    let rt = runtime(ActorLimits::default());
+    rt.register_model("default", bundled());
+    let limits = ActorLimits { deadline, memory_bytes: pages as usize * 65536, ..ActorLimits::default() };
     // The guest marks c's last element, then multiplies.
     let wat = guest(
         pages,
@@ -103,10 +105,12 @@ fn a_matmul_past_its_deadline_stops_within_twice_the_deadline() {
                                (i32.const {m}) (i32.const {n}) (i32.const {k}) (i32.const 1)))"#
         ),
     );
-    let mut actor = rt.instantiate(wat.as_bytes()).unwrap();
-    let started = Instant::now();
-    let result = actor.call::<(), ()>("go", ());
-    let took = started.elapsed();
+    let mut actor = rt.instantiate_module(&rt.compile(wat.as_bytes()).unwrap(), limits).unwrap();
+    let (result, took) = beside_chat(&rt, || {
+        let started = Instant::now();
+        let result = actor.call::<(), ()>("go", ());
+        (result, started.elapsed())
+    });
     match result {
         Err(ActorError::Deadline { export, deadline: d }) => assert_eq!((export.as_str(), d), ("go", deadline)),
         other => panic!("expected Deadline, got {other:?}"),
@@ -117,6 +121,54 @@ fn a_matmul_past_its_deadline_stops_within_twice_the_deadline() {
     let mut mark = [0u8; 4];
     actor.read_memory(last as usize, &mut mark).unwrap();
     assert_eq!(f32::from_le_bytes(mark), 12345.0, "the product ran to completion despite the deadline");
+}
+
+#[test]
+fn a_forward_past_its_deadline_stops_within_twice_the_deadline() {
+    let model = bundled();
+    let max_seq = 1024u32;
+    let kv_bytes = (model.kv_floats(max_seq as usize) * 4) as u32;
+    let (kv, tokens) = (0u32, kv_bytes);
+    let logits = tokens + max_seq * 4;
+    let pages = (logits as usize + model.config().vocab_size * 4).div_ceil(65536) as u32;
+    let deadline = Duration::from_millis(250);
+    let rt = runtime(ActorLimits::default());
+    rt.register_model("default", model);
+    // A whole-context prompt of token ids 1..=1024, then one `forward` (ABI v1: f32 cache).
+    let wat = format!(
+        r#"(module
+            (import "driftwood" "model_open" (func $model_open (param i32 i32) (result i32)))
+            (import "driftwood" "forward" (func $forward (param i32 i32 i32 i32 i32 i32 i32 i32)))
+            (memory (export "memory") {pages})
+            (data (i32.const {logits}) "default")
+            (func (export "driftwood_abi_version") (result i32) i32.const {ABI_VERSION})
+            (func (export "go") (local $i i32) (local $m i32)
+              (local.set $m (call $model_open (i32.const {logits}) (i32.const 7)))
+              (loop $l (if (i32.lt_u (local.get $i) (i32.const {max_seq})) (then
+                (i32.store (i32.add (i32.const {tokens}) (i32.shl (local.get $i) (i32.const 2)))
+                           (i32.add (local.get $i) (i32.const 1)))
+                (local.set $i (i32.add (local.get $i) (i32.const 1)))
+                (br $l))))
+              (call $forward (local.get $m) (i32.const {kv}) (i32.const 0) (i32.const {max_seq}) (i32.const 0)
+                             (i32.const {tokens}) (i32.const {max_seq}) (i32.const {logits}))))"#
+    );
+    let limits = ActorLimits { deadline, ..ActorLimits::default() };
+    let mut actor = rt.instantiate_module(&rt.compile(wat.as_bytes()).unwrap(), limits).unwrap();
+    let (result, took) = beside_chat(&rt, || {
+        let started = Instant::now();
+        let result = actor.call::<(), ()>("go", ());
+        (result, started.elapsed())
+    });
+    match result {
+        Err(ActorError::Deadline { export, deadline: d }) => assert_eq!((export.as_str(), d), ("go", deadline)),
+        other => panic!("expected Deadline, got {other:?}"),
+    }
+    eprintln!("forward of {max_seq} tokens under a {deadline:?} deadline returned after {took:?}");
+    assert!(took < deadline * 2, "the call returned {took:?} after it started, past twice its {deadline:?} deadline");
+    // The pass was cut short: the last layer's value row of the last token was never written.
+    let mut row = vec![0u8; 512];
+    actor.read_memory((kv + kv_bytes) as usize - row.len(), &mut row).unwrap();
+    assert!(row.iter().all(|&b| b == 0), "the forward pass ran to completion despite the deadline");
 }
 
 #[test]
