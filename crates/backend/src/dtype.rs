@@ -38,6 +38,11 @@ impl DType {
         }
     }
 
+    /// The dtype's ABI code (the inverse of [`from_code`](Self::from_code)).
+    pub const fn code(self) -> u32 {
+        self as u32
+    }
+
     /// The lower-case name used in messages and files (`f32`, `bf16`).
     pub const fn name(self) -> &'static str {
         match self {

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use driftwood_backend::BackendKind;
+use driftwood_backend::{BackendKind, DType};
 use driftwood_engine::Model;
 use driftwood_host::{Actor, ActorLimits, LogMode, Runtime, RuntimeConfig};
 use indicatif::{ProgressBar, ProgressStyle};
@@ -34,6 +34,9 @@ pub struct ModelArgs {
     /// Tokens the session's KV cache holds (0: the model's context length).
     #[arg(long, default_value_t = 0)]
     max_seq: u32,
+    /// KV cache dtype: f32 or bf16 (default: bf16 on CUDA, f32 on the CPU).
+    #[arg(long, value_parser = parse_kv_dtype)]
+    kv_dtype: Option<DType>,
     /// Most tokens to generate per request.
     #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     max_tokens: u32,
@@ -75,6 +78,19 @@ impl ModelArgs {
             bail!("--repeat-penalty must be a positive number, got {}", self.repeat_penalty);
         }
         Ok(())
+    }
+}
+
+/// Parses a `--kv-dtype` value: `f32` or `bf16`.
+///
+/// # Errors
+///
+/// A message naming the accepted values.
+pub fn parse_kv_dtype(s: &str) -> Result<DType, String> {
+    match s {
+        "f32" => Ok(DType::F32),
+        "bf16" => Ok(DType::BF16),
+        other => Err(format!("unknown KV dtype `{other}`: use f32 or bf16")),
     }
 }
 
@@ -133,6 +149,7 @@ impl ChatSession {
             log: LogMode::Stderr,
             limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
             batch_window: None,
+            kv_dtype: args.kv_dtype,
         })?;
         runtime.register_model("default", model);
         let mut actor = runtime.instantiate(driftwood_actors::CHAT)?;

@@ -12,6 +12,7 @@
 use driftwood_backend::{AttentionDims, Backend, DType, Device, LinearDims, TensorMut};
 
 use crate::forward::{opt, r, sized, w};
+use crate::kv::store_rows;
 use crate::{EngineError, KvCache, Model, Scratch};
 
 /// One sequence's part of a batched decode step: its cache, the position of its new token, the token, and
@@ -48,15 +49,6 @@ pub struct BatchScratch {
 }
 
 /// Copies `src` into a writable view of the same length (a cache row or a logits buffer).
-fn store(dst: TensorMut<'_>, src: &[f32]) -> Result<(), EngineError> {
-    let len = dst.len();
-    let dst = dst.into_f32().filter(|d| d.len() == src.len()).ok_or_else(|| {
-        EngineError::Request(format!("a batched row of {} f32s cannot fill {len} elements", src.len()))
-    })?;
-    dst.copy_from_slice(src);
-    Ok(())
-}
-
 impl Model {
     /// Checks that a decode step of `token` at position `pos` fits a `max_seq`-token cache of this model and
     /// its context: what [`forward`](Self::forward) and [`decode_batch`](Self::decode_batch) require of one
@@ -189,8 +181,8 @@ impl Model {
             for (i, seq) in seqs.iter_mut().enumerate() {
                 // Row i's key and value land in sequence i's cache at its position; its query attends to
                 // its own rows 0..=pos.
-                store(seq.kv.k_mut(l, seq.pos, 1), &s.k[i * kvd..(i + 1) * kvd])?; // (1, kv_dim)
-                store(seq.kv.v_mut(l, seq.pos, 1), &s.v[i * kvd..(i + 1) * kvd])?; // (1, kv_dim)
+                store_rows(seq.kv.k_mut(l, seq.pos, 1), &s.k[i * kvd..(i + 1) * kvd])?; // (1, kv_dim)
+                store_rows(seq.kv.v_mut(l, seq.pos, 1), &s.v[i * kvd..(i + 1) * kvd])?; // (1, kv_dim)
                 let dims = AttentionDims {
                     t: 1,
                     pos: seq.pos,
@@ -218,7 +210,7 @@ impl Model {
         let logits = sized(&mut s.logits, b * vocab);
         dev.linear(r(&s.xn), self.lm_head.view(), None, w(logits), lin(h, vocab))?;
         for (i, seq) in seqs.iter_mut().enumerate() {
-            store(seq.logits.reborrow(), &s.logits[i * vocab..(i + 1) * vocab])?;
+            store_rows(seq.logits.reborrow(), &s.logits[i * vocab..(i + 1) * vocab])?;
         }
         Ok(())
     }

@@ -1,8 +1,9 @@
 //! The forward pass, readable in one sitting. Shapes are in comments as `(rows, cols)`; `t` is the number of
 //! tokens in this call, `pos` how many the cache already holds.
 
-use driftwood_backend::{AttentionDims, Backend, Device, LinearDims, TensorMut, TensorRef};
+use driftwood_backend::{AttentionDims, Backend, DType, Device, LinearDims, TensorMut, TensorRef};
 
+use crate::kv::store_rows;
 use crate::{Cancel, EngineError, KvCache, Model};
 
 /// Tokens processed per pass of a long prefill; bounds the scratch memory.
@@ -14,6 +15,8 @@ pub struct Scratch {
     x: Vec<f32>,    // (t, hidden)       residual stream
     xn: Vec<f32>,   // (t, hidden)       normalized input / block output
     q: Vec<f32>,    // (t, q_dim)        queries
+    k: Vec<f32>,    // (t, kv_dim)       new keys, when the cache is not f32 (converted as they are stored)
+    v: Vec<f32>,    // (t, kv_dim)       new values, likewise
     att: Vec<f32>,  // (t, q_dim)        attention output
     gate: Vec<f32>, // (t, intermediate) SwiGLU gate, then activation
     up: Vec<f32>,   // (t, intermediate) SwiGLU up projection
@@ -101,7 +104,7 @@ impl Model {
         if let Device::Cuda(cuda) = dev {
             // The GPU runs a prompt as whole-chunk matrix products, a decode step as one captured graph; only
             // the last token's logits reach the guest. Its kernels read and write bf16 caches.
-            if kv.dtype() != driftwood_backend::DType::BF16 {
+            if kv.dtype() != DType::BF16 {
                 return Err(EngineError::Request(format!(
                     "the CUDA backend runs bf16 KV caches; this one is {}",
                     kv.dtype()
@@ -159,16 +162,30 @@ impl Model {
         sized(&mut s.xn, t * h);
         sized(&mut s.q, t * qd);
         sized(&mut s.att, t * qd);
+        if kv.dtype() != DType::F32 {
+            sized(&mut s.k, t * kvd);
+            sized(&mut s.v, t * kvd);
+        }
         sized(&mut s.gate, t * ff);
         sized(&mut s.up, t * ff);
         for (l, layer) in self.layers.iter().enumerate() {
             // Attention block: xn = norm(x); q, k, v = xn · W; k and v land in the cache rows pos..pos+t.
             dev.rms_norm(r(&s.x), r(&layer.attn_norm), eps, w(&mut s.xn))?;
             dev.linear(r(&s.xn), layer.wq.view(), opt(&layer.bq), w(&mut s.q), lin(h, qd))?;
-            dev.linear(r(&s.xn), layer.wk.view(), opt(&layer.bk), kv.k_mut(l, pos, t), lin(h, kvd))?;
-            dev.linear(r(&s.xn), layer.wv.view(), opt(&layer.bv), kv.v_mut(l, pos, t), lin(h, kvd))?;
+            if kv.dtype() == DType::F32 {
+                // An f32 cache takes the projections in place: no staging, no copy.
+                dev.linear(r(&s.xn), layer.wk.view(), opt(&layer.bk), kv.k_mut(l, pos, t), lin(h, kvd))?;
+                dev.linear(r(&s.xn), layer.wv.view(), opt(&layer.bv), kv.v_mut(l, pos, t), lin(h, kvd))?;
+                dev.rope(kv.k_mut(l, pos, t), r(&s.cos), r(&s.sin), 0, c.num_kv_heads, hd)?;
+            } else {
+                // A narrower cache: project and rotate in f32, round once as the rows are stored.
+                dev.linear(r(&s.xn), layer.wk.view(), opt(&layer.bk), w(&mut s.k), lin(h, kvd))?; // (t, kv_dim)
+                dev.linear(r(&s.xn), layer.wv.view(), opt(&layer.bv), w(&mut s.v), lin(h, kvd))?; // (t, kv_dim)
+                dev.rope(w(&mut s.k), r(&s.cos), r(&s.sin), 0, c.num_kv_heads, hd)?;
+                store_rows(kv.k_mut(l, pos, t), &s.k)?;
+                store_rows(kv.v_mut(l, pos, t), &s.v)?;
+            }
             dev.rope(w(&mut s.q), r(&s.cos), r(&s.sin), 0, c.num_heads, hd)?;
-            dev.rope(kv.k_mut(l, pos, t), r(&s.cos), r(&s.sin), 0, c.num_kv_heads, hd)?;
             let dims = AttentionDims {
                 t,
                 pos,

@@ -9,7 +9,7 @@ use std::marker::PhantomData;
 
 use driftwood_backend::{DType, TensorMut, TensorRef};
 
-use crate::Model;
+use crate::{EngineError, Model};
 
 /// A KV cache for up to `max_seq` tokens of one model, over memory the caller owns (in Driftwood: the
 /// actor's linear memory).
@@ -125,4 +125,27 @@ impl<'a> KvCache<'a> {
     pub fn v(&self, layer: usize, n: usize) -> TensorRef<'_> {
         self.rows(layer, 1, 0, n)
     }
+}
+
+/// Stores f32 rows `src` into cache rows `dst` of the cache's dtype: a copy for f32, one round to nearest
+/// even for bf16 (the only rounding a bf16 cache's values see).
+///
+/// # Errors
+///
+/// [`EngineError::Request`] when the lengths differ or the cache's dtype is neither f32 nor bf16.
+pub(crate) fn store_rows(dst: TensorMut<'_>, src: &[f32]) -> Result<(), EngineError> {
+    let (len, dtype) = (dst.len(), dst.dtype());
+    if len != src.len() {
+        return Err(EngineError::Request(format!("{} new KV values cannot fill {len} cache elements", src.len())));
+    }
+    match dtype {
+        DType::F32 => dst.into_f32().map(|d| d.copy_from_slice(src)),
+        DType::BF16 => dst.into_bf16().map(|d| {
+            for (o, &x) in d.iter_mut().zip(src) {
+                *o = half::bf16::from_f32(x);
+            }
+        }),
+        _ => None,
+    }
+    .ok_or_else(|| EngineError::Request(format!("a KV cache of {dtype} is not supported; use f32 or bf16")))
 }

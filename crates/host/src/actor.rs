@@ -98,6 +98,8 @@ pub(crate) struct ActorState {
     call_deadline: Option<Instant>,
     /// Set by [`Runtime::shutdown`](crate::Runtime::shutdown): long host calls stop at their next check.
     shutdown: Arc<AtomicBool>,
+    /// The KV cache dtype `model_info` recommends to this actor (the runtime's, see `Runtime::kv_dtype`).
+    pub(crate) kv_dtype: driftwood_backend::DType,
 }
 
 /// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
@@ -151,6 +153,7 @@ impl ActorState {
             decoding: Arc::default(),
             call_deadline: None,
             shutdown,
+            kv_dtype: crate::CPU_KV_DTYPE,
         }
     }
 
@@ -169,6 +172,22 @@ impl ActorState {
             return Err(HostDeadline { call }.into());
         }
         Ok(())
+    }
+
+    /// What [`check_interrupt`](Self::check_interrupt) checks, as a hook for work that cannot reach the
+    /// state (the engine's [`Cancel`](driftwood_engine::Cancel)): `true` once the call must stop.
+    pub(crate) fn stop_probe(&self) -> impl Fn() -> bool + Sync + 'static {
+        let (deadline, shutdown) = (self.call_deadline, self.shutdown.clone());
+        move || shutdown.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The error for work that stopped because [`stop_probe`](Self::stop_probe) said so.
+    pub(crate) fn interrupt_error(&self, call: &'static str) -> wasmtime::Error {
+        match self.check_interrupt(call) {
+            Err(e) => e,
+            // The probe saw the deadline pass; nothing undoes that, so this is unreachable in practice.
+            Ok(()) => HostDeadline { call }.into(),
+        }
     }
 
     /// Bytes the host keeps for this actor and charges to its host allowance: undrained emitted text,

@@ -68,8 +68,10 @@ impl BatchStats {
 /// One actor's decode step: its model, where its cache and logits are, its position and token.
 pub(crate) struct Step {
     pub model: Arc<Model>,
-    /// Address of the cache, `model.kv_floats(max_seq)` f32s.
+    /// Address of the cache, `model.kv_elems(max_seq)` elements of `kv_dtype`.
     pub kv: usize,
+    /// The cache's element type (f32 or bf16).
+    pub kv_dtype: DType,
     pub max_seq: usize,
     pub pos: usize,
     pub token: u32,
@@ -89,7 +91,7 @@ impl Step {
         // SAFETY: by the caller's contract the ranges are valid, aligned, exclusively ours for the view's life.
         unsafe {
             BatchSeq {
-                kv: KvCache::from_raw_parts(self.kv as *mut f32, &self.model, self.max_seq),
+                kv: KvCache::from_raw_parts_typed(self.kv as *mut u8, self.kv_dtype, &self.model, self.max_seq),
                 pos: self.pos,
                 token: self.token,
                 logits: TensorMut::from_raw_parts(self.logits as *mut u8, vocab, DType::F32),
@@ -243,7 +245,7 @@ impl Batcher {
     ///
     /// # Safety
     ///
-    /// `step.kv` is the address of `step.model.kv_floats(step.max_seq)` f32s and `step.logits` of `vocab`
+    /// `step.kv` is the address of `step.model.kv_elems(step.max_seq)` elements of `step.kv_dtype` and `step.logits` of `vocab`
     /// f32s, both 4-byte aligned, disjoint, inside the memory of the actor whose thread calls this, and nothing
     /// else reads or writes them until this returns. The caller is that actor's host call: it stays blocked
     /// here until the pass that computes on those bytes is complete (see the module documentation).

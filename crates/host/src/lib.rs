@@ -50,3 +50,7 @@ pub use error::ActorError;
 pub use hibernate::{ActorStore, Hibernated};
 pub use limits::{ActorLimits, MAX_DEADLINE, MAX_MODEL_HANDLES, MIN_HOST_BYTES, MODEL_HANDLE_BYTES};
 pub use runtime::{LogMode, MAX_BATCH_WINDOW, ModelRegistry, Runtime, RuntimeConfig};
+
+/// The KV cache dtype `model_info` recommends on the CPU backend unless [`RuntimeConfig::kv_dtype`] says
+/// otherwise (see the README's CPU KV table for the measurement behind it).
+pub const CPU_KV_DTYPE: driftwood_backend::DType = driftwood_backend::DType::F32;

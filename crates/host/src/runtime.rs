@@ -7,7 +7,7 @@ use std::sync::{Arc, RwLock};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use driftwood_backend::{BackendKind, Device};
+use driftwood_backend::{BackendKind, DType, Device};
 use driftwood_engine::Model;
 use driftwood_memory::{CopyLedger, LedgerSnapshot, Placement, RegionCreator};
 use wasmtime::{Config, Engine, Linker, Module};
@@ -53,6 +53,10 @@ pub struct RuntimeConfig {
     /// at the same time are evaluated as one forward pass per model. The first step to arrive waits for the
     /// other actors in a call, at most this long. `None` (the default): every call runs alone.
     pub batch_window: Option<Duration>,
+    /// The KV cache dtype `model_info` recommends to guests (f32 or bf16). `None` (the default): the backend's
+    /// own, bf16 on CUDA (its kernels read only bf16 caches) and [`CPU_KV_DTYPE`](crate::CPU_KV_DTYPE) on the
+    /// CPU.
+    pub kv_dtype: Option<DType>,
 }
 
 /// Models loaded by the host, by name. Each is loaded once and shared by every actor that opens it.
@@ -135,6 +139,13 @@ impl Runtime {
                 );
             }
             config.placement = Placement::CudaPinned;
+        }
+        match (config.kv_dtype, &*device) {
+            (None | Some(DType::BF16), _) | (Some(DType::F32), Device::Cpu(_)) => {}
+            (Some(DType::F32), Device::Cuda(_)) => {
+                anyhow::bail!("the CUDA backend's kernels read bf16 KV caches; pass --kv-dtype bf16 (its default)")
+            }
+            (Some(other), _) => anyhow::bail!("a KV cache of {other} is not supported; use f32 or bf16"),
         }
         let creator = Arc::new(match (config.placement, &*device) {
             (Placement::Host, _) => RegionCreator::new(Placement::Host),
@@ -258,6 +269,7 @@ impl Runtime {
             self.shutdown.clone(),
         );
         state.batcher = self.batcher.clone();
+        state.kv_dtype = self.kv_dtype();
         state
     }
 
@@ -278,6 +290,14 @@ impl Runtime {
     /// replaces the model for actors that open it afterwards.
     pub fn register_model(&self, name: &str, model: Arc<Model>) {
         self.models.insert(name.to_string(), model);
+    }
+
+    /// The KV cache dtype `model_info` recommends to this runtime's actors ([`RuntimeConfig::kv_dtype`]).
+    pub fn kv_dtype(&self) -> DType {
+        self.config.kv_dtype.unwrap_or(match &*self.device {
+            Device::Cuda(_) => DType::BF16,
+            Device::Cpu(_) => crate::CPU_KV_DTYPE,
+        })
     }
 
     /// The models actors can open.

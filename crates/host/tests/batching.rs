@@ -91,13 +91,13 @@ fn a_step_that_cannot_run_traps_its_own_actor_only() {
     // kv at 65536 holds one token (max_seq 1); tokens at 16, logits at 32.
     let wat = r#"(module
         (import "driftwood" "model_open" (func $open (param i32 i32) (result i32)))
-        (import "driftwood" "forward" (func $fwd (param i32 i32 i32 i32 i32 i32 i32)))
+        (import "driftwood" "forward" (func $fwd (param i32 i32 i32 i32 i32 i32 i32 i32)))
         (memory (export "memory") 4)
         (data (i32.const 0) "default")
-        (func (export "driftwood_abi_version") (result i32) i32.const 0)
+        (func (export "driftwood_abi_version") (result i32) i32.const 1)
         (func (export "step") (param $token i32) (param $pos i32) (drop (call $open (i32.const 0) (i32.const 7)))
             (i32.store (i32.const 16) (local.get $token))
-            (call $fwd (i32.const 0) (i32.const 65536) (i32.const 1) (local.get $pos) (i32.const 16) (i32.const 1) (i32.const 32))))"#;
+            (call $fwd (i32.const 0) (i32.const 65536) (i32.const 0) (i32.const 1) (local.get $pos) (i32.const 16) (i32.const 1) (i32.const 32))))"#;
     let mut bad = rt.instantiate(wat.as_bytes()).unwrap();
     let mut trap = |token: u32, pos: u32| match bad.call::<(u32, u32), ()>("step", (token, pos)) {
         Err(driftwood_host::ActorError::Trap { message, .. }) => message,

@@ -99,17 +99,21 @@ fn forward_rejects_bad_ranges_and_tokens() {
     let rt = runtime(bundled());
     let wat = r#"(module
         (import "driftwood" "model_open" (func $open (param i32 i32) (result i32)))
-        (import "driftwood" "forward" (func $fwd (param i32 i32 i32 i32 i32 i32 i32)))
+        (import "driftwood" "forward" (func $fwd (param i32 i32 i32 i32 i32 i32 i32 i32)))
         (memory (export "memory") 4)
         (data (i32.const 0) "default")
-        (func (export "driftwood_abi_version") (result i32) i32.const 0)
+        (func (export "driftwood_abi_version") (result i32) i32.const 1)
         (func (export "kv_oob") (drop (call $open (i32.const 0) (i32.const 7)))
-            (call $fwd (i32.const 0) (i32.const 1024) (i32.const 64) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 2048)))
+            (call $fwd (i32.const 0) (i32.const 1024) (i32.const 0) (i32.const 64) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 2048)))
         (func (export "bad_token") (drop (call $open (i32.const 0) (i32.const 7)))
             (i32.store (i32.const 16) (i32.const 999999))
-            (call $fwd (i32.const 0) (i32.const 65536) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
+            (call $fwd (i32.const 0) (i32.const 65536) (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
         (func (export "no_model")
-            (call $fwd (i32.const 5) (i32.const 65536) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
+            (call $fwd (i32.const 5) (i32.const 65536) (i32.const 0) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
+        (func (export "bad_kv_dtype") (drop (call $open (i32.const 0) (i32.const 7)))
+            (call $fwd (i32.const 0) (i32.const 65536) (i32.const 2) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
+        (func (export "misaligned_kv") (drop (call $open (i32.const 0) (i32.const 7)))
+            (call $fwd (i32.const 0) (i32.const 65544) (i32.const 1) (i32.const 1) (i32.const 0) (i32.const 16) (i32.const 1) (i32.const 32)))
         (func (export "unknown_model") (drop (call $open (i32.const 1) (i32.const 3)))))"#;
     let mut a = rt.instantiate(wat.as_bytes()).unwrap();
     let msg = |a: &mut Actor, export: &str| match a.call::<(), ()>(export, ()) {
@@ -122,6 +126,10 @@ fn forward_rejects_bad_ranges_and_tokens() {
     assert!(m.contains("token 999999 is outside"), "{m}");
     let m = msg(&mut a, "no_model");
     assert!(m.contains("model handle 5"), "{m}");
+    let m = msg(&mut a, "bad_kv_dtype");
+    assert!(m.contains("kv dtype code 2 is not a KV dtype"), "{m}");
+    let m = msg(&mut a, "misaligned_kv");
+    assert!(m.contains("operand `kv` at 0x10008 is not 16-byte aligned"), "{m}");
     let m = msg(&mut a, "unknown_model");
     assert!(m.contains("no model named `efa`") && m.contains("default"), "{m}");
 }

@@ -16,7 +16,7 @@ fn guest(body: &str) -> String {
             (import "driftwood" "matmul" (func $matmul (param i32 i32 i32 i32 i32 i32 i32)))
             (import "driftwood" "log" (func $log (param i32 i32 i32)))
             (memory (export "memory") 1)
-            (func (export "driftwood_abi_version") (result i32) i32.const 0)
+            (func (export "driftwood_abi_version") (result i32) i32.const 1)
             {body})"#
     )
 }
@@ -140,7 +140,7 @@ fn memory_cap_stops_growth_with_a_clear_error() {
     assert_eq!(actor.memory_size(), cap, "a refused growth changes nothing");
     // A module whose initial memory is already over the cap is refused at instantiation.
     let big = r#"(module (memory (export "memory") 100)
-                   (func (export "driftwood_abi_version") (result i32) i32.const 0))"#;
+                   (func (export "driftwood_abi_version") (result i32) i32.const 1))"#;
     match rt.instantiate(big.as_bytes()) {
         Err(ActorError::MemoryCap { .. }) => {}
         other => panic!("expected MemoryCap at instantiation, got {:?}", other.err()),
@@ -194,11 +194,15 @@ fn abi_version_mismatch_and_missing_exports_are_refused() {
     let rt = runtime(ActorLimits::default());
     let v7 =
         r#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 7))"#;
-    assert!(matches!(rt.instantiate(v7.as_bytes()), Err(ActorError::AbiMismatch { guest: 7, host: 0 })));
+    assert!(matches!(rt.instantiate(v7.as_bytes()), Err(ActorError::AbiMismatch { guest: 7, host: 1 })));
+    // A guest built for ABI v0 (no KV dtype in `forward`) is refused before it can call with the old layout.
+    let v0 = v7.replace("i32.const 7", "i32.const 0");
+    let err = rt.instantiate(v0.as_bytes()).err().unwrap();
+    assert!(matches!(err, ActorError::AbiMismatch { guest: 0, host: 1 }), "{err}");
     let unversioned = r#"(module (memory (export "memory") 1))"#;
     let err = rt.instantiate(unversioned.as_bytes()).err().unwrap();
     assert!(err.to_string().contains("driftwood_abi_version"), "{err}");
-    let no_memory = r#"(module (func (export "driftwood_abi_version") (result i32) i32.const 0))"#;
+    let no_memory = r#"(module (func (export "driftwood_abi_version") (result i32) i32.const 1))"#;
     let err = rt.instantiate(no_memory.as_bytes()).err().unwrap();
     assert!(err.to_string().contains("exports no memory"), "{err}");
     let imports_memory = r#"(module (import "env" "memory" (memory 1)))"#;

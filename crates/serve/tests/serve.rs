@@ -308,7 +308,7 @@ async fn bad_input_gets_clear_openai_errors() {
 const FAULTY_ACTOR: &str = r#"(module
   (memory (export "memory") 2)
   (global $next (mut i32) (i32.const 1024))
-  (func (export "driftwood_abi_version") (result i32) i32.const 0)
+  (func (export "driftwood_abi_version") (result i32) i32.const 1)
   (func (export "alloc") (param i32) (result i32) (local $p i32)
     global.get $next local.set $p
     global.get $next local.get 0 i32.add i32.const 8 i32.add global.set $next
@@ -346,7 +346,7 @@ async fn a_trapping_actor_gets_a_500_and_the_server_keeps_serving() {
     // A module without the protocol is refused at start, naming what is missing.
     let mut c = config(store.path());
     c.actor_wasm = Some(
-        br#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 0))"#
+        br#"(module (memory (export "memory") 1) (func (export "driftwood_abi_version") (result i32) i32.const 1))"#
             .to_vec(),
     );
     let err = Server::start(c).await.err().expect("refused");

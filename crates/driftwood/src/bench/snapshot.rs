@@ -85,6 +85,7 @@ pub fn run(args: &SnapshotArgs) -> anyhow::Result<()> {
         log: LogMode::Capture,
         limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
         batch_window: None,
+        kv_dtype: None,
     })?;
     runtime.register_model("default", model);
     let tmp = tempfile::tempdir()?;

@@ -5,12 +5,16 @@
 //! | import | signature | |
 //! |---|---|---|
 //! | `model_open` | `(name_ptr, name_len) -> i32` | handle of a model the host has loaded under that name |
-//! | `model_info` | `(model, out_ptr)` | writes [`MODEL_INFO_WORDS`] u32s (see [`model_info_words`]) |
+//! | `model_info` | `(model, out_ptr)` | writes [`MODEL_INFO_WORDS`] u32s: [`driftwood_abi::ModelInfo`] |
 //! | `tokenize` | `(model, text_ptr, text_len, add_special, out_ptr, out_cap) -> i32` | token ids (u32) |
 //! | `detokenize` | `(model, ids_ptr, n, skip_special, out_ptr, out_cap) -> i32` | UTF-8 bytes |
 //! | `chat_template` | `(model, json_ptr, json_len, add_generation_prompt, out_ptr, out_cap) -> i32` | rendered prompt |
-//! | `forward` | `(model, kv_ptr, max_seq, pos, tokens_ptr, n, logits_ptr)` | runs `n` tokens at `pos`, writes the last token's logits |
+//! | `forward` | `(model, kv_ptr, kv_dtype, max_seq, pos, tokens_ptr, n, logits_ptr)` | runs `n` tokens at `pos`, writes the last token's logits |
 //! | `emit` | `(ptr, len)` | streams generated text to the host's output |
+//!
+//! The KV cache (`kv_ptr`, `kv_dtype`, `max_seq`) is `layers · 2 · max_seq · kv_heads · head_dim` elements of
+//! `kv_dtype` (0 = f32, 1 = bf16), [`KV_ALIGN`]-byte aligned; `model_info` says which dtype the host recommends
+//! (bf16 on CUDA, whose kernels read only bf16 caches) and the bytes one token takes in it.
 //!
 //! Calls returning `i32` follow one protocol: the result is the number of elements the output needs; when
 //! that exceeds `out_cap` nothing is written and the guest retries with a larger buffer.
@@ -19,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use driftwood_backend::{DType, TensorMut};
-use driftwood_engine::{ChatMessage, KvCache, Model};
+use driftwood_engine::{Cancel, ChatMessage, EngineError, KvCache, Model};
 use driftwood_memory::CopyKind;
 use wasmtime::{Caller, Linker};
 
@@ -28,33 +32,57 @@ use super::{AbiError, MODULE, guest_memory};
 use crate::actor::ActorState;
 
 /// Words written by `model_info`.
-pub const MODEL_INFO_WORDS: usize = 16;
+pub const MODEL_INFO_WORDS: usize = driftwood_abi::MODEL_INFO_WORDS;
 
-/// The `model_info` record: `[vocab_size, hidden_size, layers, heads, kv_heads, head_dim,
-/// max_position_embeddings, kv_bytes_per_token, bos (u32::MAX if none), eos_count, eos_ids[6]]`.
-pub fn model_info_words(model: &Model) -> [u32; MODEL_INFO_WORDS] {
+/// Alignment, in bytes, of a KV cache a guest passes.
+pub const KV_ALIGN: u32 = driftwood_abi::KV_ALIGN;
+
+/// The `model_info` record of `model` for a guest whose host recommends KV caches of `kv_dtype`
+/// (see [`driftwood_abi::ModelInfo`] for the word layout).
+pub fn model_info_words(model: &Model, kv_dtype: DType) -> [u32; MODEL_INFO_WORDS] {
     let c = model.config();
-    let mut w = [0u32; MODEL_INFO_WORDS];
-    let eos = model.eos_token_ids();
-    let head = [
-        c.vocab_size,
-        c.hidden_size,
-        c.num_layers,
-        c.num_heads,
-        c.num_kv_heads,
-        c.head_dim,
-        c.max_position_embeddings,
-        model.kv_floats(1) * 4,
-        c.bos_token_id.map_or(u32::MAX as usize, |b| b as usize),
-        eos.len().min(6),
-    ];
-    for (slot, v) in w.iter_mut().zip(head) {
-        *slot = v as u32;
-    }
-    for (slot, &e) in w[10..].iter_mut().zip(eos) {
+    let eos_ids = model.eos_token_ids();
+    let mut eos = [0u32; driftwood_abi::MAX_EOS];
+    for (slot, &e) in eos.iter_mut().zip(eos_ids) {
         *slot = e;
     }
-    w
+    let word = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
+    driftwood_abi::ModelInfo {
+        vocab_size: word(c.vocab_size),
+        hidden_size: word(c.hidden_size),
+        layers: word(c.num_layers),
+        heads: word(c.num_heads),
+        kv_heads: word(c.num_kv_heads),
+        head_dim: word(c.head_dim),
+        max_position: word(c.max_position_embeddings),
+        kv_bytes_per_token: word(model.kv_bytes(1, kv_dtype)),
+        bos: c.bos_token_id.unwrap_or(u32::MAX),
+        eos_count: word(eos_ids.len().min(driftwood_abi::MAX_EOS)),
+        eos,
+        kv_dtype: kv_dtype.code(),
+        kv_align: KV_ALIGN,
+        reserved: [0; 2],
+    }
+    .to_words()
+}
+
+/// A guest's KV cache operand: its dtype code checked (f32 or bf16), its range inside `data_len` bytes of
+/// guest memory checked and [`KV_ALIGN`]-aligned.
+pub(super) fn kv_operand(
+    call: &'static str,
+    model: &Model,
+    (ptr, dtype, max_seq): (u32, u32, u32),
+    data_len: usize,
+) -> Result<(std::ops::Range<usize>, DType), AbiError> {
+    let dtype = match DType::from_code(dtype) {
+        Some(d @ (DType::F32 | DType::BF16)) => d,
+        _ => return Err(AbiError::new(call, format!("kv dtype code {dtype} is not a KV dtype (0 = f32, 1 = bf16)"))),
+    };
+    if ptr % KV_ALIGN != 0 {
+        return Err(AbiError::new(call, format!("operand `kv` at {ptr:#x} is not {KV_ALIGN}-byte aligned")));
+    }
+    let range = check_range(call, "kv", ptr, model.kv_elems(max_seq as usize) as u64, dtype.size(), data_len)?;
+    Ok((range, dtype))
 }
 
 pub(super) fn model(state: &ActorState, call: &'static str, handle: u32) -> Result<Arc<Model>, AbiError> {
@@ -119,9 +147,15 @@ pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
     linker.func_wrap(
         MODULE,
         "forward",
-        |mut c: Caller<'_, ActorState>, m: u32, kv: u32, max_seq: u32, pos: u32, tokens: u32, n: u32, logits: u32| {
-            forward(&mut c, m, (kv, max_seq), pos, (tokens, n), logits).map_err(wasmtime::Error::from)
-        },
+        |mut c: Caller<'_, ActorState>,
+         m: u32,
+         kv: u32,
+         kv_dtype: u32,
+         max_seq: u32,
+         pos: u32,
+         tokens: u32,
+         n: u32,
+         logits: u32| { forward(&mut c, m, (kv, kv_dtype, max_seq), pos, (tokens, n), logits) },
     )?;
     linker.func_wrap(MODULE, "emit", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| emit(&mut c, ptr, len))?;
     Ok(())
@@ -144,7 +178,7 @@ fn model_open(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> wasmti
 fn model_info(caller: &mut Caller<'_, ActorState>, handle: u32, out: u32) -> Result<(), AbiError> {
     const CALL: &str = "driftwood.model_info";
     let (data, state) = guest_memory(caller, CALL)?;
-    let words = model_info_words(&*model(state, CALL, handle)?);
+    let words = model_info_words(&*model(state, CALL, handle)?, state.kv_dtype);
     let range = check_range(CALL, "out", out, MODEL_INFO_WORDS as u64, 4, data.len())?;
     for (dst, w) in data[range].chunks_exact_mut(4).zip(words) {
         dst.copy_from_slice(&w.to_le_bytes());
@@ -211,16 +245,16 @@ fn chat_template(
 fn forward(
     caller: &mut Caller<'_, ActorState>,
     handle: u32,
-    (kv_ptr, max_seq): (u32, u32),
+    (kv_ptr, kv_dtype, max_seq): (u32, u32, u32),
     pos: u32,
     (tokens_ptr, n): (u32, u32),
     logits_ptr: u32,
-) -> Result<(), AbiError> {
+) -> wasmtime::Result<()> {
     const CALL: &str = "driftwood.forward";
     let (data, state) = guest_memory(caller, CALL)?;
     let model = model(state, CALL, handle)?;
     let vocab = model.config().vocab_size;
-    let kv = check_range(CALL, "kv", kv_ptr, model.kv_floats(max_seq as usize) as u64, 4, data.len())?;
+    let (kv, kv_dtype) = kv_operand(CALL, &model, (kv_ptr, kv_dtype, max_seq), data.len())?;
     let tokens = check_range(CALL, "tokens", tokens_ptr, n as u64, 4, data.len())?;
     let logits = check_range(CALL, "logits", logits_ptr, vocab as u64, 4, data.len())?;
     disjoint(CALL, ("kv", &kv), ("tokens", &tokens))?;
@@ -237,6 +271,7 @@ fn forward(
         model.check_decode(max_seq as usize, pos as usize, token).map_err(|e| AbiError::new(CALL, e.to_string()))?;
         let step = crate::batch::Step {
             kv: base as usize + kv.start,
+            kv_dtype,
             max_seq: max_seq as usize,
             pos: pos as usize,
             token,
@@ -245,7 +280,7 @@ fn forward(
         };
         let started = Instant::now();
         // SAFETY (the contract of `Batcher::decode`): kv and logits were checked above to lie inside this
-        // actor's memory, 4-byte aligned (the region's base is page-aligned), and disjoint. This thread is
+        // actor's memory, aligned (kv to KV_ALIGN, logits to 4; the region's base is page-aligned), and disjoint. This thread is
         // the actor's own, inside its host call: the guest is suspended and `data` stays borrowed until
         // `decode` returns, which it does only after the pass computing on these bytes is complete. So no
         // one else touches them while the leader's thread does.
@@ -257,21 +292,34 @@ fn forward(
     if let Some(batcher) = &state.batcher {
         batcher.stop_decoding(&state.decoding);
     }
-    // SAFETY: each range was checked to lie inside the actor's memory and be 4-byte aligned (the region's
-    // base is page-aligned); kv and logits are written and overlap nothing else; tokens are only read. The
+    // SAFETY: each range was checked to lie inside the actor's memory and be aligned to its element (kv to
+    // KV_ALIGN; the region's base is page-aligned); kv and logits are written and overlap nothing else; tokens are only read. The
     // guest is suspended in this call, which returns only after the backend is done with all three.
     let (mut kv, tokens, logits) = unsafe {
         (
-            KvCache::from_raw_parts(base.add(kv.start).cast(), &model, max_seq as usize),
+            KvCache::from_raw_parts_typed(base.add(kv.start), kv_dtype, &model, max_seq as usize),
             std::slice::from_raw_parts(base.add(tokens.start).cast::<u32>(), n as usize),
             TensorMut::from_raw_parts(base.add(logits.start), vocab, DType::F32),
         )
     };
     let started = Instant::now();
     let device = state.device_handle();
-    model
-        .forward(&device, &mut kv, pos as usize, tokens, logits, &mut state.scratch)
-        .map_err(|e| AbiError::new(CALL, e.to_string()))?;
+    // The pass stops between layers once the call's deadline passes or the runtime shuts down.
+    let stop = state.stop_probe();
+    let result = model.forward_cancellable(
+        &device,
+        &mut kv,
+        pos as usize,
+        tokens,
+        logits,
+        &mut state.scratch,
+        Cancel::new(&stop),
+    );
+    match result {
+        Ok(()) => {}
+        Err(EngineError::Cancelled) => return Err(state.interrupt_error(CALL)),
+        Err(e) => return Err(AbiError::new(CALL, e.to_string()).into()),
+    }
     state.stats.record_forward(n as usize, started.elapsed());
     Ok(())
 }

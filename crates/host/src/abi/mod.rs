@@ -1,4 +1,6 @@
-//! Host ABI v0: the core-wasm imports of module `driftwood`.
+//! Host ABI v1: the core-wasm imports of module `driftwood` (version and module name from `driftwood-abi`,
+//! the crate guests build against). v1 added the KV cache's dtype to `forward`, `session_save`,
+//! `session_load` and `model_info`.
 //!
 //! | import | signature | what it does |
 //! |---|---|---|
@@ -22,15 +24,15 @@ use driftwood_memory::CopyKind;
 use wasmtime::{Caller, Linker};
 
 use crate::actor::ActorState;
-pub use inference::{MODEL_INFO_WORDS, model_info_words};
+pub use inference::{KV_ALIGN, MODEL_INFO_WORDS, model_info_words};
 pub use validate::AbiError;
 use validate::{check_range, disjoint};
 
 /// The version of this ABI. Bumped on any incompatible change to an import or a required export.
-pub const ABI_VERSION: u32 = 0;
+pub const ABI_VERSION: u32 = driftwood_abi::ABI_VERSION;
 
 /// The import module name guests link against.
-pub const MODULE: &str = "driftwood";
+pub const MODULE: &str = driftwood_abi::MODULE;
 
 /// Longest log line accepted, in bytes.
 pub const MAX_LOG_BYTES: u32 = 64 * 1024;

@@ -3,8 +3,12 @@
 //!
 //! | import | signature | |
 //! |---|---|---|
-//! | `session_save` | `(model, kv, max_seq, tokens, n, state, state_len) -> i32` | 0, or -1 (reason in [`Actor::take_host_error`](crate::Actor::take_host_error)) |
-//! | `session_load` | `(model, kv, max_seq, tokens_out, state_out, state_cap) -> i32` | tokens restored, or -1 |
+//! | `session_save` | `(model, kv, kv_dtype, max_seq, tokens, n, state, state_len) -> i32` | 0, or -1 (reason in [`Actor::take_host_error`](crate::Actor::take_host_error)) |
+//! | `session_load` | `(model, kv, kv_dtype, max_seq, tokens_out, state_out, state_cap) -> i32` | tokens restored, or -1 |
+//!
+//! The KV operand is as for `forward` (see [`inference`](super::inference)). The file stores f32 values: a bf16
+//! cache is widened as it is saved and rounded back as it is loaded (exact both ways for values that came from a
+//! bf16 cache), so a session saved from either dtype, on either backend, resumes on the other.
 //!
 //! `session_load` writes the state as a u32 little-endian length followed by the bytes.
 //!
@@ -13,11 +17,13 @@
 //! file run on another thread (the previous file stays whole until then). The host settles that work before the actor's next save or load and when the actor is dropped, and
 //! [`Actor::settle_session_saves`](crate::Actor::settle_session_saves) waits for it on demand.
 
+use driftwood_backend::DType;
 use driftwood_engine::Model;
 use driftwood_memory::CopyKind;
 use driftwood_snapshot::{SessionExpect, SessionSnapshot, read_session, stage_session, write_session};
 use wasmtime::{Caller, Linker};
 
+use super::inference::kv_operand;
 use super::validate::{check_range, disjoint};
 use super::{AbiError, MODULE, guest_memory};
 use crate::actor::ActorState;
@@ -26,15 +32,30 @@ pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
     linker.func_wrap(
         MODULE,
         "session_save",
-        |mut c: Caller<'_, ActorState>, m: u32, kv: u32, max_seq: u32, tokens: u32, n: u32, state: u32, len: u32| {
-            session_save(&mut c, m, (kv, max_seq), (tokens, n), (state, len)).map_err(wasmtime::Error::from)
+        |mut c: Caller<'_, ActorState>,
+         m: u32,
+         kv: u32,
+         kv_dtype: u32,
+         max_seq: u32,
+         tokens: u32,
+         n: u32,
+         state: u32,
+         len: u32| {
+            session_save(&mut c, m, (kv, kv_dtype, max_seq), (tokens, n), (state, len)).map_err(wasmtime::Error::from)
         },
     )?;
     linker.func_wrap(
         MODULE,
         "session_load",
-        |mut c: Caller<'_, ActorState>, m: u32, kv: u32, max_seq: u32, tokens: u32, state: u32, cap: u32| {
-            session_load(&mut c, m, (kv, max_seq), tokens, (state, cap)).map_err(wasmtime::Error::from)
+        |mut c: Caller<'_, ActorState>,
+         m: u32,
+         kv: u32,
+         kv_dtype: u32,
+         max_seq: u32,
+         tokens: u32,
+         state: u32,
+         cap: u32| {
+            session_load(&mut c, m, (kv, kv_dtype, max_seq), tokens, (state, cap)).map_err(wasmtime::Error::from)
         },
     )?;
     Ok(())
@@ -51,22 +72,27 @@ fn u32s(bytes: &[u8]) -> &[u32] {
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
 }
 
-/// Byte offset of layer `layer`'s K (`which` = 0) or V (1) rows in a cache of `max_seq` tokens.
-fn kv_offset(model: &Model, layer: usize, which: usize, max_seq: usize) -> usize {
-    ((layer * 2 + which) * max_seq) * model.config().kv_dim() * 4
+/// Byte offset of layer `layer`'s K (`which` = 0) or V (1) rows in a cache of `max_seq` tokens of `dtype`.
+fn kv_offset(model: &Model, layer: usize, which: usize, max_seq: usize, dtype: DType) -> usize {
+    ((layer * 2 + which) * max_seq) * model.config().kv_dim() * dtype.size()
+}
+
+/// `bf16` rows widened to f32 (exact).
+fn widen_bf16(bytes: &[u8]) -> Vec<f32> {
+    bytes.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)).collect()
 }
 
 fn session_save(
     caller: &mut Caller<'_, ActorState>,
     handle: u32,
-    (kv_ptr, max_seq): (u32, u32),
+    (kv_ptr, kv_dtype, max_seq): (u32, u32, u32),
     (tokens_ptr, n): (u32, u32),
     (state_ptr, state_len): (u32, u32),
 ) -> Result<i32, AbiError> {
     const CALL: &str = "driftwood.session_save";
     let (data, state) = guest_memory(caller, CALL)?;
     let model = super::inference::model(state, CALL, handle)?;
-    let kv = check_range(CALL, "kv", kv_ptr, model.kv_floats(max_seq as usize) as u64, 4, data.len())?;
+    let (kv, kv_dtype) = kv_operand(CALL, &model, (kv_ptr, kv_dtype, max_seq), data.len())?;
     let tokens = check_range(CALL, "tokens", tokens_ptr, n as u64, 4, data.len())?;
     let guest_state = check_range(CALL, "state", state_ptr, state_len as u64, 1, data.len())?;
     if n > max_seq {
@@ -77,16 +103,24 @@ fn session_save(
         return Ok(-1);
     };
     let c = model.config();
-    let row = c.kv_dim() * 4;
+    let row = c.kv_dim() * kv_dtype.size();
     let kv_bytes = &data[kv];
-    // Borrowed straight from guest memory: the used rows of each layer's K and V.
-    let layers = (0..c.num_layers)
-        .map(|l| {
-            let k = kv_offset(&model, l, 0, max_seq as usize);
-            let v = kv_offset(&model, l, 1, max_seq as usize);
-            (f32s(&kv_bytes[k..k + n as usize * row]), f32s(&kv_bytes[v..v + n as usize * row]))
-        })
-        .collect();
+    let rows = |l: usize, which: usize| {
+        let at = kv_offset(&model, l, which, max_seq as usize, kv_dtype);
+        &kv_bytes[at..at + n as usize * row]
+    };
+    // An f32 cache is borrowed straight from guest memory (the used rows of each layer's K and V); a bf16 one
+    // is widened into host memory first, charged to the ledger as snapshot bytes.
+    let widened: Vec<(Vec<f32>, Vec<f32>)> = if kv_dtype == DType::BF16 {
+        (0..c.num_layers).map(|l| (widen_bf16(rows(l, 0)), widen_bf16(rows(l, 1)))).collect()
+    } else {
+        Vec::new()
+    };
+    let layers = if kv_dtype == DType::BF16 {
+        widened.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect()
+    } else {
+        (0..c.num_layers).map(|l| (f32s(rows(l, 0)), f32s(rows(l, 1)))).collect()
+    };
     let snapshot = SessionSnapshot {
         model_fingerprint: model.fingerprint(),
         tokenizer_fingerprint: model.tokenizer_fingerprint(),
@@ -131,14 +165,14 @@ const COPY_OUT_LIMIT: usize = 32 << 20;
 fn session_load(
     caller: &mut Caller<'_, ActorState>,
     handle: u32,
-    (kv_ptr, max_seq): (u32, u32),
+    (kv_ptr, kv_dtype, max_seq): (u32, u32, u32),
     tokens_ptr: u32,
     (state_ptr, state_cap): (u32, u32),
 ) -> Result<i32, AbiError> {
     const CALL: &str = "driftwood.session_load";
     let (data, state) = guest_memory(caller, CALL)?;
     let model = super::inference::model(state, CALL, handle)?;
-    let kv = check_range(CALL, "kv", kv_ptr, model.kv_floats(max_seq as usize) as u64, 4, data.len())?;
+    let (kv, kv_dtype) = kv_operand(CALL, &model, (kv_ptr, kv_dtype, max_seq), data.len())?;
     let tokens = check_range(CALL, "tokens", tokens_ptr, max_seq as u64, 4, data.len())?;
     let guest_state = check_range(CALL, "state", state_ptr, state_cap as u64, 1, data.len())?;
     disjoint(CALL, ("kv", &kv), ("tokens", &tokens))?;
@@ -175,12 +209,19 @@ fn session_load(
     }
     // Everything is validated; now write into guest memory.
     let n = file.n_tokens();
-    let row = c.kv_dim() * 4;
+    let row = c.kv_dim() * kv_dtype.size();
     for l in 0..c.num_layers {
         for (which, rows) in [(0, file.k(l)), (1, file.v(l))] {
-            let at = kv.start + kv_offset(&model, l, which, max_seq as usize);
-            let bytes: &[u8] = bytemuck_f32(rows);
-            data[at..at + n * row].copy_from_slice(bytes);
+            let at = kv.start + kv_offset(&model, l, which, max_seq as usize, kv_dtype);
+            let dst = &mut data[at..at + n * row];
+            if kv_dtype == DType::BF16 {
+                // Round to nearest even, as the engine stores new rows.
+                for (d, &x) in dst.chunks_exact_mut(2).zip(rows) {
+                    d.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
+                }
+            } else {
+                dst.copy_from_slice(bytemuck_f32(rows));
+            }
         }
     }
     let token_bytes: Vec<u8> = file.tokens().iter().flat_map(|t| t.to_le_bytes()).collect();
