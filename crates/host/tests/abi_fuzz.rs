@@ -20,6 +20,8 @@ const IMPORTS: &[(&str, usize, bool)] = &[
     ("detokenize", 6, true),
     ("chat_template", 6, true),
     ("forward", 8, false),
+    ("session_save", 8, true),
+    ("session_load", 7, true),
 ];
 
 fn guest() -> String {
@@ -79,10 +81,13 @@ proptest! {
     fn random_host_calls_complete_or_trap(which in 0..IMPORTS.len(), args in prop::array::uniform8(arg()), open in any::<bool>()) {
         thread_local! {
             static RUNTIME: Runtime = runtime();
+            static DIR: tempfile::TempDir = tempfile::tempdir().unwrap();
         }
         let (name, params, _) = IMPORTS[which];
         RUNTIME.with(|rt| {
             let mut actor = rt.instantiate(guest().as_bytes()).unwrap();
+            // Session calls read and write a file the host chose.
+            DIR.with(|d| actor.set_session_file(d.path().join("session.safetensors")));
             if open {
                 // Handle 0 is then a real model: the calls get past the handle check to their ranges.
                 call(&mut actor, "model_open", &[0, 7]).unwrap();
