@@ -259,7 +259,9 @@ impl Sessions {
                     self.metrics.restore_prefill_saved_tokens.fetch_add(saved as u64, Ordering::Relaxed);
                 }
                 state.turns += 1;
-                state.last = Some(outcome.clone());
+                // The session keeps the turn's counts, not its text (up to the host allowance, held for as long
+                // as the session exists).
+                state.last = Some(TurnOutcome { text: String::new(), ..outcome.clone() });
                 if let Some(actor) = state.actor.as_mut() {
                     let written = self.store.save(&claim.key, actor);
                     if let Err(e) = written {
