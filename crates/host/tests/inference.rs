@@ -5,6 +5,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
+use driftwood_backend::DType;
 use driftwood_engine::Model;
 use driftwood_host::{Actor, ActorError, LogMode, Runtime, RuntimeConfig};
 
@@ -201,4 +202,40 @@ fn session_saves_finish_in_the_background_in_order_and_report_failures() {
     assert!(a.call::<(), i32>("save_session", ()).unwrap() > 0);
     drop(a); // dropping settles the last save
     assert_eq!(b.call::<(), i32>("load_session", ()).unwrap(), second);
+}
+
+fn runtime_with_kv(model: Arc<Model>, kv_dtype: DType) -> Runtime {
+    let config = RuntimeConfig { log: LogMode::Capture, kv_dtype: Some(kv_dtype), ..RuntimeConfig::default() };
+    let rt = Runtime::new(config).unwrap();
+    rt.register_model("default", model);
+    rt
+}
+
+#[test]
+fn bf16_kv_caches_generate_and_their_sessions_resume_under_either_dtype() {
+    let model = bundled();
+    let (f32_rt, bf16_rt) = (runtime_with_kv(model.clone(), DType::F32), runtime_with_kv(model, DType::BF16));
+    assert_eq!(bf16_rt.kv_dtype(), DType::BF16);
+    // The same greedy text with either cache (the bundled model's logits move by < 0.2 % with bf16 K/V).
+    let mut a = chat_actor(&bf16_rt, 256);
+    let (_, text) = request(&mut a, "generate", "Once upon a time", 24);
+    let mut reference = chat_actor(&f32_rt, 256);
+    assert_eq!(request(&mut reference, "generate", "Once upon a time", 24).1, text);
+    assert_eq!(a.ledger().tensor_bytes, 0, "a bf16 cache is computed on in place too");
+
+    // A bf16 session saved, then resumed by a bf16 actor (exactly: bf16 → f32 file → bf16) and by an f32
+    // actor: each continues the conversation as the actor that saved it does.
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("s.safetensors");
+    a.set_session_file(&file);
+    let saved: i32 = a.call("save_session", ()).unwrap();
+    assert!(saved > 0, "{:?}", a.take_host_error());
+    a.settle_session_saves().unwrap();
+    let (_, expected) = request(&mut a, "chat", "And then?", 12);
+    for rt in [&bf16_rt, &f32_rt] {
+        let mut b = chat_actor(rt, 256);
+        b.set_session_file(&file);
+        assert_eq!(b.call::<(), i32>("load_session", ()).unwrap(), saved, "{:?}", b.take_host_error());
+        assert_eq!(request(&mut b, "chat", "And then?", 12).1, expected, "{} KV resumed", rt.kv_dtype());
+    }
 }
