@@ -139,6 +139,10 @@ impl ChatSession {
         args.validate()?;
         let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
         let model = load_model(&dir)?;
+        let context = model.config().max_position_embeddings;
+        if args.max_seq as usize > context {
+            bail!("--max-seq must be at most the model's context of {context} tokens, got {}", args.max_seq);
+        }
         let runtime = Runtime::new(RuntimeConfig {
             backend: args.backend,
             placement: args.placement.unwrap_or_default(),
@@ -257,6 +261,7 @@ fn stream_to_stdout(actor: &mut Actor) {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(piece.as_bytes());
         let _ = out.flush();
+        Ok(())
     });
 }
 

@@ -38,9 +38,13 @@ pub struct ServeArgs {
     /// `max_tokens` of requests that give none.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
     default_max_tokens: u32,
-    /// Memory cap of each actor, in MiB.
-    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=65536))]
+    /// Memory cap of each actor, in MiB (a wasm32 memory holds at most 4 GiB).
+    #[arg(long, default_value_t = 1024, value_parser = clap::value_parser!(u64).range(1..=4096))]
     memory_mib: u64,
+    /// Host allowance of each actor, in MiB: the most the server keeps on an actor's behalf outside its memory
+    /// (a turn's text, streamed text the client has not yet read, captured logs, model handles).
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u64).range(1..=4096))]
+    host_allowance_mib: u64,
     /// Longest a turn may run in its actor, in seconds.
     #[arg(long, default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=86400))]
     deadline_secs: u64,
@@ -48,15 +52,15 @@ pub struct ServeArgs {
     #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..=4096))]
     workers: u64,
     /// Requests that may wait for a worker; more are refused with 429.
-    #[arg(long, default_value_t = 256)]
-    queue: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(0..=1_000_000))]
+    queue: u64,
     /// Release an idle actor's memory after this many seconds (its snapshot stays in the store); 0 releases
     /// it after every turn.
     #[arg(long, default_value_t = 300.0)]
     hibernate_after_secs: f64,
     /// Most actors live in memory; past it the least recently used idle ones hibernate.
-    #[arg(long, default_value_t = 256)]
-    max_live: usize,
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u64).range(1..=1_000_000))]
+    max_live: u64,
     /// Continuous batching: decode steps of turns running at the same time run as one forward pass, and a
     /// step waits at most this many milliseconds for the others. 0 turns batching off. Default: 2 on a GPU,
     /// off on the CPU (where it measured slower: see the README).
@@ -64,15 +68,30 @@ pub struct ServeArgs {
     batch_window_ms: Option<f64>,
 }
 
-pub fn run(args: ServeArgs) -> anyhow::Result<()> {
-    if !(args.hibernate_after_secs.is_finite() && args.hibernate_after_secs >= 0.0) {
-        anyhow::bail!("--hibernate-after-secs must be a non-negative number, got {}", args.hibernate_after_secs);
+/// Longest `--hibernate-after-secs` accepted: 30 days.
+const MAX_HIBERNATE_AFTER_SECS: f64 = 30.0 * 24.0 * 3600.0;
+
+/// `value` seconds as a duration, when it is a number from 0 to `max` seconds.
+fn secs(flag: &str, value: f64, max: f64) -> anyhow::Result<Duration> {
+    if !(value.is_finite() && (0.0..=max).contains(&value)) {
+        anyhow::bail!("{flag} must be a number of seconds from 0 to {max}, got {value}");
     }
+    Duration::try_from_secs_f64(value).with_context(|| format!("{flag} {value} is not a duration"))
+}
+
+/// Runs the server until SIGTERM or Ctrl-C.
+///
+/// # Errors
+///
+/// A flag out of its range (named in the message), or any error of [`driftwood_serve::run_until_signal`].
+pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let hibernate_after = secs("--hibernate-after-secs", args.hibernate_after_secs, MAX_HIBERNATE_AFTER_SECS)?;
     let gpu = args.backend != driftwood_backend::BackendKind::Cpu && driftwood_backend::cuda::is_available();
     let batch_window_ms = args.batch_window_ms.unwrap_or(if gpu { 2.0 } else { 0.0 });
     if !(batch_window_ms.is_finite() && (0.0..=1000.0).contains(&batch_window_ms)) {
         anyhow::bail!("--batch-window-ms must be between 0 and 1000, got {batch_window_ms}");
     }
+    let batch_window = secs("--batch-window-ms", batch_window_ms / 1000.0, 1.0)?;
     let model_dir = args.model.clone().unwrap_or_else(crate::llm::bundled_model_dir);
     let mut config = ServeConfig::new(model_dir, args.store.clone());
     config.addr = args.addr;
@@ -83,13 +102,15 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.limits = ActorLimits {
         memory_bytes: usize::try_from(args.memory_mib << 20).context("--memory-mib is too large")?,
         deadline: Duration::from_secs(args.deadline_secs),
+        host_bytes: usize::try_from(args.host_allowance_mib << 20).context("--host-allowance-mib is too large")?,
         ..Default::default()
     };
-    config.workers = args.workers as usize;
-    config.queue = args.queue;
-    config.hibernate_after = Duration::from_secs_f64(args.hibernate_after_secs);
-    config.max_live = args.max_live;
-    config.batch_window = (batch_window_ms > 0.0).then(|| Duration::from_secs_f64(batch_window_ms / 1000.0));
+    config.workers = usize::try_from(args.workers).context("--workers is too large")?;
+    config.queue = usize::try_from(args.queue).context("--queue is too large")?;
+    config.hibernate_after = hibernate_after;
+    config.max_live = usize::try_from(args.max_live).context("--max-live is too large")?;
+    config.batch_window = (!batch_window.is_zero()).then_some(batch_window);
+    config.validate()?;
     if let Some(path) = &args.actor {
         config.actor_wasm =
             Some(std::fs::read(path).with_context(|| format!("cannot read the actor module {}", path.display()))?);

@@ -41,6 +41,9 @@ pub enum EngineError {
     /// A request does not fit the model (sequence too long, token out of range, ...).
     #[error("{0}")]
     Request(String),
+    /// The caller stopped the pass through its [`Cancel`](crate::Cancel) hook (a deadline, a shutdown).
+    #[error("the forward pass was cancelled by its caller")]
+    Cancelled,
     /// The backend refused an operation.
     #[error(transparent)]
     Backend(#[from] driftwood_backend::BackendError),

@@ -4,7 +4,7 @@
 use driftwood_backend::{AttentionDims, Backend, DType, Device, LinearDims, TensorMut, TensorRef};
 
 use crate::kv::store_rows;
-use crate::{EngineError, KvCache, Model};
+use crate::{Cancel, EngineError, KvCache, Model};
 
 /// Tokens processed per pass of a long prefill; bounds the scratch memory.
 const PREFILL_CHUNK: usize = 256;
@@ -55,8 +55,29 @@ impl Model {
         kv: &mut KvCache<'_>,
         pos: usize,
         tokens: &[u32],
+        logits: TensorMut<'_>,
+        s: &mut Scratch,
+    ) -> Result<(), EngineError> {
+        self.forward_cancellable(dev, kv, pos, tokens, logits, s, Cancel::NEVER)
+    }
+
+    /// [`forward`](Self::forward), asking `cancel` after every layer of every prefill chunk (on the GPU, after
+    /// every chunk) whether to stop.
+    ///
+    /// # Errors
+    ///
+    /// Those of [`forward`](Self::forward), and [`EngineError::Cancelled`] when `cancel` asked to stop (the
+    /// cache rows of these tokens are then partly written).
+    #[allow(clippy::too_many_arguments)]
+    pub fn forward_cancellable(
+        &self,
+        dev: &Device,
+        kv: &mut KvCache<'_>,
+        pos: usize,
+        tokens: &[u32],
         mut logits: TensorMut<'_>,
         s: &mut Scratch,
+        cancel: Cancel<'_>,
     ) -> Result<(), EngineError> {
         let c = self.config();
         let end = pos.checked_add(tokens.len()).ok_or_else(|| EngineError::Request("position overflow".into()))?;
@@ -101,12 +122,12 @@ impl Model {
                 };
                 return self.decode_step_cuda(cuda, &[step]);
             }
-            return self.prefill_cuda(cuda, (kv_addr, kv.max_seq()), pos, tokens, logits_addr, &mut || Ok(()));
+            return self.prefill_cuda(cuda, (kv_addr, kv.max_seq()), pos, tokens, logits_addr, &mut || cancel.check());
         }
         let mut start = 0;
         while start < tokens.len() {
             let chunk = &tokens[start..(start + PREFILL_CHUNK).min(tokens.len())];
-            self.forward_chunk(dev, kv, pos + start, chunk, s)?;
+            self.forward_chunk(dev, kv, pos + start, chunk, s, cancel)?;
             start += chunk.len();
         }
         // Logits of the last token only: (1, hidden) → (1, vocab), written straight into `logits`.
@@ -127,6 +148,7 @@ impl Model {
         pos: usize,
         tokens: &[u32],
         s: &mut Scratch,
+        cancel: Cancel<'_>,
     ) -> Result<(), EngineError> {
         let c = self.config();
         let t = tokens.len();
@@ -183,6 +205,7 @@ impl Model {
             dev.silu_mul(w(&mut s.gate), r(&s.up))?;
             dev.linear(r(&s.gate), layer.w_down.view(), None, w(&mut s.xn), lin(ff, h))?;
             dev.add_assign(w(&mut s.x), r(&s.xn))?;
+            cancel.check()?;
         }
         Ok(())
     }

@@ -31,6 +31,7 @@
 #![warn(missing_docs)]
 
 mod batch;
+mod cancel;
 mod config;
 mod error;
 mod exec;
@@ -42,6 +43,7 @@ mod template;
 mod weights;
 
 pub use batch::{BatchScratch, BatchSeq};
+pub use cancel::Cancel;
 pub use config::{Architecture, ModelConfig, RopeScaling};
 pub use error::EngineError;
 pub use forward::Scratch;

@@ -2,19 +2,27 @@
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use driftwood_backend::Device;
 use driftwood_engine::{Model, Scratch};
 use driftwood_memory::{CopyKind, CopyLedger, LedgerSnapshot, SharedRegion};
 use wasmtime::{Instance, Memory, Module, Store, Trap, WasmParams, WasmResults};
 
-use crate::limits::{Limiter, MemoryCapExceeded};
+use crate::limits::{
+    HostAllowanceExceeded, HostDeadline, HostShutdown, Limiter, MAX_MODEL_HANDLES, MODEL_HANDLE_BYTES,
+    MemoryCapExceeded,
+};
 use crate::runtime::{EPOCH_TICK, ModelRegistry};
 use crate::{ActorError, ActorLimits, LogMode, Runtime, abi};
 
-/// Newest log lines an actor keeps in [`LogMode::Capture`].
+/// Newest log lines an actor keeps in [`LogMode::Capture`] (fewer when their bytes would pass the actor's host
+/// allowance).
 const CAPTURED_LOG_LINES: usize = 1024;
+
+/// Bytes a captured log line is charged to the host allowance beyond its text (the line's own bookkeeping).
+const LOG_LINE_OVERHEAD: usize = 64;
 
 /// One line an actor logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -50,8 +58,8 @@ impl InferenceStats {
     }
 }
 
-/// Where text an actor emits goes.
-type EmitSink = Box<dyn FnMut(&str) + Send>;
+/// Where text an actor emits goes; an `Err` refuses the text and traps the actor with its message.
+type EmitSink = Box<dyn FnMut(&str) -> Result<(), String> + Send>;
 
 /// Host-side state of one actor, owned by its store.
 pub(crate) struct ActorState {
@@ -65,6 +73,8 @@ pub(crate) struct ActorState {
     runtime_ledger: Arc<CopyLedger>,
     log_mode: LogMode,
     logs: VecDeque<LogLine>,
+    /// Bytes of `logs` charged to the host allowance.
+    log_bytes: usize,
     /// Models the host has loaded, by name.
     pub(crate) registry: Arc<ModelRegistry>,
     /// Models this actor opened, with the name it opened each by; the index is the guest's handle.
@@ -84,6 +94,10 @@ pub(crate) struct ActorState {
     pub(crate) batcher: Option<Arc<crate::batch::Batcher>>,
     /// Whether the batcher counts this actor as decoding (in a generation loop, see `batch`).
     pub(crate) decoding: Arc<std::sync::atomic::AtomicBool>,
+    /// When the running call's deadline passes (`None`: no call runs, or no deadline).
+    call_deadline: Option<Instant>,
+    /// Set by [`Runtime::shutdown`](crate::Runtime::shutdown): long host calls stop at their next check.
+    shutdown: Arc<AtomicBool>,
     /// The KV cache dtype `model_info` recommends to this actor (the runtime's, see `Runtime::kv_dtype`).
     pub(crate) kv_dtype: driftwood_backend::DType,
 }
@@ -115,6 +129,7 @@ impl ActorState {
         runtime_ledger: Arc<CopyLedger>,
         log_mode: LogMode,
         registry: Arc<ModelRegistry>,
+        shutdown: Arc<AtomicBool>,
     ) -> Self {
         ActorState {
             limiter: Limiter { limits },
@@ -124,6 +139,7 @@ impl ActorState {
             runtime_ledger,
             log_mode,
             logs: VecDeque::new(),
+            log_bytes: 0,
             registry,
             models: Vec::new(),
             scratch: Scratch::default(),
@@ -135,8 +151,90 @@ impl ActorState {
             pending_save: None,
             batcher: None,
             decoding: Arc::default(),
+            call_deadline: None,
+            shutdown,
             kv_dtype: crate::CPU_KV_DTYPE,
         }
+    }
+
+    /// Stops a long host call between two pieces of its work: `Err` once the running call's deadline has
+    /// passed or the runtime is shutting down. Each piece of host work is bounded, so a call past its
+    /// deadline returns within about one piece of it.
+    ///
+    /// # Errors
+    ///
+    /// The deadline or shutdown error the host reports for `call` (see `classify`).
+    pub(crate) fn check_interrupt(&self, call: &'static str) -> wasmtime::Result<()> {
+        if self.shutdown.load(Ordering::Relaxed) {
+            return Err(HostShutdown { call }.into());
+        }
+        if self.call_deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(HostDeadline { call }.into());
+        }
+        Ok(())
+    }
+
+    /// What [`check_interrupt`](Self::check_interrupt) checks, as a hook for work that cannot reach the
+    /// state (the engine's [`Cancel`](driftwood_engine::Cancel)): `true` once the call must stop.
+    pub(crate) fn stop_probe(&self) -> impl Fn() -> bool + Sync + 'static {
+        let (deadline, shutdown) = (self.call_deadline, self.shutdown.clone());
+        move || shutdown.load(Ordering::Relaxed) || deadline.is_some_and(|d| Instant::now() >= d)
+    }
+
+    /// The error for work that stopped because [`stop_probe`](Self::stop_probe) said so.
+    pub(crate) fn interrupt_error(&self, call: &'static str) -> wasmtime::Error {
+        match self.check_interrupt(call) {
+            Err(e) => e,
+            // The probe saw the deadline pass; nothing undoes that, so this is unreachable in practice.
+            Ok(()) => HostDeadline { call }.into(),
+        }
+    }
+
+    /// Bytes the host keeps for this actor and charges to its host allowance: undrained emitted text,
+    /// captured log lines, model handles.
+    pub(crate) fn host_bytes_used(&self) -> usize {
+        let handles: usize = self.models.iter().map(|(name, _)| name.len() + MODEL_HANDLE_BYTES).sum();
+        self.emitted.len() + self.log_bytes + handles
+    }
+
+    fn allowance_error(&self, call: &'static str, what: &str, asked: usize) -> HostAllowanceExceeded {
+        let allowance = self.limiter.limits.host_bytes;
+        HostAllowanceExceeded {
+            call,
+            detail: format!(
+                "{what} of {asked} bytes would pass the actor's host allowance: the host already keeps {} of its \
+                 {allowance} bytes (undrained emitted text {}, captured logs {}, {} model handles)",
+                self.host_bytes_used(),
+                self.emitted.len(),
+                self.log_bytes,
+                self.models.len()
+            ),
+        }
+    }
+
+    /// The handle for `model` opened as `name`: the one this actor already holds for that name and model, or a
+    /// new one charged to the host allowance.
+    ///
+    /// # Errors
+    ///
+    /// [`HostAllowanceExceeded`] when a new handle would pass [`MAX_MODEL_HANDLES`] or the allowance.
+    pub(crate) fn open_model(&mut self, call: &'static str, name: &str, model: Arc<Model>) -> wasmtime::Result<u32> {
+        if let Some(i) = self.models.iter().position(|(n, m)| n == name && Arc::ptr_eq(m, &model)) {
+            return Ok(i as u32);
+        }
+        if self.models.len() >= MAX_MODEL_HANDLES {
+            return Err(HostAllowanceExceeded {
+                call,
+                detail: format!("the actor already holds the most model handles an actor may ({MAX_MODEL_HANDLES})"),
+            }
+            .into());
+        }
+        let cost = name.len() + MODEL_HANDLE_BYTES;
+        if self.host_bytes_used().saturating_add(cost) > self.limiter.limits.host_bytes {
+            return Err(self.allowance_error(call, "a new model handle", cost).into());
+        }
+        self.models.push((name.to_string(), model));
+        Ok((self.models.len() - 1) as u32)
     }
 
     /// Runs `save` (which writes the session file at `target` and makes it durable) on its own thread, after
@@ -173,11 +271,22 @@ impl ActorState {
         }
     }
 
-    pub(crate) fn emit(&mut self, piece: &str) {
-        match &mut self.emit_sink {
-            Some(sink) => sink(piece),
-            None => self.emitted.push_str(piece),
+    /// Hands emitted text to the sink, or keeps it for [`Actor::take_emitted`] within the host allowance.
+    ///
+    /// # Errors
+    ///
+    /// [`HostAllowanceExceeded`] when the sink refuses the text or keeping it would pass the allowance.
+    pub(crate) fn emit(&mut self, call: &'static str, piece: &str) -> wasmtime::Result<()> {
+        if let Some(sink) = &mut self.emit_sink {
+            return sink(piece).map_err(|detail| HostAllowanceExceeded { call, detail }.into());
         }
+        if self.host_bytes_used().saturating_add(piece.len()) > self.limiter.limits.host_bytes {
+            return Err(self
+                .allowance_error(call, "emitted text the host has not taken, plus this piece,", piece.len())
+                .into());
+        }
+        self.emitted.push_str(piece);
+        Ok(())
     }
 
     pub(crate) fn device(&self) -> &Device {
@@ -194,19 +303,34 @@ impl ActorState {
         self.runtime_ledger.record(kind, bytes);
     }
 
-    pub(crate) fn push_log(&mut self, level: u32, text: String) {
+    /// Prints or keeps a log line. Kept lines make room for a new one by dropping the oldest, so that at most
+    /// [`CAPTURED_LOG_LINES`] are kept and they stay within the host allowance.
+    ///
+    /// # Errors
+    ///
+    /// [`HostAllowanceExceeded`] when the line does not fit even with no older line kept (the rest of the
+    /// allowance is held by undrained emitted text and model handles).
+    pub(crate) fn push_log(&mut self, call: &'static str, level: u32, text: String) -> wasmtime::Result<()> {
         match self.log_mode {
             LogMode::Stderr => {
                 let tag = ["error", "warn", "info", "debug", "trace"].get(level as usize).copied().unwrap_or("log");
                 eprintln!("[actor {tag}] {text}");
             }
             LogMode::Capture => {
-                if self.logs.len() == CAPTURED_LOG_LINES {
-                    self.logs.pop_front();
+                let cost = text.len() + LOG_LINE_OVERHEAD;
+                let allowance = self.limiter.limits.host_bytes;
+                while self.logs.len() >= CAPTURED_LOG_LINES || self.host_bytes_used().saturating_add(cost) > allowance {
+                    let Some(old) = self.logs.pop_front() else { break };
+                    self.log_bytes -= old.text.len() + LOG_LINE_OVERHEAD;
                 }
+                if self.host_bytes_used().saturating_add(cost) > allowance {
+                    return Err(self.allowance_error(call, "a log line", cost).into());
+                }
+                self.log_bytes += cost;
                 self.logs.push_back(LogLine { level, text });
             }
         }
+        Ok(())
     }
 }
 
@@ -233,6 +357,7 @@ impl Actor {
         store.limiter(|s| &mut s.limiter);
         store.set_epoch_deadline(deadline_ticks(limits.deadline));
         store.epoch_deadline_trap();
+        store.data_mut().call_deadline = Instant::now().checked_add(limits.deadline);
         let instance = runtime
             .linker()
             .instantiate(&mut store, module)
@@ -274,10 +399,13 @@ impl Actor {
             .get_typed_func::<P, R>(&mut self.store, name)
             .map_err(|e| ActorError::NoSuchExport { export: name.into(), message: format!("{e:#}") })?;
         self.store.set_epoch_deadline(deadline_ticks(self.limits.deadline));
+        self.store.data_mut().call_deadline = Instant::now().checked_add(self.limits.deadline);
         // When the call returns, batched decode steps of other actors stop waiting for this one's.
         let state = self.store.data();
         let _in_call = state.batcher.as_ref().map(|b| b.enter(&state.decoding));
-        func.call(&mut self.store, params).map_err(|e| classify(name, e, self.limits.deadline, false))
+        let result = func.call(&mut self.store, params).map_err(|e| classify(name, e, self.limits.deadline, false));
+        self.store.data_mut().call_deadline = None;
+        result
     }
 
     /// The region behind this actor's linear memory.
@@ -307,13 +435,22 @@ impl Actor {
 
     /// Removes and returns the captured log lines (empty unless the runtime uses [`LogMode::Capture`]).
     pub fn take_logs(&mut self) -> Vec<LogLine> {
-        self.store.data_mut().logs.drain(..).collect()
+        let state = self.store.data_mut();
+        state.log_bytes = 0;
+        state.logs.drain(..).collect()
     }
 
     /// Sends the text the actor emits (`driftwood.emit`) to `sink` as it arrives, instead of keeping it for
-    /// [`take_emitted`](Self::take_emitted).
-    pub fn set_emit_sink(&mut self, sink: impl FnMut(&str) + Send + 'static) {
+    /// [`take_emitted`](Self::take_emitted). The sink bounds what it keeps itself: when it returns `Err`, the
+    /// `emit` call traps the actor with [`ActorError::HostAllowance`] and that message.
+    pub fn set_emit_sink(&mut self, sink: impl FnMut(&str) -> Result<(), String> + Send + 'static) {
         self.store.data_mut().emit_sink = Some(Box::new(sink));
+    }
+
+    /// Bytes the host keeps on this actor's behalf and charges to its host allowance
+    /// ([`ActorLimits::host_bytes`]): emitted text not yet taken, captured log lines, model handles.
+    pub fn host_bytes(&self) -> usize {
+        self.store.data().host_bytes_used()
     }
 
     /// Writes a whole-actor snapshot to `path` (atomically): module digest, ABI version, the non-zero pages of
@@ -397,6 +534,12 @@ impl Actor {
         }
         if image.abi_version != abi::ABI_VERSION {
             return Err(ActorError::AbiMismatch { guest: image.abi_version, host: abi::ABI_VERSION });
+        }
+        if image.models.len() > MAX_MODEL_HANDLES {
+            return Err(ActorError::Host(format!(
+                "the snapshot holds {} model handles; an actor may hold at most {MAX_MODEL_HANDLES}",
+                image.models.len()
+            )));
         }
         // Models first: nothing is changed if one is missing or different.
         let mut models = vec![];
@@ -545,6 +688,15 @@ fn classify(export: &str, err: wasmtime::Error, deadline: Duration, instantiatin
     }
     if let Some(cap) = err.chain().find_map(|e| e.downcast_ref::<MemoryCapExceeded>()) {
         return ActorError::MemoryCap { export: export.into(), message: cap.to_string() };
+    }
+    if err.chain().any(|e| e.downcast_ref::<HostDeadline>().is_some()) {
+        return ActorError::Deadline { export: export.into(), deadline };
+    }
+    if err.chain().any(|e| e.downcast_ref::<HostShutdown>().is_some()) {
+        return ActorError::Shutdown { export: export.into() };
+    }
+    if let Some(over) = err.chain().find_map(|e| e.downcast_ref::<HostAllowanceExceeded>()) {
+        return ActorError::HostAllowance { export: export.into(), message: over.to_string() };
     }
     if instantiating && err.downcast_ref::<Trap>().is_none() {
         return ActorError::Instantiate(format!("{err:#}"));

@@ -23,7 +23,8 @@ pub enum ActorError {
         /// The version this host implements.
         host: u32,
     },
-    /// The guest ran past its deadline and was interrupted.
+    /// The call ran past its deadline and was interrupted, in guest code or between pieces of a host call's
+    /// work.
     #[error("actor call `{export}` ran longer than its {deadline:?} deadline and was interrupted")]
     Deadline {
         /// The export that was running.
@@ -38,6 +39,21 @@ pub enum ActorError {
         export: String,
         /// What was asked for and what the cap is.
         message: String,
+    },
+    /// The actor would have made the host keep more than its host allowance
+    /// ([`ActorLimits::host_bytes`](crate::ActorLimits::host_bytes)): emitted text nobody took, or model handles.
+    #[error("actor call `{export}` trapped: {message}")]
+    HostAllowance {
+        /// The export that was running.
+        export: String,
+        /// The host call, what it asked for and the allowance.
+        message: String,
+    },
+    /// The runtime was shut down ([`Runtime::shutdown`](crate::Runtime::shutdown)) while the call ran.
+    #[error("actor call `{export}` was stopped: the runtime is shutting down")]
+    Shutdown {
+        /// The export that was running.
+        export: String,
     },
     /// The guest trapped (including a host call that rejected its arguments).
     #[error("actor call `{export}` trapped: {message}")]

@@ -48,8 +48,8 @@ pub use batch::{BATCH_SIZE_BOUNDS, BatchStats};
 pub use driftwood_backend::Backend;
 pub use error::ActorError;
 pub use hibernate::{ActorStore, Hibernated};
-pub use limits::ActorLimits;
-pub use runtime::{LogMode, ModelRegistry, Runtime, RuntimeConfig};
+pub use limits::{ActorLimits, MAX_DEADLINE, MAX_MODEL_HANDLES, MIN_HOST_BYTES, MODEL_HANDLE_BYTES};
+pub use runtime::{LogMode, MAX_BATCH_WINDOW, ModelRegistry, Runtime, RuntimeConfig};
 
 /// The KV cache dtype `model_info` recommends on the CPU backend unless [`RuntimeConfig::kv_dtype`] says
 /// otherwise (see the README's CPU KV table for the measurement behind it).

@@ -21,6 +21,9 @@ fn digest(wasm: &[u8]) -> [u8; 32] {
     sha2::Sha256::digest(wasm).into()
 }
 
+/// Longest [`RuntimeConfig::batch_window`] accepted.
+pub const MAX_BATCH_WINDOW: Duration = Duration::from_secs(1);
+
 /// How often the epoch advances; deadlines are rounded up to whole ticks.
 pub(crate) const EPOCH_TICK: Duration = Duration::from_millis(5);
 
@@ -30,7 +33,8 @@ pub enum LogMode {
     /// Printed to standard error as they arrive.
     #[default]
     Stderr,
-    /// Kept in the actor (the newest 1,024 lines) for [`Actor::take_logs`].
+    /// Kept in the actor for [`Actor::take_logs`]: the newest 1,024 lines, fewer when they would pass the
+    /// actor's host allowance ([`ActorLimits::host_bytes`]).
     Capture,
 }
 
@@ -105,6 +109,8 @@ pub struct Runtime {
     config: RuntimeConfig,
     /// The decode rendezvous, when batching is on.
     batcher: Option<Arc<Batcher>>,
+    /// Set by [`shutdown`](Self::shutdown); every actor's long host calls check it between pieces of work.
+    shutdown: Arc<AtomicBool>,
     _ticker: Ticker,
 }
 
@@ -113,8 +119,16 @@ impl Runtime {
     ///
     /// # Errors
     ///
-    /// When the backend asked for is unavailable or wasmtime rejects the configuration.
+    /// When the limits are invalid ([`ActorLimits::validate`]), the batch window is longer than
+    /// [`MAX_BATCH_WINDOW`], the backend asked for is unavailable or
+    /// wasmtime rejects the configuration.
     pub fn new(mut config: RuntimeConfig) -> anyhow::Result<Self> {
+        config.limits.validate().map_err(anyhow::Error::msg)?;
+        if let Some(window) = config.batch_window
+            && window > MAX_BATCH_WINDOW
+        {
+            anyhow::bail!("the batch window must be at most {MAX_BATCH_WINDOW:?}, not {window:?}");
+        }
         let device = Arc::new(Device::open(config.backend)?);
         if config.placement == Placement::Host && matches!(*device, Device::Cuda(_)) {
             // The GPU cannot address plain host memory. `--backend auto` that found a GPU gets pinned actor
@@ -178,6 +192,7 @@ impl Runtime {
             modules: Default::default(),
             config,
             batcher,
+            shutdown: Arc::new(AtomicBool::new(false)),
             _ticker: Ticker { stop, thread: Some(thread) },
         })
     }
@@ -237,17 +252,38 @@ impl Runtime {
     ///
     /// [`ActorError::Instantiate`] for a missing import/export or an imported memory,
     /// [`ActorError::AbiMismatch`] for another ABI version, [`ActorError::MemoryCap`] when the module's
-    /// initial memory is already over the cap, [`ActorError::Trap`] if its start function traps.
+    /// initial memory is already over the cap, [`ActorError::Trap`] if its start function traps,
+    /// [`ActorError::Host`] for limits that fail [`ActorLimits::validate`].
     pub fn instantiate_module(&self, module: &Module, limits: ActorLimits) -> Result<Actor, ActorError> {
+        limits.validate().map_err(ActorError::Host)?;
         Actor::instantiate(self, module, None, self.new_state(limits))
     }
 
     fn new_state(&self, limits: ActorLimits) -> ActorState {
-        let mut state =
-            ActorState::new(limits, self.device.clone(), self.ledger.clone(), self.config.log, self.models.clone());
+        let mut state = ActorState::new(
+            limits,
+            self.device.clone(),
+            self.ledger.clone(),
+            self.config.log,
+            self.models.clone(),
+            self.shutdown.clone(),
+        );
         state.batcher = self.batcher.clone();
         state.kv_dtype = self.kv_dtype();
         state
+    }
+
+    /// Stops every actor's long host work: a `matmul` or `forward` running now, or called later, returns at
+    /// its next check between pieces of work and the actor's call fails with [`ActorError::Shutdown`]. Guest
+    /// code itself runs on until it returns or reaches its deadline. There is no undoing it; create a new
+    /// runtime.
+    pub fn shutdown(&self) {
+        self.shutdown.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`shutdown`](Self::shutdown) was called.
+    pub fn is_shut_down(&self) -> bool {
+        self.shutdown.load(Ordering::Relaxed)
     }
 
     /// Makes `model` available to actors as `name` (`driftwood.model_open`). Registering a name again

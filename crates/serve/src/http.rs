@@ -12,11 +12,16 @@ use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use futures_util::StreamExt;
 use serde_json::{Value, json};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::AppState;
+
+/// Bytes a streamed text event is charged beyond its text (the JSON around it), against the actor's host
+/// allowance for events the client has not yet read.
+const STREAM_EVENT_BYTES: usize = 256;
 use crate::api::{self, ApiError, Sampling};
 use crate::sessions::{Claim, Input, TurnOutcome, session_not_found};
 
@@ -351,7 +356,7 @@ async fn run(
         let state2 = state.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            state2.sessions.run_turn(claim.as_ref(), &input, &sampling, |_| {})
+            state2.sessions.run_turn(claim.as_ref(), &input, &sampling, |_| Ok(()))
         })
         .await
         .map_err(|e| ApiError::server("internal", format!("the turn's thread failed: {e}")))??;
@@ -386,8 +391,12 @@ async fn run(
         return Ok(response);
     }
 
-    // Streaming: the turn's thread sends each piece of text as an event as soon as the actor emits it.
-    let (tx, rx) = mpsc::unbounded_channel::<Result<Event, Infallible>>();
+    // Streaming: the turn's thread sends each piece of text as an event as soon as the actor emits it. The
+    // channel is bounded in bytes: events the client has not yet taken may hold at most the actor's host
+    // allowance; past it the actor's `emit` traps (a client that stops reading cannot grow the server).
+    let (tx, rx) = mpsc::unbounded_channel::<(usize, Result<Event, Infallible>)>();
+    let queued = Arc::new(AtomicUsize::new(0));
+    let allowance = state.sessions.runtime().config().limits.host_bytes;
     let chunk = {
         let (id, model_id) = (id.clone(), model_id.clone());
         move |choice: Value, usage: Option<Value>| -> Event {
@@ -403,20 +412,31 @@ async fn run(
     };
     if kind == Kind::Chat {
         let first = json!({"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": null});
-        let _ = tx.send(Ok(chunk(first, None)));
+        let _ = tx.send((0, Ok(chunk(first, None))));
     }
     let state2 = state.clone();
     let include_usage = sampling.include_usage;
+    let queued2 = queued.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let sink = {
-            let (tx, chunk) = (tx.clone(), chunk.clone());
+            let (tx, chunk, queued) = (tx.clone(), chunk.clone(), queued2.clone());
             move |piece: &str| {
+                let cost = piece.len() + STREAM_EVENT_BYTES;
+                let waiting = queued.load(Ordering::Relaxed);
+                if waiting.saturating_add(cost) > allowance {
+                    return Err(format!(
+                        "the client has not read {waiting} bytes of streamed text; the actor's host allowance is \
+                         {allowance} bytes"
+                    ));
+                }
                 let choice = match kind {
                     Kind::Chat => json!({"index": 0, "delta": {"content": piece}, "finish_reason": null}),
                     Kind::Completion => json!({"index": 0, "text": piece, "finish_reason": null, "logprobs": null}),
                 };
-                let _ = tx.send(Ok(chunk(choice, None)));
+                queued.fetch_add(cost, Ordering::Relaxed);
+                let _ = tx.send((cost, Ok(chunk(choice, None))));
+                Ok(())
             }
         };
         match state2.sessions.run_turn(claim.as_ref(), &input, &sampling, sink) {
@@ -427,20 +447,24 @@ async fn run(
                         json!({"index": 0, "text": "", "finish_reason": outcome.finish_reason, "logprobs": null})
                     }
                 };
-                let _ = tx.send(Ok(chunk(last, None)));
+                let _ = tx.send((0, Ok(chunk(last, None))));
                 if include_usage {
                     let mut u = usage(&outcome);
                     u["driftwood"] = extension(&key, &outcome);
-                    let _ = tx.send(Ok(chunk(Value::Null, Some(u))));
+                    let _ = tx.send((0, Ok(chunk(Value::Null, Some(u)))));
                 }
             }
             Err(e) => {
-                let _ = tx.send(Ok(Event::default().data(e.body().to_string())));
+                let _ = tx.send((0, Ok(Event::default().data(e.body().to_string()))));
             }
         }
-        let _ = tx.send(Ok(Event::default().data("[DONE]")));
+        let _ = tx.send((0, Ok(Event::default().data("[DONE]"))));
     });
-    Ok(Sse::new(UnboundedReceiverStream::new(rx)).into_response())
+    let events = UnboundedReceiverStream::new(rx).map(move |(bytes, event)| {
+        queued.fetch_sub(bytes, Ordering::Relaxed);
+        event
+    });
+    Ok(Sse::new(events).into_response())
 }
 
 #[cfg(test)]

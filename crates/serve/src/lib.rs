@@ -59,6 +59,15 @@ use sessions::{SessionConfig, Sessions};
 /// The longest a decode step waits for the steps of other running turns, by default.
 pub const DEFAULT_BATCH_WINDOW: Duration = Duration::from_millis(2);
 
+/// Longest [`ServeConfig::batch_window`] accepted.
+pub const MAX_BATCH_WINDOW: Duration = Duration::from_secs(1);
+
+/// Longest [`ServeConfig::hibernate_after`] accepted: 30 days.
+pub const MAX_HIBERNATE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// Most requests [`ServeConfig::queue`] and turns [`ServeConfig::workers`] accepted.
+pub const MAX_QUEUE: usize = 1_000_000;
+
 /// How to run the server.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -78,7 +87,9 @@ pub struct ServeConfig {
     pub max_seq: u32,
     /// `max_tokens` when a request gives none.
     pub default_max_tokens: u32,
-    /// Each actor's memory cap and per-call deadline.
+    /// Each actor's memory cap, per-call deadline and host allowance. The host allowance
+    /// ([`ActorLimits::host_bytes`]) also bounds what the server keeps for a turn: its text for the response,
+    /// and streamed events the client has not yet read; past either the actor traps and the turn fails.
     pub limits: ActorLimits,
     /// Turns running at once.
     pub workers: usize,
@@ -97,6 +108,46 @@ pub struct ServeConfig {
 }
 
 impl ServeConfig {
+    /// Checks every value against the range the server can honour.
+    ///
+    /// # Errors
+    ///
+    /// A message naming the field and its range: invalid [`limits`](Self::limits) (see
+    /// [`ActorLimits::validate`]), `workers` of 0 or above [`MAX_QUEUE`], `queue` above [`MAX_QUEUE`],
+    /// `max_live` of 0, `hibernate_after` above [`MAX_HIBERNATE_AFTER`], a zero `batch_window` or one above
+    /// [`MAX_BATCH_WINDOW`], a zero `default_max_tokens` or `max_body_bytes`.
+    pub fn validate(&self) -> anyhow::Result<()> {
+        self.limits.validate().map_err(anyhow::Error::msg)?;
+        if self.workers == 0 || self.workers > MAX_QUEUE {
+            anyhow::bail!("workers must be between 1 and {MAX_QUEUE}, not {}", self.workers);
+        }
+        if self.queue > MAX_QUEUE {
+            anyhow::bail!("queue must be at most {MAX_QUEUE}, not {}", self.queue);
+        }
+        if self.max_live == 0 {
+            anyhow::bail!("max_live must be at least 1");
+        }
+        if self.hibernate_after > MAX_HIBERNATE_AFTER {
+            anyhow::bail!(
+                "hibernate_after must be at most {} s, not {:?}",
+                MAX_HIBERNATE_AFTER.as_secs(),
+                self.hibernate_after
+            );
+        }
+        if let Some(window) = self.batch_window
+            && (window.is_zero() || window > MAX_BATCH_WINDOW)
+        {
+            anyhow::bail!("batch_window must be more than zero and at most {MAX_BATCH_WINDOW:?}, not {window:?}");
+        }
+        if self.default_max_tokens == 0 {
+            anyhow::bail!("default_max_tokens must be at least 1");
+        }
+        if self.max_body_bytes == 0 {
+            anyhow::bail!("max_body_bytes must be at least 1");
+        }
+        Ok(())
+    }
+
     /// Defaults for the model in `model_dir` and the store `store`: loopback on port 8080, 4 workers, a
     /// 256-request queue, hibernation after 5 minutes idle or past 256 live actors, decode steps batched with
     /// a 2 ms window.
@@ -146,9 +197,10 @@ impl Server {
     ///
     /// # Errors
     ///
-    /// A model that cannot be loaded, an actor module that does not fit the protocol, a store that cannot be
+    /// A configuration that fails [`ServeConfig::validate`], a model that cannot be loaded, an actor module that does not fit the protocol, a store that cannot be
     /// created, an address that cannot be bound.
     pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
+        config.validate()?;
         let model = Arc::new(
             Model::load(&config.model_dir, &mut |_| {})
                 .with_context(|| format!("cannot load the model in {}", config.model_dir.display()))?,

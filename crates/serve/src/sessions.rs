@@ -107,9 +107,10 @@ pub struct Sessions {
 
 fn actor_error(err: ActorError) -> ApiError {
     match &err {
-        ActorError::Trap { .. } | ActorError::Deadline { .. } | ActorError::MemoryCap { .. } => {
-            ApiError::server("actor_trap", err.to_string())
-        }
+        ActorError::Trap { .. }
+        | ActorError::Deadline { .. }
+        | ActorError::MemoryCap { .. }
+        | ActorError::HostAllowance { .. } => ApiError::server("actor_trap", err.to_string()),
         _ => ApiError::server("actor_error", err.to_string()),
     }
 }
@@ -221,7 +222,7 @@ impl Sessions {
         claim: Option<&Claim>,
         input: &Input,
         sampling: &Sampling,
-        sink: impl FnMut(&str) + Send + 'static,
+        sink: impl FnMut(&str) -> Result<(), String> + Send + 'static,
     ) -> Result<TurnOutcome, ApiError> {
         let Some(claim) = claim else {
             let mut actor = self.new_actor()?;
@@ -258,7 +259,9 @@ impl Sessions {
                     self.metrics.restore_prefill_saved_tokens.fetch_add(saved as u64, Ordering::Relaxed);
                 }
                 state.turns += 1;
-                state.last = Some(outcome.clone());
+                // The session keeps the turn's counts, not its text (up to the host allowance, held for as long
+                // as the session exists).
+                state.last = Some(TurnOutcome { text: String::new(), ..outcome.clone() });
                 if let Some(actor) = state.actor.as_mut() {
                     let written = self.store.save(&claim.key, actor);
                     if let Err(e) = written {
@@ -292,19 +295,34 @@ impl Sessions {
         actor: &mut Actor,
         input: &Input,
         sampling: &Sampling,
-        mut sink: impl FnMut(&str) + Send + 'static,
+        mut sink: impl FnMut(&str) -> Result<(), String> + Send + 'static,
     ) -> Result<TurnOutcome, ApiError> {
         let text = Arc::new(Mutex::new(String::new()));
         {
             let text = text.clone();
+            // The turn's text is kept for the response: at most the actor's host allowance of it.
+            let allowance = actor.limits().host_bytes;
             actor.set_emit_sink(move |piece| {
-                text.lock().unwrap_or_else(|p| p.into_inner()).push_str(piece);
-                sink(piece);
+                let mut text = text.lock().unwrap_or_else(|p| p.into_inner());
+                if text.len().saturating_add(piece.len()) > allowance {
+                    return Err(format!(
+                        "the turn's text would pass the actor's {allowance}-byte host allowance (it has {} bytes, \
+                         the piece {})",
+                        text.len(),
+                        piece.len()
+                    ));
+                }
+                text.push_str(piece);
+                sink(piece)
             });
         }
         let result = self.drive_calls(actor, input, sampling);
         // Drops the request's sink (and the stream's sender with it).
-        actor.set_emit_sink(|_| {});
+        actor.set_emit_sink(|_| Ok(()));
+        // Nobody reads captured log lines after the turn: they are printed, and their host memory freed.
+        for line in actor.take_logs() {
+            eprintln!("[actor log {}] {}", line.level, line.text);
+        }
         let generated = result?;
         let stat = |actor: &mut Actor, i: u32| actor.call::<u32, u32>("stat", i).map_err(actor_error);
         let prompt_tokens = stat(actor, 0)?;

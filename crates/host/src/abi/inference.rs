@@ -23,7 +23,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use driftwood_backend::{DType, TensorMut};
-use driftwood_engine::{ChatMessage, KvCache, Model};
+use driftwood_engine::{Cancel, ChatMessage, EngineError, KvCache, Model};
 use driftwood_memory::CopyKind;
 use wasmtime::{Caller, Linker};
 
@@ -118,7 +118,7 @@ fn write_out(
 
 pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
     linker.func_wrap(MODULE, "model_open", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| {
-        model_open(&mut c, ptr, len).map_err(wasmtime::Error::from)
+        model_open(&mut c, ptr, len)
     })?;
     linker.func_wrap(MODULE, "model_info", |mut c: Caller<'_, ActorState>, m: u32, out: u32| {
         model_info(&mut c, m, out).map_err(wasmtime::Error::from)
@@ -155,25 +155,24 @@ pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
          pos: u32,
          tokens: u32,
          n: u32,
-         logits: u32| {
-            forward(&mut c, m, (kv, kv_dtype, max_seq), pos, (tokens, n), logits).map_err(wasmtime::Error::from)
-        },
+         logits: u32| { forward(&mut c, m, (kv, kv_dtype, max_seq), pos, (tokens, n), logits) },
     )?;
-    linker.func_wrap(MODULE, "emit", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| {
-        emit(&mut c, ptr, len).map_err(wasmtime::Error::from)
-    })?;
+    linker.func_wrap(MODULE, "emit", |mut c: Caller<'_, ActorState>, ptr: u32, len: u32| emit(&mut c, ptr, len))?;
     Ok(())
 }
 
-fn model_open(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> Result<i32, AbiError> {
+/// Opening a name again returns the handle already open for it (while it names the same model); new handles
+/// are charged to the actor's host allowance.
+fn model_open(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> wasmtime::Result<i32> {
     const CALL: &str = "driftwood.model_open";
     let (data, state) = guest_memory(caller, CALL)?;
     let name = text(data, CALL, "name", ptr, len)?;
     let model = state.registry.get(name).ok_or_else(|| {
         AbiError::new(CALL, format!("no model named `{name}` is loaded; loaded: {}", state.registry.names().join(", ")))
     })?;
-    state.models.push((name.to_string(), model));
-    Ok(state.models.len() as i32 - 1)
+    let handle = state.open_model(CALL, name, model)?;
+    // At most MAX_MODEL_HANDLES handles exist, far below i32::MAX.
+    Ok(handle as i32)
 }
 
 fn model_info(caller: &mut Caller<'_, ActorState>, handle: u32, out: u32) -> Result<(), AbiError> {
@@ -217,6 +216,10 @@ fn detokenize(
     let range = check_range(CALL, "ids", ids_ptr, n as u64, 4, data.len())?;
     let ids: Vec<u32> = data[range].chunks_exact(4).map(|b| u32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
     state.record_copy(CopyKind::Text, ids.len() * 4);
+    let vocab = model.config().vocab_size;
+    if let Some((i, bad)) = ids.iter().enumerate().find(|&(_, &id)| id as usize >= vocab) {
+        return Err(AbiError::new(CALL, format!("token id {bad} (ids[{i}]) is outside the {vocab}-token vocabulary")));
+    }
     let text = model.detokenize(&ids, skip_special).map_err(|e| AbiError::new(CALL, e.to_string()))?;
     write_out(data, state, CALL, (out, cap, 1), text.as_bytes())
 }
@@ -246,7 +249,7 @@ fn forward(
     pos: u32,
     (tokens_ptr, n): (u32, u32),
     logits_ptr: u32,
-) -> Result<(), AbiError> {
+) -> wasmtime::Result<()> {
     const CALL: &str = "driftwood.forward";
     let (data, state) = guest_memory(caller, CALL)?;
     let model = model(state, CALL, handle)?;
@@ -301,18 +304,31 @@ fn forward(
     };
     let started = Instant::now();
     let device = state.device_handle();
-    model
-        .forward(&device, &mut kv, pos as usize, tokens, logits, &mut state.scratch)
-        .map_err(|e| AbiError::new(CALL, e.to_string()))?;
+    // The pass stops between layers once the call's deadline passes or the runtime shuts down.
+    let stop = state.stop_probe();
+    let result = model.forward_cancellable(
+        &device,
+        &mut kv,
+        pos as usize,
+        tokens,
+        logits,
+        &mut state.scratch,
+        Cancel::new(&stop),
+    );
+    match result {
+        Ok(()) => {}
+        Err(EngineError::Cancelled) => return Err(state.interrupt_error(CALL)),
+        Err(e) => return Err(AbiError::new(CALL, e.to_string()).into()),
+    }
     state.stats.record_forward(n as usize, started.elapsed());
     Ok(())
 }
 
-fn emit(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> Result<(), AbiError> {
+/// Text the host keeps (no sink) is charged to the actor's host allowance until taken.
+fn emit(caller: &mut Caller<'_, ActorState>, ptr: u32, len: u32) -> wasmtime::Result<()> {
     const CALL: &str = "driftwood.emit";
     let (data, state) = guest_memory(caller, CALL)?;
     let piece = text(data, CALL, "text", ptr, len)?;
     state.record_copy(CopyKind::Text, piece.len());
-    state.emit(piece);
-    Ok(())
+    state.emit(CALL, piece)
 }

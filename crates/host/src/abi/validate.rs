@@ -107,6 +107,49 @@ mod tests {
         assert!(e.detail.contains("misaligned"), "{e}");
     }
 
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig {
+            cases: 4096, failure_persistence: None, ..Default::default()
+        })]
+
+        /// Any arguments: an `Ok` range is exactly the asked bytes, inside memory and aligned; everything else
+        /// is an error naming the call and operand. Never a panic.
+        #[test]
+        fn check_range_accepts_exactly_the_valid_ranges(
+            offset in proptest::prelude::any::<u32>(),
+            count in proptest::prop_oneof![0u64..1 << 20, proptest::prelude::any::<u64>()],
+            elem_size in proptest::prop_oneof![proptest::sample::select(vec![1usize, 2, 4, 8]), 0usize..64],
+            mem_len in proptest::prop_oneof![0usize..1 << 22, proptest::prelude::any::<usize>()],
+        ) {
+            let bytes = (count as u128) * (elem_size as u128);
+            let end = offset as u128 + bytes;
+            let valid = bytes <= u64::MAX as u128
+                && end <= 1 << 32
+                && end <= mem_len as u128
+                && (offset as usize).is_multiple_of(elem_size);
+            match check_range("driftwood.t", "x", offset, count, elem_size, mem_len) {
+                Ok(r) => {
+                    proptest::prop_assert!(valid);
+                    proptest::prop_assert_eq!(r.start, offset as usize);
+                    proptest::prop_assert_eq!(r.len() as u128, bytes);
+                }
+                Err(e) => {
+                    proptest::prop_assert!(!valid, "{e}");
+                    proptest::prop_assert_eq!(e.call, "driftwood.t");
+                    proptest::prop_assert!(e.detail.starts_with("operand `x`"), "{e}");
+                }
+            }
+        }
+
+        /// `disjoint` refuses exactly the pairs of non-empty ranges that share a byte.
+        #[test]
+        fn disjoint_refuses_exactly_shared_bytes(a in 0usize..64, la in 0usize..32, b in 0usize..64, lb in 0usize..32) {
+            let (out, input) = (a..a + la, b..b + lb);
+            let shared = out.clone().any(|i| input.contains(&i));
+            proptest::prop_assert_eq!(disjoint("t", ("o", &out), ("i", &input)).is_err(), shared);
+        }
+    }
+
     #[test]
     fn overlap_is_detected_only_for_shared_bytes() {
         assert!(disjoint("t", ("c", &(0..8)), ("a", &(8..16))).is_ok());
