@@ -213,10 +213,12 @@ impl Runtime {
     /// not loaded or differs, a memory over the cap.
     pub fn restore_actor(&self, path: &std::path::Path, wasm: &[u8]) -> Result<Actor, ActorError> {
         let limits = driftwood_snapshot::ActorLimits { max_memory: self.config.limits.memory_bytes as u64 };
-        let file = driftwood_snapshot::read_actor(path, &limits)
+        // Everything but the page data is read and validated before an instance exists; the pages are then
+        // streamed straight into the fresh instance's memory.
+        let file = driftwood_snapshot::ActorReader::open(path, &limits)
             .map_err(|e| ActorError::Host(format!("cannot read actor snapshot {}: {e}", path.display())))?;
         let mut actor = self.instantiate(wasm)?;
-        actor.restore_from(&file, &self.models)?;
+        actor.restore_from(file, &self.models)?;
         Ok(actor)
     }
 

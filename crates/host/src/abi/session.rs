@@ -40,14 +40,9 @@ pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn f32s(bytes: &[u8]) -> &[f32] {
-    // SAFETY: callers pass 4-byte-aligned ranges of guest memory (checked), whose length is a multiple of 4;
-    // every bit pattern is an f32.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
-}
-
 fn u32s(bytes: &[u8]) -> &[u32] {
-    // SAFETY: as for `f32s`.
+    // SAFETY: callers pass 4-byte-aligned ranges of guest memory (checked), whose length is a multiple of 4;
+    // every bit pattern is a u32.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
 }
 
@@ -84,7 +79,8 @@ fn session_save(
         .map(|l| {
             let k = kv_offset(&model, l, 0, max_seq as usize);
             let v = kv_offset(&model, l, 1, max_seq as usize);
-            (f32s(&kv_bytes[k..k + n as usize * row]), f32s(&kv_bytes[v..v + n as usize * row]))
+            // Adapted to the snapshot crate's byte-slice layers (format v3); the ABI owner replaces this.
+            (&kv_bytes[k..k + n as usize * row], &kv_bytes[v..v + n as usize * row])
         })
         .collect();
     let snapshot = SessionSnapshot {
@@ -93,6 +89,7 @@ fn session_save(
         num_layers: c.num_layers,
         kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
+        kv_dtype: driftwood_snapshot::KvDtype::F32, // adaptation to format v3; the ABI owner replaces this
         tokens: u32s(&data[tokens]),
         guest_state: &data[guest_state],
         layers,
