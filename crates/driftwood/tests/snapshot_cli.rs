@@ -119,6 +119,12 @@ fn inspect_reports_both_kinds_and_rejects_corruption() {
     let a: serde_json::Value =
         serde_json::from_str(&ok(driftwood(&["snapshot", "inspect", &actor, "--json"]))).unwrap();
     assert_eq!(a["kind"], "actor");
+    for report in [&s, &a] {
+        let integrity = report["integrity"].as_str().unwrap();
+        assert!(integrity.contains("BLAKE3") && !integrity.contains("SHA"), "{integrity}");
+    }
+    assert_eq!(s["version"], 3);
+    assert_eq!(s["kv_dtype"], "f32");
     assert_eq!(a["models"][0]["name"], "default");
     assert!(a["pages_stored"].as_u64().unwrap() < a["pages_total"].as_u64().unwrap(), "only non-zero pages");
     let mut bytes = std::fs::read(&actor).unwrap();
@@ -128,4 +134,138 @@ fn inspect_reports_both_kinds_and_rejects_corruption() {
     let out = driftwood(&["snapshot", "inspect", &actor]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid actor snapshot"));
+}
+
+/// Exit code, stdout, stderr and peak resident memory (bytes) of a driftwood process.
+#[allow(clippy::zombie_processes, reason = "the child is reaped by wait4, which also reports its peak RSS")]
+fn measured(args: &[&str]) -> (Option<i32>, String, String, u64) {
+    let dir = tempfile::tempdir().unwrap();
+    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
+    let child = Command::new(env!("CARGO_BIN_EXE_driftwood"))
+        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
+        .args(args)
+        .stdout(std::fs::File::create(&out).unwrap())
+        .stderr(std::fs::File::create(&err).unwrap())
+        .spawn()
+        .expect("the driftwood binary runs");
+    let pid = child.id() as libc::pid_t;
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
+    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: `pid` is our child, not yet reaped (std waits only when asked to); the pointers are valid.
+    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
+    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
+    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
+    let text = |p: &Path| std::fs::read_to_string(p).unwrap();
+    // ru_maxrss is in KiB on Linux.
+    (code, text(&out), text(&err), usage.ru_maxrss as u64 * 1024)
+}
+
+const MIB: u64 = 1 << 20;
+
+fn sparse(dir: &Path, name: &str, len: u64, head: &[u8]) -> String {
+    use std::io::Write;
+    let p = dir.join(name);
+    let mut f = std::fs::File::create(&p).unwrap();
+    f.write_all(head).unwrap();
+    f.set_len(len).unwrap(); // nothing beyond `head` is stored
+    p.to_string_lossy().into_owned()
+}
+
+#[test]
+fn hostile_files_are_refused_with_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    // 40 GiB of zeros named like a safetensors file (it used to abort allocating 40 GiB).
+    let zeros = sparse(dir.path(), "f.safetensors", 40 << 30, &[]);
+    let (code, _, stderr, rss) = measured(&["snapshot", "inspect", &zeros]);
+    eprintln!("inspect, 40 GiB sparse file: peak RSS {:.1} MiB", rss as f64 / MIB as f64);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("not a valid session snapshot") && stderr.contains("header length 0"), "{stderr}");
+    assert!(rss < 64 * MIB, "peak RSS {rss}");
+
+    // 5 GiB without the actor magic, with a header length that fits the file but is far over the limit.
+    let head = (3u64 << 30).to_le_bytes();
+    let big = sparse(dir.path(), "big.bin", 5 << 30, &head);
+    let (code, _, stderr, rss) = measured(&["snapshot", "inspect", &big]);
+    eprintln!("inspect, 5 GiB sparse file: peak RSS {:.1} MiB", rss as f64 / MIB as f64);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("safetensors header: header length 3221225472"), "{stderr}");
+    assert!(rss < 64 * MIB, "peak RSS {rss}");
+
+    // A 5 GiB file that starts like an actor snapshot but is not one: refused by the actor reader.
+    let fake = sparse(dir.path(), "fake.actor", 5 << 30, &driftwood_snapshot::actor::MAGIC);
+    let (code, _, stderr, rss) = measured(&["snapshot", "inspect", &fake]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("not a valid actor snapshot"), "{stderr}");
+    assert!(rss < 64 * MIB, "peak RSS {rss}");
+}
+
+#[test]
+fn hostile_session_files_are_refused_on_resume_with_bounded_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let fake = sparse(dir.path(), "fake.actor", 5 << 30, &driftwood_snapshot::actor::MAGIC);
+    // Resuming: the baseline is a real resume of a small session.
+    let session = path(dir.path(), "s.safetensors");
+    ok(driftwood(&["generate", "--prompt", "Hi", "--max-tokens", "4", "--save-session", &session]));
+    let (code, _, stderr, baseline) = measured(&["generate", "--resume", &session, "--max-tokens", "4"]);
+    assert_eq!(code, Some(0), "{stderr}");
+    // A 4 GiB session file whose header length is 0 (it used to reach 4 GiB before refusal).
+    let empty = sparse(dir.path(), "empty.safetensors", 4 << 30, &[]);
+    let (code, _, stderr, rss) = measured(&["generate", "--resume", &empty, "--max-tokens", "4"]);
+    eprintln!(
+        "generate --resume: real session peak RSS {:.1} MiB, 4 GiB sparse file {:.1} MiB",
+        baseline as f64 / MIB as f64,
+        rss as f64 / MIB as f64
+    );
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot resume") && stderr.contains("header length 0"), "{stderr}");
+    assert!(rss < baseline + 64 * MIB, "peak RSS {rss} vs {baseline} resuming a real session");
+    // An actor snapshot given as a session is recognised by its magic.
+    let (code, _, stderr, _) = measured(&["generate", "--resume", &fake, "--max-tokens", "4"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("this is an actor snapshot"), "{stderr}");
+}
+
+#[test]
+fn restoring_a_big_sparse_actor_writes_only_its_stored_pages() {
+    use driftwood_snapshot::{ActorImage, ActorLimits, read_actor, write_actor};
+    let dir = tempfile::tempdir().unwrap();
+    let actor = path(dir.path(), "a.actor");
+    let greedy = ["--temperature", "0"];
+    let mut args = vec!["generate", "--prompt", "Once upon a time", "--max-tokens", "8", "--save-actor", &actor];
+    args.extend(greedy);
+    ok(driftwood(&args));
+
+    // The same actor, its memory declared 3 GiB: the same stored pages, all else zero.
+    let file = read_actor(Path::new(&actor), &ActorLimits::default()).unwrap();
+    let size: u64 = 3 << 30;
+    let mut memory = vec![0u8; size as usize]; // untouched pages stay unbacked
+    for (offset, page) in file.pages() {
+        memory[offset as usize..offset as usize + page.len()].copy_from_slice(page);
+    }
+    let image = ActorImage { memory_size: size, ..file.image.clone() };
+    let big = path(dir.path(), "big.actor");
+    let stats = write_actor(Path::new(&big), &image, &memory).unwrap();
+    drop(memory);
+    assert_eq!(stats.pages_written as usize, file.page_count());
+    assert!(stats.bytes < 8 * MIB, "{stats:?}");
+
+    let resume = |file: &str| {
+        let mut args = vec!["generate", "--resume-actor", file, "--max-tokens", "8"];
+        args.extend(greedy);
+        let (code, out, stderr, rss) = measured(&args);
+        assert_eq!(code, Some(0), "{stderr}");
+        (out, rss)
+    };
+    let (small_out, small_rss) = resume(&actor);
+    let (big_out, big_rss) = resume(&big);
+    eprintln!(
+        "resume-actor: {} stored pages; {} MiB memory peak RSS {:.1} MiB, 3072 MiB memory peak RSS {:.1} MiB",
+        file.page_count(),
+        file.image.memory_size >> 20,
+        small_rss as f64 / MIB as f64,
+        big_rss as f64 / MIB as f64
+    );
+    assert_eq!(big_out, small_out, "the continuation does not depend on untouched memory");
+    assert!(big_rss < small_rss + 64 * MIB, "peak RSS {big_rss} restoring 3 GiB vs {small_rss}");
 }
