@@ -5,7 +5,9 @@ mod common;
 
 use common::{SessionData, sample_image};
 use driftwood_snapshot::actor::MAGIC;
-use driftwood_snapshot::{ActorLimits, KvDtype, SessionReader, parse_actor, parse_session, write_actor_to};
+use driftwood_snapshot::{
+    ActorLimits, ActorReader, KvDtype, SessionReader, parse_actor, parse_session, write_actor_to,
+};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -205,6 +207,39 @@ proptest! {
             Err(_) => {
                 prop_assert!(bytes != original);
                 prop_assert!(out.iter().all(|(k, v)| k.iter().chain(v).all(|&b| b == 0)), "bytes left behind");
+            }
+        }
+    }
+
+    /// The streaming actor reader on mutated files: never a panic; a file it accepts restores the original
+    /// memory into fresh (zero) memory; a refused restore leaves no stored byte behind.
+    #[test]
+    fn actor_reader_streams_mutated_files(memory in actor_memory(), mutations in prop::collection::vec(mutation(), 0..4)) {
+        let original = actor_bytes(&memory);
+        let mut bytes = original.clone();
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        let changed = bytes != original;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.actor");
+        std::fs::write(&path, &bytes).unwrap();
+        let reader = match ActorReader::open(&path, &LIMITS) {
+            Ok(r) => r,
+            Err(e) => {
+                prop_assert!(changed, "the unchanged file was refused: {e}");
+                return Ok(());
+            }
+        };
+        let mut restored = vec![0u8; reader.image().memory_size as usize];
+        match reader.restore_into(&mut restored, 0) {
+            Ok(()) => {
+                prop_assert!(!changed, "a changed file was accepted");
+                prop_assert!(restored == memory);
+            }
+            Err(_) => {
+                prop_assert!(changed);
+                prop_assert!(restored.iter().all(|&b| b == 0), "bytes left behind");
             }
         }
     }
