@@ -1,8 +1,12 @@
 //! Snapshots across processes: generate 32 tokens, save (session or whole actor), restore in a new process,
 //! generate 32 more — the result equals one uninterrupted 64-token run, greedy and seeded.
 
+mod support;
+
 use std::path::Path;
 use std::process::{Command, Output};
+
+use support::{MIB, measured, sparse};
 
 fn driftwood(args: &[&str]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_driftwood"))
@@ -134,70 +138,6 @@ fn inspect_reports_both_kinds_and_rejects_corruption() {
     let out = driftwood(&["snapshot", "inspect", &actor]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("not a valid actor snapshot"));
-}
-
-/// Exit code, stdout, stderr and peak resident memory (bytes) of a driftwood process.
-#[allow(clippy::zombie_processes, reason = "the child is reaped by wait4, which also reports its peak RSS")]
-fn measured(args: &[&str]) -> (Option<i32>, String, String, u64) {
-    let dir = tempfile::tempdir().unwrap();
-    let (out, err) = (dir.path().join("out"), dir.path().join("err"));
-    let child = Command::new(env!("CARGO_BIN_EXE_driftwood"))
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/../.."))
-        .args(args)
-        .stdout(std::fs::File::create(&out).unwrap())
-        .stderr(std::fs::File::create(&err).unwrap())
-        .spawn()
-        .expect("the driftwood binary runs");
-    let pid = child.id() as libc::pid_t;
-    let mut status = 0;
-    // SAFETY: an all-zero rusage is a valid value for wait4 to overwrite.
-    let mut usage: libc::rusage = unsafe { std::mem::zeroed() };
-    // SAFETY: `pid` is our child, not yet reaped (std waits only when asked to); the pointers are valid.
-    let reaped = unsafe { libc::wait4(pid, &mut status, 0, &mut usage) };
-    assert_eq!(reaped, pid, "wait4: {}", std::io::Error::last_os_error());
-    let code = libc::WIFEXITED(status).then(|| libc::WEXITSTATUS(status));
-    let text = |p: &Path| std::fs::read_to_string(p).unwrap();
-    // ru_maxrss is in KiB on Linux.
-    (code, text(&out), text(&err), usage.ru_maxrss as u64 * 1024)
-}
-
-const MIB: u64 = 1 << 20;
-
-fn sparse(dir: &Path, name: &str, len: u64, head: &[u8]) -> String {
-    use std::io::Write;
-    let p = dir.join(name);
-    let mut f = std::fs::File::create(&p).unwrap();
-    f.write_all(head).unwrap();
-    f.set_len(len).unwrap(); // nothing beyond `head` is stored
-    p.to_string_lossy().into_owned()
-}
-
-#[test]
-fn hostile_files_are_refused_with_bounded_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    // 40 GiB of zeros named like a safetensors file (it used to abort allocating 40 GiB).
-    let zeros = sparse(dir.path(), "f.safetensors", 40 << 30, &[]);
-    let (code, _, stderr, rss) = measured(&["snapshot", "inspect", &zeros]);
-    eprintln!("inspect, 40 GiB sparse file: peak RSS {:.1} MiB", rss as f64 / MIB as f64);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("not a valid session snapshot") && stderr.contains("header length 0"), "{stderr}");
-    assert!(rss < 64 * MIB, "peak RSS {rss}");
-
-    // 5 GiB without the actor magic, with a header length that fits the file but is far over the limit.
-    let head = (3u64 << 30).to_le_bytes();
-    let big = sparse(dir.path(), "big.bin", 5 << 30, &head);
-    let (code, _, stderr, rss) = measured(&["snapshot", "inspect", &big]);
-    eprintln!("inspect, 5 GiB sparse file: peak RSS {:.1} MiB", rss as f64 / MIB as f64);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("safetensors header: header length 3221225472"), "{stderr}");
-    assert!(rss < 64 * MIB, "peak RSS {rss}");
-
-    // A 5 GiB file that starts like an actor snapshot but is not one: refused by the actor reader.
-    let fake = sparse(dir.path(), "fake.actor", 5 << 30, &driftwood_snapshot::actor::MAGIC);
-    let (code, _, stderr, rss) = measured(&["snapshot", "inspect", &fake]);
-    assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("not a valid actor snapshot"), "{stderr}");
-    assert!(rss < 64 * MIB, "peak RSS {rss}");
 }
 
 #[test]
