@@ -304,7 +304,7 @@ impl Runtime {
 mod restore_tests {
     use super::*;
 
-    /// A restore writes only the snapshot's stored pages: an actor whose snapshot declares a 3 GiB memory but
+    /// A restore writes only the snapshot's stored pages: an actor whose snapshot declares a 1 GiB memory but
     /// stores a few hundred KiB of pages is woken without that memory becoming resident. (This crate's only
     /// unit test that allocates, so nothing else moves the process's resident set much while it is measured.)
     #[test]
@@ -328,9 +328,9 @@ mod restore_tests {
         actor.read_memory(a_offset as usize, &mut a).unwrap();
         drop(actor);
 
-        // The same pages in a memory declared 3 GiB.
+        // The same pages in a memory declared 1 GiB (zero-filling it all would make 1 GiB resident).
         let file = read_actor(&small, &FileLimits::default()).unwrap();
-        let size: u64 = 3 << 30;
+        let size: u64 = 1 << 30;
         let mut memory = vec![0u8; size as usize]; // untouched pages stay unbacked
         for (offset, page) in file.pages() {
             memory[offset as usize..offset as usize + page.len()].copy_from_slice(page);
