@@ -1,11 +1,14 @@
 //! `driftwood snapshot inspect FILE`: what a session or actor snapshot holds, after full validation
-//! (structure, sizes, checksum).
+//! (structure, sizes, checksums). The file is recognised by its first bytes (an actor snapshot by its magic)
+//! before any reader parses it, and both readers look before they allocate: a file whose header does not
+//! account for its size is refused before its data is read, and the data is verified in bounded chunks, never
+//! held whole.
 
 use std::io::Read;
 use std::path::PathBuf;
 
 use anyhow::Context;
-use driftwood_snapshot::{ActorLimits, GlobalValue, read_actor, read_session};
+use driftwood_snapshot::{ActorLimits, ActorReader, GlobalValue, SessionReader};
 use serde_json::json;
 
 /// Snapshot commands.
@@ -25,18 +28,19 @@ pub struct InspectArgs {
     json: bool,
 }
 
-const ACTOR_MAGIC: &[u8; 8] = b"DWACTOR\0";
-
 pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
     let SnapshotCommand::Inspect(args) = cmd;
-    let mut magic = [0u8; 8];
-    let n = std::fs::File::open(&args.file)
-        .and_then(|mut f| f.read(&mut magic))
+    // The first 8 bytes decide the reader: an actor snapshot is recognised by its magic before any parser runs.
+    let mut magic = Vec::with_capacity(8);
+    std::fs::File::open(&args.file)
+        .and_then(|f| f.take(8).read_to_end(&mut magic))
         .with_context(|| format!("cannot read {}", args.file.display()))?;
-    let report = if n == 8 && &magic == ACTOR_MAGIC {
-        let file = read_actor(&args.file, &ActorLimits { max_memory: 4 << 30 })
+    let report = if magic == driftwood_snapshot::actor::MAGIC {
+        let file = ActorReader::open(&args.file, &ActorLimits { max_memory: 4 << 30 })
             .with_context(|| format!("{} is not a valid actor snapshot", args.file.display()))?;
-        let image = &file.image;
+        let image = file.image().clone();
+        let (file_bytes, pages_stored) = (file.file_len(), file.page_count());
+        file.verify().with_context(|| format!("{} is not a valid actor snapshot", args.file.display()))?;
         let globals: Vec<_> = image
             .globals
             .iter()
@@ -53,12 +57,12 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
         json!({
             "kind": "actor",
             "file": args.file.display().to_string(),
-            "file_bytes": file.file_len(),
-            "integrity": "ok (structure and SHA-256 checksum verified)",
+            "file_bytes": file_bytes,
+            "integrity": "ok (structure and BLAKE3 checksum verified)",
             "module_digest": image.module_digest,
             "abi_version": image.abi_version,
             "memory_bytes": image.memory_size,
-            "pages_stored": file.page_count(),
+            "pages_stored": pages_stored,
             "pages_total": image.memory_size / 4096,
             "globals": globals,
             "models": image.models.iter().map(|m| json!({
@@ -67,24 +71,31 @@ pub fn run(cmd: SnapshotCommand) -> anyhow::Result<()> {
             "metadata": image.metadata,
         })
     } else {
-        let file = read_session(&args.file, None)
+        let file = SessionReader::open(&args.file, None)
             .with_context(|| format!("{} is not a valid session snapshot", args.file.display()))?;
-        let tokens = file.tokens();
-        let kv_bytes = file.num_layers() * 2 * file.n_tokens() * file.kv_heads() * file.head_dim() * 4;
-        json!({
+        let integrity = if file.version() >= 3 {
+            "ok (structure, BLAKE3 checksum and per-tensor BLAKE3 digests verified)"
+        } else {
+            "ok (structure and BLAKE3 checksum verified)"
+        };
+        let report = json!({
             "kind": "session",
             "file": args.file.display().to_string(),
             "file_bytes": file.file_len(),
-            "integrity": "ok (structure and SHA-256 checksum verified)",
+            "integrity": integrity,
+            "version": file.version(),
             "metadata": file.meta(),
             "n_tokens": file.n_tokens(),
-            "tokens": tokens,
-            "kv_bytes": kv_bytes,
+            "tokens": file.tokens(),
+            "kv_dtype": file.kv_dtype().name(),
+            "kv_bytes": file.kv_bytes(),
             "layers": file.num_layers(),
             "kv_heads": file.kv_heads(),
             "head_dim": file.head_dim(),
             "guest_state_bytes": file.guest_state().len(),
-        })
+        });
+        file.verify().with_context(|| format!("{} is not a valid session snapshot", args.file.display()))?;
+        report
     };
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);

@@ -520,11 +520,11 @@ impl Actor {
     /// Overwrites this freshly instantiated actor with a snapshot (see [`Runtime::restore_actor`]).
     pub(crate) fn restore_from(
         &mut self,
-        file: &driftwood_snapshot::ActorFile,
+        file: driftwood_snapshot::ActorReader,
         registry: &crate::ModelRegistry,
     ) -> Result<(), ActorError> {
         use driftwood_snapshot::GlobalValue;
-        let image = &file.image;
+        let image = file.image().clone();
         if self.module_digest.as_deref() != Some(image.module_digest.as_str()) {
             return Err(ActorError::Host(format!(
                 "the snapshot is of module {}, not of the module given ({})",
@@ -577,7 +577,10 @@ impl Actor {
                 self.memory_size()
             )));
         }
-        file.restore_into(self.memory.data_mut(&mut self.store))
+        // Memory the instance grew to here is freshly mapped and zero: only the stored pages are written there,
+        // so resident memory after the restore follows the snapshot's stored pages, not its memory size.
+        let file_len = file.file_len();
+        file.restore_into(self.memory.data_mut(&mut self.store), current)
             .map_err(|e| ActorError::Host(format!("cannot restore memory: {e}")))?;
         for (name, value) in &image.globals {
             let global = self
@@ -594,7 +597,7 @@ impl Actor {
                 .set(&mut self.store, val)
                 .map_err(|e| ActorError::Host(format!("cannot restore global `{name}`: {e}")))?;
         }
-        self.store.data().record_copy(CopyKind::Snapshot, file.file_len() as usize);
+        self.store.data().record_copy(CopyKind::Snapshot, file_len as usize);
         self.store.data_mut().models = models;
         Ok(())
     }

@@ -239,10 +239,12 @@ impl Runtime {
     /// not loaded or differs, a memory over the cap.
     pub fn restore_actor(&self, path: &std::path::Path, wasm: &[u8]) -> Result<Actor, ActorError> {
         let limits = driftwood_snapshot::ActorLimits { max_memory: self.config.limits.memory_bytes as u64 };
-        let file = driftwood_snapshot::read_actor(path, &limits)
+        // Everything but the page data is read and validated before an instance exists; the pages are then
+        // streamed straight into the fresh instance's memory.
+        let file = driftwood_snapshot::ActorReader::open(path, &limits)
             .map_err(|e| ActorError::Host(format!("cannot read actor snapshot {}: {e}", path.display())))?;
         let mut actor = self.instantiate(wasm)?;
-        actor.restore_from(&file, &self.models)?;
+        actor.restore_from(file, &self.models)?;
         Ok(actor)
     }
 
@@ -351,5 +353,63 @@ impl Runtime {
 
     pub(crate) fn creator(&self) -> &RegionCreator {
         &self.creator
+    }
+}
+
+#[cfg(test)]
+mod restore_tests {
+    use super::*;
+
+    /// A restore writes only the snapshot's stored pages: an actor whose snapshot declares a 1 GiB memory but
+    /// stores a few hundred KiB of pages is woken without that memory becoming resident. (This crate's only
+    /// unit test that allocates, so nothing else moves the process's resident set much while it is measured.)
+    #[test]
+    fn restoring_a_big_sparse_memory_makes_only_the_stored_pages_resident() {
+        use driftwood_memory::rss::resident_bytes;
+        use driftwood_snapshot::{ActorImage, ActorLimits as FileLimits, read_actor, write_actor};
+        const MIB: u64 = 1 << 20;
+        let runtime = Runtime::new(RuntimeConfig {
+            limits: ActorLimits { memory_bytes: 4 << 30, ..Default::default() },
+            ..Default::default()
+        })
+        .unwrap();
+        let wasm = driftwood_actors::MATMUL_CHECK;
+        let mut actor = runtime.instantiate(wasm).unwrap();
+        let _: u32 = actor.call("prepare_share", (128u32, 128u32, 7u32)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let small = dir.path().join("small.actor");
+        actor.save_snapshot(&small, Default::default()).unwrap();
+        let a_offset: u32 = actor.call("share_offset", 0u32).unwrap();
+        let mut a = vec![0u8; 128 * 128 * 4];
+        actor.read_memory(a_offset as usize, &mut a).unwrap();
+        drop(actor);
+
+        // The same pages in a memory declared 1 GiB (zero-filling it all would make 1 GiB resident).
+        let file = read_actor(&small, &FileLimits::default()).unwrap();
+        let size: u64 = 1 << 30;
+        let mut memory = vec![0u8; size as usize]; // untouched pages stay unbacked
+        for (offset, page) in file.pages() {
+            memory[offset as usize..offset as usize + page.len()].copy_from_slice(page);
+        }
+        let big = dir.path().join("big.actor");
+        let stats = write_actor(&big, &ActorImage { memory_size: size, ..file.image.clone() }, &memory).unwrap();
+        drop(memory);
+        assert!(stats.bytes < 4 * MIB, "{stats:?}");
+
+        let before = resident_bytes().unwrap();
+        let restored = runtime.restore_actor(&big, wasm).unwrap();
+        let after = resident_bytes().unwrap();
+        eprintln!(
+            "restore of a {} MiB memory storing {} pages ({:.2} MiB): resident +{:.2} MiB",
+            size >> 20,
+            stats.pages_written,
+            (stats.pages_written * 4096) as f64 / MIB as f64,
+            after.saturating_sub(before) as f64 / MIB as f64
+        );
+        assert_eq!(restored.memory_size() as u64, size);
+        assert!(after.saturating_sub(before) < 64 * MIB, "resident memory grew by {} bytes", after - before);
+        let mut back = vec![0u8; a.len()];
+        restored.read_memory(a_offset as usize, &mut back).unwrap();
+        assert_eq!(back, a, "the stored pages are restored");
     }
 }

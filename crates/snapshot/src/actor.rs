@@ -37,20 +37,28 @@
 //! field: file size within what [`ActorLimits`] allows, magic, version, header length bounds, JSON (UTF-8,
 //! members, types), `page_size`, `module_digest`, `memory_size` (multiple of 65536, `≤ max_memory`), `pages`,
 //! the exact file length, the checksum, the globals, and the page index. No allocation is sized by a number read
-//! from the file before that number has been checked against the file's actual size.
+//! from the file before that number has been checked against the file's actual size (taken from the file system
+//! before anything else is read), and the largest file accepted follows from the limits.
+//!
+//! **Restoring** ([`ActorReader`]) reads only the fixed header, the JSON header and the page index, validates
+//! them (everything above but the checksum), then streams the stored pages from the file straight into the
+//! target memory, verifying the checksum as it reads: pages not stored are not written when the target is
+//! known to be zero (fresh memory), so resident memory after a restore follows the stored pages, not
+//! `memory_size`.
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::fs::File;
 use std::io::{self, Write};
 use std::ops::Range;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::de::{Deserializer, Error as _, MapAccess, Visitor};
 use serde::{Deserialize, Serialize};
 
 use crate::atomic::write_atomic;
 use crate::error::{Format, SnapshotError};
-use crate::util::{hex, is_digest_hex, read_capped};
+use crate::util::{hex, is_digest_hex, read_exact_at};
 
 /// The file's first 8 bytes.
 pub const MAGIC: [u8; 8] = *b"DWACTOR\0";
@@ -434,15 +442,19 @@ impl ActorFile {
     }
 }
 
-/// Reads and validates the actor snapshot at `path`.
+/// Reads and validates the actor snapshot at `path`, holding the whole file in memory. Everything but the
+/// checksum is validated (by [`ActorReader::open`]) before the page data is read, so the memory used is what a
+/// valid file of the declared size needs.
 ///
 /// # Errors
 ///
-/// [`SnapshotError::Io`] when the file cannot be read; [`SnapshotError::TooLarge`] when it is larger than
-/// `limits` allow ([`ActorLimits::max_file_bytes`]), checked before it is read; and every error of
-/// [`parse_actor`].
+/// Every error of [`ActorReader::open`] and of [`parse_actor`].
 pub fn read_actor(path: &Path, limits: &ActorLimits) -> Result<ActorFile, SnapshotError> {
-    parse_actor(read_capped(path, limits.max_file_bytes(), F)?, limits)
+    let reader = ActorReader::open(path, limits)?;
+    // The length was checked against the limits and against what the header declares.
+    let mut bytes = vec![0u8; reader.file_len as usize];
+    read_exact_at(&reader.file, &mut bytes, 0).map_err(|e| SnapshotError::io("reading", path, e))?;
+    parse_actor(bytes, limits)
 }
 
 fn invalid(field: impl Into<String>, reason: impl Into<String>) -> SnapshotError {
@@ -463,35 +475,24 @@ fn u32_at(bytes: &[u8], at: usize) -> u32 {
     u32::from_le_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]])
 }
 
-/// Validates an actor snapshot held in memory and takes ownership of its bytes (see [`read_actor`]).
-///
-/// # Errors
-///
-/// - [`SnapshotError::TooLarge`] when the buffer exceeds [`ActorLimits::max_file_bytes`] or `memory_size`
-///   exceeds `limits.max_memory`;
-/// - [`SnapshotError::Invalid`] naming the field: `magic`, `format version`, `header length`, `header` (not
-///   UTF-8, not JSON, a missing, unknown, duplicate or mistyped member), `page_size`, `module_digest`,
-///   `memory_size` (not a multiple of 65536), `pages` (more than the memory has), `file length` (truncated or
-///   trailing bytes), `globals[i]` (duplicate name, `bits` out of range for a 32-bit type), `page index j`
-///   (out of range or not strictly increasing);
-/// - [`SnapshotError::Checksum`] when the bytes after the fixed header do not hash to the recorded BLAKE3 checksum.
-pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, SnapshotError> {
-    let len = bytes.len();
+/// Checks the file's size against `limits`, then the fixed header (`prefix` is the file's first
+/// `min(len, 52)` bytes); returns the JSON header's length.
+fn check_fixed(prefix: &[u8], len: u64, limits: &ActorLimits) -> Result<u64, SnapshotError> {
     let max_file = limits.max_file_bytes();
-    if len as u64 > max_file {
-        return Err(SnapshotError::TooLarge { format: F, what: "file", size: len as u64, limit: max_file });
+    if len > max_file {
+        return Err(SnapshotError::TooLarge { format: F, what: "file", size: len, limit: max_file });
     }
-    let prefix = &bytes[..len.min(MAGIC.len())];
-    if prefix != &MAGIC[..prefix.len()] {
-        return Err(invalid("magic", format!("expected \"DWACTOR\\0\", found \"{}\"", prefix.escape_ascii())));
+    let head = &prefix[..prefix.len().min(MAGIC.len())];
+    if head != &MAGIC[..head.len()] {
+        return Err(invalid("magic", format!("expected \"DWACTOR\\0\", found \"{}\"", head.escape_ascii())));
     }
-    if len < FIXED_HEADER_BYTES {
+    if len < FIXED_HEADER_BYTES as u64 || prefix.len() < FIXED_HEADER_BYTES {
         return Err(invalid(
             "file length",
             format!("{len} bytes, shorter than the {FIXED_HEADER_BYTES}-byte fixed header (truncated)"),
         ));
     }
-    let version = u32_at(&bytes, 8);
+    let version = u32_at(prefix, 8);
     if version != FORMAT_VERSION {
         return Err(invalid(
             "format version",
@@ -499,9 +500,9 @@ pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, Sn
         ));
     }
     let mut h = [0u8; 8];
-    h.copy_from_slice(&bytes[12..20]);
+    h.copy_from_slice(&prefix[12..20]);
     let header_len = u64::from_le_bytes(h);
-    let room = (len - FIXED_HEADER_BYTES) as u64;
+    let room = len - FIXED_HEADER_BYTES as u64;
     if !(2..=MAX_HEADER_BYTES).contains(&header_len) || header_len > room {
         return Err(invalid(
             "header length",
@@ -510,10 +511,13 @@ pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, Sn
             ),
         ));
     }
-    let json_end = FIXED_HEADER_BYTES + header_len as usize;
-    let header: HeaderJson =
-        serde_json::from_slice(&bytes[FIXED_HEADER_BYTES..json_end]).map_err(|e| invalid("header", e.to_string()))?;
+    Ok(header_len)
+}
 
+/// Validates the JSON header of a file of `len` bytes: members, page size, digest, memory size (against
+/// `limits`), page count, and the file's exact length.
+fn check_header(json: &[u8], len: u64, limits: &ActorLimits) -> Result<HeaderJson, SnapshotError> {
+    let header: HeaderJson = serde_json::from_slice(json).map_err(|e| invalid("header", e.to_string()))?;
     if header.page_size != PAGE_SIZE as u64 {
         return Err(invalid("page_size", format!("{} (this reader understands {PAGE_SIZE})", header.page_size)));
     }
@@ -539,10 +543,11 @@ pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, Sn
             format!("{} stored pages, but a memory of {memory_size} bytes has only {pages_total}", header.pages),
         ));
     }
-    let expected = header.pages.checked_mul(PAGE_SIZE as u64 + 4).and_then(|x| x.checked_add(json_end as u64));
-    if expected != Some(len as u64) {
+    let json_end = FIXED_HEADER_BYTES as u64 + json.len() as u64;
+    let expected = header.pages.checked_mul(PAGE_SIZE as u64 + 4).and_then(|x| x.checked_add(json_end));
+    if expected != Some(len) {
         let (described, what) = match expected {
-            Some(e) if (len as u64) < e => (e.to_string(), "truncated"),
+            Some(e) if len < e => (e.to_string(), "truncated"),
             Some(e) => (e.to_string(), "trailing bytes"),
             None => ("more than 2^64".to_string(), "truncated"),
         };
@@ -551,29 +556,28 @@ pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, Sn
             format!("the file is {len} bytes but its header describes {described} bytes ({what})"),
         ));
     }
-    let computed = hex(blake3::hash(&bytes[FIXED_HEADER_BYTES..]).as_bytes());
-    let stored = hex(&bytes[20..52]);
-    if computed != stored {
-        return Err(SnapshotError::Checksum { format: F, stored, computed });
-    }
+    Ok(header)
+}
 
-    check_global_names(header.globals.iter().map(|g| g.name.as_str()))
+fn check_globals(globals: Vec<GlobalJson>) -> Result<Vec<(String, GlobalValue)>, SnapshotError> {
+    check_global_names(globals.iter().map(|g| g.name.as_str()))
         .map_err(|(i, reason)| invalid(format!("globals[{i}].name"), reason))?;
-    let mut globals = Vec::with_capacity(header.globals.len());
-    for (i, g) in header.globals.into_iter().enumerate() {
+    let mut out = Vec::with_capacity(globals.len());
+    for (i, g) in globals.into_iter().enumerate() {
         let value = GlobalValue::from_json(g.ty, g.bits).ok_or_else(|| {
             invalid(format!("globals[{i}].bits"), format!("{} does not fit a {:?} global", g.bits, g.ty))
         })?;
-        globals.push((g.name, value));
+        out.push((g.name, value));
     }
+    Ok(out)
+}
 
-    // `pages` fits in usize: pages * 4100 ≤ len.
-    let pages = header.pages as usize;
-    let index_start = json_end;
-    let data_start = index_start + 4 * pages;
+/// Checks that the page index (`4 · pages` bytes) is strictly increasing and within a memory of `memory_size`.
+fn check_index(index: &[u8], memory_size: u64) -> Result<(), SnapshotError> {
+    let pages_total = memory_size / PAGE_SIZE as u64;
     let mut previous: Option<u32> = None;
-    for j in 0..pages {
-        let n = u32_at(&bytes, index_start + 4 * j);
+    for (j, c) in index.chunks_exact(4).enumerate() {
+        let n = u32::from_le_bytes([c[0], c[1], c[2], c[3]]);
         if u64::from(n) >= pages_total {
             return Err(invalid(
                 format!("page index {j}"),
@@ -585,14 +589,268 @@ pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, Sn
         }
         previous = Some(n);
     }
+    Ok(())
+}
 
-    let image = ActorImage {
+fn image_of(header: HeaderJson, globals: Vec<(String, GlobalValue)>) -> ActorImage {
+    ActorImage {
         module_digest: header.module_digest,
         abi_version: header.abi_version,
-        memory_size,
+        memory_size: header.memory_size,
         globals,
         models: header.models,
         metadata: header.metadata,
-    };
+    }
+}
+
+/// Validates an actor snapshot held in memory and takes ownership of its bytes (see [`read_actor`]).
+///
+/// # Errors
+///
+/// - [`SnapshotError::TooLarge`] when the buffer exceeds [`ActorLimits::max_file_bytes`] or `memory_size`
+///   exceeds `limits.max_memory`;
+/// - [`SnapshotError::Invalid`] naming the field: `magic`, `format version`, `header length`, `header` (not
+///   UTF-8, not JSON, a missing, unknown, duplicate or mistyped member), `page_size`, `module_digest`,
+///   `memory_size` (not a multiple of 65536), `pages` (more than the memory has), `file length` (truncated or
+///   trailing bytes), `globals[i]` (duplicate name, `bits` out of range for a 32-bit type), `page index j`
+///   (out of range or not strictly increasing);
+/// - [`SnapshotError::Checksum`] when the bytes after the fixed header do not hash to the recorded BLAKE3 checksum.
+pub fn parse_actor(bytes: Vec<u8>, limits: &ActorLimits) -> Result<ActorFile, SnapshotError> {
+    let len = bytes.len();
+    let header_len = check_fixed(&bytes[..len.min(FIXED_HEADER_BYTES)], len as u64, limits)?;
+    // header_len ≤ len - 52, checked.
+    let json_end = FIXED_HEADER_BYTES + header_len as usize;
+    let header = check_header(&bytes[FIXED_HEADER_BYTES..json_end], len as u64, limits)?;
+    let computed = hex(blake3::hash(&bytes[FIXED_HEADER_BYTES..]).as_bytes());
+    let stored = hex(&bytes[20..52]);
+    if computed != stored {
+        return Err(SnapshotError::Checksum { format: F, stored, computed });
+    }
+    let memory_size = header.memory_size;
+    // `pages` fits in usize: pages * 4100 ≤ len.
+    let pages = header.pages as usize;
+    let index_start = json_end;
+    let data_start = index_start + 4 * pages;
+    let mut header = header;
+    let globals = check_globals(std::mem::take(&mut header.globals))?;
+    check_index(&bytes[index_start..data_start], memory_size)?;
+    let image = image_of(header, globals);
     Ok(ActorFile { image, bytes, memory_size, index_start, data_start, pages })
+}
+
+/// An actor snapshot opened for restoring: everything but the page data read and validated (fixed header, JSON
+/// header, the file's exact size from the file system, globals, page index); the page data is streamed by
+/// [`restore_into`](Self::restore_into), which verifies the checksum as it goes.
+///
+/// Memory use before restoring is bounded by the JSON header (≤ [`MAX_HEADER_BYTES`]) and the page index (4
+/// bytes per stored page, ≤ 4 MiB for a 4 GiB memory).
+pub struct ActorReader {
+    file: File,
+    path: PathBuf,
+    file_len: u64,
+    image: ActorImage,
+    /// Stored page numbers, strictly increasing.
+    index: Vec<u32>,
+    /// File offset of the first stored page's data.
+    data_start: u64,
+    /// BLAKE3 fed with the JSON header and the page index; the page data follows.
+    hasher: blake3::Hasher,
+    stored: [u8; 32],
+}
+
+impl fmt::Debug for ActorReader {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ActorReader")
+            .field("path", &self.path)
+            .field("image", &self.image)
+            .field("file_len", &self.file_len)
+            .field("pages", &self.index.len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Bytes read (and hashed) at a time when streaming pages.
+const CHUNK: usize = 4 << 20;
+
+impl ActorReader {
+    /// Opens the actor snapshot at `path` and validates everything but the checksum, reading only the fixed
+    /// header, the JSON header and the page index. The file's size comes from the file system and must be
+    /// within `limits` and exactly what the header declares before the JSON header is read.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::Io`] when the file cannot be opened or read; [`SnapshotError::TooLarge`] and
+    /// [`SnapshotError::Invalid`] as for [`parse_actor`] (all but the checksum, which
+    /// [`restore_into`](Self::restore_into) and [`verify`](Self::verify) check).
+    pub fn open(path: &Path, limits: &ActorLimits) -> Result<ActorReader, SnapshotError> {
+        let file = File::open(path).map_err(|e| SnapshotError::io("opening", path, e))?;
+        let len = file.metadata().map_err(|e| SnapshotError::io("reading metadata of", path, e))?.len();
+        let io = |e| SnapshotError::io("reading", path, e);
+        let mut fixed = [0u8; FIXED_HEADER_BYTES];
+        let got = (len as usize).min(FIXED_HEADER_BYTES);
+        if len <= limits.max_file_bytes() {
+            read_exact_at(&file, &mut fixed[..got], 0).map_err(io)?;
+        }
+        let header_len = check_fixed(&fixed[..got], len, limits)?;
+        // header_len ≤ MAX_HEADER_BYTES and ≤ the file's size, checked.
+        let mut json = vec![0u8; header_len as usize];
+        read_exact_at(&file, &mut json, FIXED_HEADER_BYTES as u64).map_err(io)?;
+        let mut header = check_header(&json, len, limits)?;
+        // pages ≤ memory_size / 4096 and pages · 4100 ≤ len, checked.
+        let pages = header.pages as usize;
+        let index_start = FIXED_HEADER_BYTES as u64 + header_len;
+        let mut index_bytes = vec![0u8; 4 * pages];
+        read_exact_at(&file, &mut index_bytes, index_start).map_err(io)?;
+        let globals = check_globals(std::mem::take(&mut header.globals))?;
+        check_index(&index_bytes, header.memory_size)?;
+        let mut hasher = blake3::Hasher::new();
+        hasher.update(&json);
+        hasher.update(&index_bytes);
+        let index = index_bytes.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let mut stored = [0u8; 32];
+        stored.copy_from_slice(&fixed[20..52]);
+        Ok(ActorReader {
+            file,
+            path: path.to_path_buf(),
+            file_len: len,
+            image: image_of(header, globals),
+            index,
+            data_start: index_start + 4 * pages as u64,
+            hasher,
+            stored,
+        })
+    }
+
+    /// Everything but the memory's contents.
+    pub fn image(&self) -> &ActorImage {
+        &self.image
+    }
+
+    /// Number of stored (non-zero) pages.
+    pub fn page_count(&self) -> usize {
+        self.index.len()
+    }
+
+    /// Bytes of page data stored (4096 per stored page): what restoring writes into memory.
+    pub fn stored_bytes(&self) -> u64 {
+        self.index.len() as u64 * PAGE_SIZE as u64
+    }
+
+    /// Size of the file in bytes.
+    pub fn file_len(&self) -> u64 {
+        self.file_len
+    }
+
+    /// Runs of consecutive stored pages: `(first page, count, position in the index)`.
+    fn runs(&self) -> Vec<(u64, usize, usize)> {
+        let mut runs: Vec<(u64, usize, usize)> = Vec::new();
+        for (j, &n) in self.index.iter().enumerate() {
+            match runs.last_mut() {
+                Some((first, count, _)) if *first + *count as u64 == u64::from(n) => *count += 1,
+                _ => runs.push((u64::from(n), 1, j)),
+            }
+        }
+        runs
+    }
+
+    /// Makes `memory` equal to the snapshot's memory, writing only what must change: the stored pages are read
+    /// from the file straight into place, and pages outside them are zeroed only below `zero_from` (and there
+    /// only where they are not zero already). `memory[zero_from..]` must already be zero, as freshly mapped
+    /// memory is; so a restore into fresh memory touches only the stored pages, and resident memory follows
+    /// them. The checksum is verified as the pages are read; on a mismatch or a read error the stored pages are
+    /// zeroed before returning, so a corrupted file never leaves its bytes in `memory`.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::BadInput`] when `memory.len()` is not the snapshot's `memory_size` (nothing is written);
+    /// [`SnapshotError::Io`] when reading fails; [`SnapshotError::Checksum`] when the file does not hash to its
+    /// recorded checksum.
+    pub fn restore_into(mut self, memory: &mut [u8], zero_from: usize) -> Result<(), SnapshotError> {
+        if memory.len() as u64 != self.image.memory_size {
+            return Err(bad(
+                "memory",
+                format!(
+                    "the target memory is {} bytes but the snapshot's memory_size is {}",
+                    memory.len(),
+                    self.image.memory_size
+                ),
+            ));
+        }
+        let zero_from = zero_from.min(memory.len());
+        let clear = |memory: &mut [u8], range: Range<usize>| {
+            let range = range.start.min(zero_from)..range.end.min(zero_from);
+            for page in memory[range].chunks_mut(PAGE_SIZE) {
+                if !is_zero(page) {
+                    page.fill(0);
+                }
+            }
+        };
+        let mut cursor = 0usize;
+        let mut result = Ok(());
+        for (first, count, j) in self.runs() {
+            // Page numbers were checked below memory_size / 4096, and memory_size == memory.len().
+            let start = first as usize * PAGE_SIZE;
+            let end = start + count * PAGE_SIZE;
+            clear(memory, cursor..start);
+            cursor = end;
+            let file_at = self.data_start + (j * PAGE_SIZE) as u64;
+            if let Err(e) = read_hashed(&self.file, &mut self.hasher, &mut memory[start..end], file_at) {
+                result = Err(SnapshotError::io("reading", &self.path, e));
+                break;
+            }
+        }
+        if result.is_ok() {
+            clear(memory, cursor..memory.len());
+            result = self.check(self.hasher.finalize());
+        }
+        if result.is_err() {
+            for &n in &self.index {
+                let at = n as usize * PAGE_SIZE;
+                memory[at..at + PAGE_SIZE].fill(0);
+            }
+        }
+        result
+    }
+
+    /// Verifies the checksum by streaming the page data through it in bounded chunks, without keeping it (for
+    /// inspection).
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::Io`] when reading fails; [`SnapshotError::Checksum`] on a mismatch.
+    pub fn verify(mut self) -> Result<(), SnapshotError> {
+        let total = self.stored_bytes() as usize;
+        let mut buf = vec![0u8; CHUNK.min(total)];
+        let mut done = 0usize;
+        while done < total {
+            let n = CHUNK.min(total - done);
+            read_hashed(&self.file, &mut self.hasher, &mut buf[..n], self.data_start + done as u64)
+                .map_err(|e| SnapshotError::io("reading", &self.path, e))?;
+            done += n;
+        }
+        self.check(self.hasher.finalize())
+    }
+
+    fn check(&self, computed: blake3::Hash) -> Result<(), SnapshotError> {
+        if computed.as_bytes() != &self.stored {
+            return Err(SnapshotError::Checksum {
+                format: F,
+                stored: hex(&self.stored),
+                computed: hex(computed.as_bytes()),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Reads `dst.len()` bytes of `file` at `offset` into `dst`, feeding them to `hasher`, in chunks (each hashed
+/// right after it is read, while it is in cache).
+fn read_hashed(file: &File, hasher: &mut blake3::Hasher, dst: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0usize;
+    for chunk in dst.chunks_mut(CHUNK) {
+        read_exact_at(file, chunk, offset + done as u64)?;
+        hasher.update(chunk);
+        done += chunk.len();
+    }
+    Ok(())
 }

@@ -82,6 +82,20 @@ pub enum SnapshotError {
         /// The checksum of the contents as read.
         computed: String,
     },
+    /// A tensor's data does not hash to the digest the file records for it (session snapshot, version 3).
+    #[error(
+        "{format}: tensor {tensor}: checksum mismatch: the file records {stored} but its data hashes to {computed}"
+    )]
+    TensorChecksum {
+        /// The format being read.
+        format: Format,
+        /// The tensor, e.g. `"layers.3.v"`.
+        tensor: String,
+        /// The digest recorded in the file (lowercase hex BLAKE3).
+        stored: String,
+        /// The digest of the data as read.
+        computed: String,
+    },
     /// A valid session snapshot made for another model or tokenizer than the loaded one.
     #[error("snapshot is for {what} {snapshot} but the loaded {what} is {loaded}")]
     FingerprintMismatch {

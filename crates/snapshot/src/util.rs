@@ -2,10 +2,7 @@
 
 use std::borrow::Cow;
 use std::fs::File;
-use std::io::Read;
-use std::path::Path;
-
-use crate::error::{Format, SnapshotError};
+use std::io;
 
 /// Lowercase hex of `bytes`.
 pub(crate) fn hex(bytes: &[u8]) -> String {
@@ -30,15 +27,6 @@ pub(crate) fn parse_canonical_u64(s: &str) -> Option<u64> {
 }
 
 /// The little-endian bytes of 4-byte plain values: borrowed on little-endian targets, converted otherwise.
-pub(crate) fn le_bytes_f32(v: &[f32]) -> Cow<'_, [u8]> {
-    if cfg!(target_endian = "little") {
-        Cow::Borrowed(bytemuck::cast_slice(v))
-    } else {
-        Cow::Owned(v.iter().flat_map(|x| x.to_le_bytes()).collect())
-    }
-}
-
-/// See [`le_bytes_f32`].
 pub(crate) fn le_bytes_u32(v: &[u32]) -> Cow<'_, [u8]> {
     if cfg!(target_endian = "little") {
         Cow::Borrowed(bytemuck::cast_slice(v))
@@ -47,26 +35,26 @@ pub(crate) fn le_bytes_u32(v: &[u32]) -> Cow<'_, [u8]> {
     }
 }
 
-/// Reads a whole file, refusing (before allocating for it) one larger than `limit` bytes. The file's length is
-/// taken from what can actually be read, so a file that grows while it is read is still capped.
-pub(crate) fn read_capped(path: &Path, limit: u64, format: Format) -> Result<Vec<u8>, SnapshotError> {
-    let file = File::open(path).map_err(|e| SnapshotError::io("opening", path, e))?;
-    let len = file.metadata().map_err(|e| SnapshotError::io("reading metadata of", path, e))?.len();
-    if len > limit {
-        return Err(SnapshotError::TooLarge { format, what: "file", size: len, limit });
+/// Fills `buf` from `file` at byte `offset`, without moving any shared cursor (so threads can read one file
+/// at once).
+pub(crate) fn read_exact_at(file: &File, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    #[cfg(unix)]
+    {
+        std::os::unix::fs::FileExt::read_exact_at(file, buf, offset)
     }
-    let capacity = usize::try_from(len).map_err(|_| SnapshotError::TooLarge {
-        format,
-        what: "file",
-        size: len,
-        limit: usize::MAX as u64,
-    })?;
-    let mut bytes = Vec::with_capacity(capacity);
-    file.take(limit.saturating_add(1)).read_to_end(&mut bytes).map_err(|e| SnapshotError::io("reading", path, e))?;
-    if bytes.len() as u64 > limit {
-        return Err(SnapshotError::TooLarge { format, what: "file", size: bytes.len() as u64, limit });
+    #[cfg(windows)]
+    {
+        let mut done = 0;
+        while done < buf.len() {
+            match std::os::windows::fs::FileExt::seek_read(file, &mut buf[done..], offset + done as u64) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => done += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
-    Ok(bytes)
 }
 
 #[cfg(test)]

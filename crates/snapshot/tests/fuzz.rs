@@ -5,7 +5,9 @@ mod common;
 
 use common::{SessionData, sample_image};
 use driftwood_snapshot::actor::MAGIC;
-use driftwood_snapshot::{ActorLimits, parse_actor, parse_session, write_actor_to};
+use driftwood_snapshot::{
+    ActorLimits, ActorReader, KvDtype, SessionReader, parse_actor, parse_session, write_actor_to,
+};
 use proptest::prelude::*;
 use proptest::sample::Index;
 
@@ -162,5 +164,83 @@ proptest! {
         }
         let changed = bytes != original;
         prop_assert_eq!(parse_actor(bytes, &LIMITS).is_err(), changed);
+    }
+
+    /// The streaming reader on mutated version-3 files (f32 and bf16 caches, read into either dtype): never a
+    /// panic; a file it accepts reads back as the original; a file it refuses while reading the KV cache leaves
+    /// every destination byte zero.
+    #[test]
+    fn session_reader_streams_mutated_v3_files(
+        data in session_data(),
+        bf16 in any::<bool>(),
+        into_bf16 in any::<bool>(),
+        mutations in prop::collection::vec(mutation(), 0..4),
+    ) {
+        let data = if bf16 { data.bf16() } else { data };
+        let original = data.bytes();
+        let mut bytes = original.clone();
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.dws");
+        std::fs::write(&path, &bytes).unwrap();
+        let dst_dtype = if into_bf16 { KvDtype::Bf16 } else { KvDtype::F32 };
+        let reader = match SessionReader::open(&path, None) {
+            Ok(r) => r,
+            Err(e) => {
+                prop_assert!(bytes != original, "the unchanged file was refused: {e}");
+                return Ok(());
+            }
+        };
+        prop_assert_eq!(reader.tokens(), data.tokens.as_slice());
+        prop_assert_eq!(reader.guest_state(), data.guest_state.as_slice());
+        let n = reader.layer_bytes(dst_dtype);
+        let mut out: Vec<(Vec<u8>, Vec<u8>)> = (0..reader.num_layers()).map(|_| (vec![0xa5; n], vec![0xa5; n])).collect();
+        let dst = out.iter_mut().map(|(k, v)| (k.as_mut_slice(), v.as_mut_slice())).collect();
+        match reader.read_kv_into(dst_dtype, dst) {
+            Ok(()) => {
+                if dst_dtype == data.kv_dtype {
+                    prop_assert!(out == data.raw, "accepted data differs from what was written");
+                }
+            }
+            Err(_) => {
+                prop_assert!(bytes != original);
+                prop_assert!(out.iter().all(|(k, v)| k.iter().chain(v).all(|&b| b == 0)), "bytes left behind");
+            }
+        }
+    }
+
+    /// The streaming actor reader on mutated files: never a panic; a file it accepts restores the original
+    /// memory into fresh (zero) memory; a refused restore leaves no stored byte behind.
+    #[test]
+    fn actor_reader_streams_mutated_files(memory in actor_memory(), mutations in prop::collection::vec(mutation(), 0..4)) {
+        let original = actor_bytes(&memory);
+        let mut bytes = original.clone();
+        for m in &mutations {
+            apply(&mut bytes, m);
+        }
+        let changed = bytes != original;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("a.actor");
+        std::fs::write(&path, &bytes).unwrap();
+        let reader = match ActorReader::open(&path, &LIMITS) {
+            Ok(r) => r,
+            Err(e) => {
+                prop_assert!(changed, "the unchanged file was refused: {e}");
+                return Ok(());
+            }
+        };
+        let mut restored = vec![0u8; reader.image().memory_size as usize];
+        match reader.restore_into(&mut restored, 0) {
+            Ok(()) => {
+                prop_assert!(!changed, "a changed file was accepted");
+                prop_assert!(restored == memory);
+            }
+            Err(_) => {
+                prop_assert!(changed);
+                prop_assert!(restored.iter().all(|&b| b == 0), "bytes left behind");
+            }
+        }
     }
 }

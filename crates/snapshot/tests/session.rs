@@ -9,7 +9,8 @@ use std::io::Write;
 use common::{FailAfter, MODEL_FP, SessionData, TOKENIZER_FP, dir_entries};
 use driftwood_snapshot::session::{LAYOUT, MAX_FILE_BYTES};
 use driftwood_snapshot::{
-    SessionSnapshot, SnapshotError, parse_session, read_session, write_atomic, write_session, write_session_to,
+    KvDtype, SessionReader, SessionSnapshot, SnapshotError, parse_session, read_session, write_atomic, write_session,
+    write_session_to,
 };
 use safetensors::SafeTensors;
 use safetensors::tensor::{Dtype, TensorView};
@@ -32,7 +33,7 @@ fn round_trips() {
         assert_eq!(inspected.file_len(), written);
         let meta = inspected.meta();
         assert_eq!(meta["format"], "driftwood-session");
-        assert_eq!(meta["version"], "2");
+        assert_eq!(meta["version"], "3");
         assert_eq!(meta["dtype"], "f32");
         assert_eq!(meta["layout"], LAYOUT);
         assert_eq!(meta["n_tokens"], tokens.to_string());
@@ -207,7 +208,12 @@ fn hostile_files_are_refused_with_a_clear_message() {
     let cases: Vec<(&str, Edit, &str)> = vec![
         ("format", meta("format", "llama-kv"), "invalid session snapshot: format: is Some(\"llama-kv\")"),
         ("version", meta("version", "1"), "version: unsupported version \"1\""),
-        ("dtype", meta("dtype", "bf16"), "dtype: is \"bf16\""),
+        ("dtype", meta("dtype", "f16"), "dtype: is \"f16\", expected \"f32\" or \"bf16\""),
+        (
+            "dtype vs tensors",
+            meta("dtype", "bf16"),
+            "tensor layers.0.k: is F32 [2, 2, 2], but the metadata requires BF16",
+        ),
         ("layout", meta("layout", "whatever"), "layout: is \"whatever\""),
         ("unknown key", meta("comment", "hi"), "__metadata__: unknown key \"comment\""),
         (
@@ -273,7 +279,11 @@ fn hostile_files_are_refused_with_a_clear_message() {
     let mut p = parts(&data.bytes());
     p.get("layers.1.k").data[0] ^= 0x80;
     let err = parse_session(p.build(false), None).unwrap_err();
-    assert!(err.to_string().starts_with("session snapshot: checksum mismatch: the file records "), "{err}");
+    assert!(
+        err.to_string().starts_with("session snapshot: tensor layers.1.k: checksum mismatch: the file records "),
+        "{err}"
+    );
+    assert!(matches!(&err, SnapshotError::TensorChecksum { tensor, .. } if tensor == "layers.1.k"), "{err:?}");
 
     // Broken safetensors framing.
     let bytes = data.bytes();
@@ -357,7 +367,7 @@ fn a_failed_overwrite_keeps_the_previous_snapshot() {
     let mut bad = new.snapshot();
     bad.layers[1].1 = &bad.layers[1].1[1..];
     let err = write_session(&path, &bad).unwrap_err();
-    assert!(err.to_string().contains("layer 1 v has 399 values, expected 400"), "{err}");
+    assert!(err.to_string().contains("layer 1 v has 1599 bytes, expected 1600"), "{err}");
     let bad = SessionSnapshot { head_dim: 0, ..new.snapshot() };
     assert!(write_session(&path, &bad).unwrap_err().to_string().contains("head_dim: must be at least 1"));
     assert_eq!(fs::read(&path).unwrap(), old_bytes);
@@ -416,12 +426,19 @@ impl Parts {
         self.tensors.retain(|(n, _)| n != name);
     }
 
-    /// Rebuilds the file (optionally with a checksum recomputed per the specification).
+    /// Rebuilds the file (optionally with the digests (version 3) and the checksum recomputed per the
+    /// specification).
     fn build(&self, fix_checksum: bool) -> Vec<u8> {
-        let mut meta = self.meta.clone();
+        let mut fixed = self.clone();
         if fix_checksum {
-            meta.insert("checksum".into(), spec_checksum(self));
+            if fixed.meta.get("version").map(String::as_str) == Some("3") {
+                let digests = spec_digests(&fixed);
+                fixed.meta.insert("digests".into(), digests);
+            }
+            let sum = spec_checksum(&fixed);
+            fixed.meta.insert("checksum".into(), sum);
         }
+        let meta = fixed.meta.clone();
         let mut header = serde_json::Map::new();
         header.insert("__metadata__".into(), serde_json::to_value(&meta).unwrap());
         let mut offset = 0;
@@ -443,7 +460,25 @@ impl Parts {
     }
 }
 
-/// The checksum as the module documentation specifies it, implemented independently of the crate.
+/// The tensors in digest (and version-2 checksum) order, as far as they are present.
+fn spec_order(p: &Parts) -> Vec<&[u8]> {
+    let find = |name: &str| p.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.data.as_slice());
+    let mut order = vec!["tokens".to_string(), "guest_state".to_string()];
+    let layers: usize = p.meta.get("num_layers").and_then(|n| n.parse().ok()).unwrap_or(0).min(1000);
+    for i in 0..layers {
+        order.push(format!("layers.{i}.k"));
+        order.push(format!("layers.{i}.v"));
+    }
+    order.iter().filter_map(|name| find(name)).collect()
+}
+
+/// The version-3 `digests` value as the module documentation specifies it.
+fn spec_digests(p: &Parts) -> String {
+    spec_order(p).iter().map(|d| common::blake3_hex(d)).collect::<Vec<_>>().join(",")
+}
+
+/// The checksum as the module documentation specifies it (version 2 or 3), implemented independently of the
+/// crate.
 fn spec_checksum(p: &Parts) -> String {
     let mut h = blake3::Hasher::new();
     let mut field = |b: &[u8]| {
@@ -454,17 +489,233 @@ fn spec_checksum(p: &Parts) -> String {
         field(k.as_bytes());
         field(v.as_bytes());
     }
-    let find = |name: &str| p.tensors.iter().find(|(n, _)| n == name).map(|(_, t)| t.data.as_slice());
-    let mut order = vec!["tokens".to_string(), "guest_state".to_string()];
-    let layers: usize = p.meta.get("num_layers").and_then(|n| n.parse().ok()).unwrap_or(0).min(1000);
-    for i in 0..layers {
-        order.push(format!("layers.{i}.k"));
-        order.push(format!("layers.{i}.v"));
+    if p.meta.get("version").map(String::as_str) == Some("3") {
+        return h.finalize().as_bytes().iter().map(|b| format!("{b:02x}")).collect();
     }
-    for name in order {
-        if let Some(d) = find(&name) {
-            field(d);
-        }
+    for d in spec_order(p) {
+        field(d);
     }
     h.finalize().as_bytes().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// A version-2 file of `data` (f32), built by an independent writer per the version-2 specification.
+fn v2_bytes(data: &SessionData) -> Vec<u8> {
+    let mut p = parts(&data.bytes());
+    p.meta.remove("digests");
+    p.meta.insert("version".into(), "2".into());
+    p.build(true)
+}
+
+/// f32 to bf16, to nearest with ties to even, computed independently (by comparing distances in f64).
+fn reference_bf16(x: f32) -> u16 {
+    let lo = x.to_bits() & 0xffff_0000;
+    if x.is_nan() || x.is_infinite() || lo == x.to_bits() {
+        return (x.to_bits() >> 16) as u16 | if x.is_nan() { 0x40 } else { 0 };
+    }
+    let hi = lo + 0x1_0000;
+    let (dl, dh) =
+        ((f64::from(f32::from_bits(lo)) - f64::from(x)).abs(), (f64::from(f32::from_bits(hi)) - f64::from(x)).abs());
+    let pick = if dl < dh || (dl == dh && (lo >> 16) & 1 == 0) { lo } else { hi };
+    (pick >> 16) as u16
+}
+
+/// Per layer, k and v bytes.
+type Kv = Vec<(Vec<u8>, Vec<u8>)>;
+
+fn read_kv(path: &std::path::Path, dtype: KvDtype, fill: u8) -> (Result<(), SnapshotError>, Kv) {
+    let reader = SessionReader::open(path, None).unwrap();
+    let n = reader.layer_bytes(dtype);
+    let mut out: Vec<(Vec<u8>, Vec<u8>)> = (0..reader.num_layers()).map(|_| (vec![fill; n], vec![fill; n])).collect();
+    let dst = out.iter_mut().map(|(k, v)| (k.as_mut_slice(), v.as_mut_slice())).collect();
+    let result = reader.read_kv_into(dtype, dst);
+    (result, out)
+}
+
+#[test]
+fn version_3_records_the_kv_dtype_and_per_tensor_digests() {
+    let dir = tempfile::tempdir().unwrap();
+    for dtype in [KvDtype::F32, KvDtype::Bf16] {
+        let mut data = SessionData::random(31, 3, 2, 4, 9, 5);
+        if dtype == KvDtype::Bf16 {
+            data = data.bf16();
+        }
+        let bytes = data.bytes();
+        let st = SafeTensors::deserialize(&bytes).unwrap();
+        let want = if dtype == KvDtype::F32 { Dtype::F32 } else { Dtype::BF16 };
+        assert_eq!(st.tensor("layers.2.v").unwrap().dtype(), want);
+        assert_eq!(st.tensor("layers.2.v").unwrap().data(), data.raw[2].1.as_slice());
+        let p = parts(&bytes);
+        assert_eq!(p.meta["dtype"], dtype.name());
+        assert_eq!(p.meta["digests"], spec_digests(&p));
+        assert_eq!(p.meta["digests"].split(',').nth(7).unwrap(), common::blake3_hex(&data.raw[2].1));
+        assert_eq!(p.meta["checksum"], spec_checksum(&p));
+        data.assert_matches(&parse_session(bytes.clone(), Some(&data.expect(9))).unwrap());
+
+        let path = dir.path().join(format!("{dtype}.dws"));
+        write_session(&path, &data.snapshot()).unwrap();
+        let reader = SessionReader::open(&path, Some(&data.expect(9))).unwrap();
+        assert_eq!((reader.version(), reader.kv_dtype(), reader.n_tokens()), (3, dtype, 9));
+        assert_eq!(reader.tokens(), data.tokens.as_slice());
+        assert_eq!(reader.guest_state(), data.guest_state.as_slice());
+        assert_eq!(reader.kv_bytes(), (3 * 2 * 9 * 2 * 4 * dtype.size()) as u64);
+        let (result, out) = read_kv(&path, dtype, 0xaa);
+        result.unwrap();
+        assert_eq!(out, data.raw, "read in the file's own dtype: the bytes as written");
+        SessionReader::open(&path, None).unwrap().verify().unwrap();
+    }
+}
+
+#[test]
+fn read_kv_into_converts_between_f32_and_bf16() {
+    let dir = tempfile::tempdir().unwrap();
+    // f32 file (random bit patterns: NaNs, infinities, subnormals) into a bf16 destination.
+    let data = SessionData::random(32, 2, 2, 8, 33, 0);
+    let path = dir.path().join("f32.dws");
+    write_session(&path, &data.snapshot()).unwrap();
+    let (result, out) = read_kv(&path, KvDtype::Bf16, 0xaa);
+    result.unwrap();
+    for (l, (k, v)) in data.layers.iter().enumerate() {
+        for (which, values, got) in [("k", k, &out[l].0), ("v", v, &out[l].1)] {
+            for (i, x) in values.iter().enumerate() {
+                let g = u16::from_le_bytes([got[2 * i], got[2 * i + 1]]);
+                if x.is_nan() {
+                    assert!(g & 0x7f80 == 0x7f80 && g & 0x7f != 0, "layer {l} {which}[{i}]: NaN became {g:#x}");
+                } else {
+                    assert_eq!(g, reference_bf16(*x), "layer {l} {which}[{i}] = {x:e}");
+                }
+            }
+        }
+    }
+    // bf16 file into an f32 destination: exact.
+    let data = SessionData::random(33, 2, 2, 8, 33, 0).bf16();
+    let path = dir.path().join("bf16.dws");
+    write_session(&path, &data.snapshot()).unwrap();
+    let (result, out) = read_kv(&path, KvDtype::F32, 0xaa);
+    result.unwrap();
+    let want: Vec<(Vec<u8>, Vec<u8>)> =
+        data.layers.iter().map(|(k, v)| (common::raw_of(k, KvDtype::F32), common::raw_of(v, KvDtype::F32))).collect();
+    assert_eq!(out, want);
+}
+
+#[test]
+fn a_corrupted_tensor_leaves_no_bytes_in_the_destination() {
+    let dir = tempfile::tempdir().unwrap();
+    for (version, dtype) in [(3, KvDtype::F32), (3, KvDtype::Bf16), (2, KvDtype::F32)] {
+        let data = SessionData::random(34, 3, 2, 4, 40, 3);
+        let data = if dtype == KvDtype::Bf16 { data.bf16() } else { data };
+        let mut bytes = if version == 2 { v2_bytes(&data) } else { data.bytes() };
+        // One bit of the last layer's values.
+        let at = bytes.len() - 40 * 4 - 3 - 7;
+        bytes[at] ^= 0x04;
+        let path = dir.path().join(format!("bad{version}{dtype}.dws"));
+        fs::write(&path, &bytes).unwrap();
+        for dst in [KvDtype::F32, KvDtype::Bf16] {
+            let (result, out) = read_kv(&path, dst, 0xaa);
+            let err = result.unwrap_err();
+            if version == 3 {
+                assert!(
+                    matches!(&err, SnapshotError::TensorChecksum { tensor, .. } if tensor == "layers.2.v"),
+                    "{err:?}"
+                );
+            } else {
+                assert!(matches!(err, SnapshotError::Checksum { .. }), "{err:?}");
+            }
+            assert!(out.iter().all(|(k, v)| k.iter().chain(v).all(|&b| b == 0)), "v{version} {dtype}→{dst}: all zero");
+        }
+        assert!(SessionReader::open(&path, None).unwrap().verify().is_err());
+        assert!(read_session(&path, None).is_err());
+    }
+}
+
+#[test]
+fn read_kv_into_refuses_wrong_destinations_without_writing() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = SessionData::random(35, 2, 1, 4, 3, 0);
+    let path = dir.path().join("s.dws");
+    write_session(&path, &data.snapshot()).unwrap();
+    let reader = SessionReader::open(&path, None).unwrap();
+    let n = reader.layer_bytes(KvDtype::F32);
+    let (mut k, mut v, mut short) = (vec![7u8; n], vec![7u8; n], vec![7u8; n - 1]);
+    let err = reader.read_kv_into(KvDtype::F32, vec![(&mut k, &mut v), (&mut short, &mut [][..])]).unwrap_err();
+    assert!(matches!(err, SnapshotError::BadInput { .. }), "{err:?}");
+    assert!(err.to_string().contains("layer 1 k is 47 bytes, expected 48"), "{err}");
+    assert!(k.iter().chain(&v).chain(&short).all(|&b| b == 7), "nothing written");
+    let reader = SessionReader::open(&path, None).unwrap();
+    let err = reader.read_kv_into(KvDtype::F32, vec![(&mut k, &mut v)]).unwrap_err();
+    assert!(err.to_string().contains("1 layers given but the snapshot has 2"), "{err}");
+}
+
+#[test]
+fn version_2_files_still_load() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = SessionData::random(36, 3, 2, 4, 11, 6);
+    let bytes = v2_bytes(&data);
+    let file = parse_session(bytes.clone(), Some(&data.expect(11))).unwrap();
+    assert_eq!((file.version(), file.kv_dtype()), (2, KvDtype::F32));
+    data.assert_matches(&file);
+    let path = dir.path().join("v2.dws");
+    fs::write(&path, &bytes).unwrap();
+    data.assert_matches(&read_session(&path, Some(&data.expect(11))).unwrap());
+    let reader = SessionReader::open(&path, Some(&data.expect(11))).unwrap();
+    assert_eq!((reader.version(), reader.tokens()), (2, data.tokens.as_slice()));
+    let (result, out) = read_kv(&path, KvDtype::F32, 0xaa);
+    result.unwrap();
+    assert_eq!(out, data.raw);
+    SessionReader::open(&path, None).unwrap().verify().unwrap();
+    // Version 2 knows no bf16.
+    let mut p = parts(&bytes);
+    p.meta.insert("dtype".into(), "bf16".into());
+    let err = parse_session(p.build(true), None).unwrap_err().to_string();
+    assert!(err.contains("dtype: is \"bf16\", expected \"f32\""), "{err}");
+}
+
+#[test]
+fn readers_look_at_size_and_header_before_allocating() {
+    let dir = tempfile::tempdir().unwrap();
+    let sparse = |name: &str, len: u64, head: &[u8]| {
+        let path = dir.path().join(name);
+        let mut f = fs::File::create(&path).unwrap();
+        f.write_all(head).unwrap();
+        f.set_len(len).unwrap(); // sparse: nothing is stored
+        path
+    };
+    // 40 GiB of zeros: header length 0.
+    let path = sparse("zeros.safetensors", 40 << 30, &[]);
+    for err in [SessionReader::open(&path, None).unwrap_err(), read_session(&path, None).unwrap_err()] {
+        assert!(err.to_string().contains("safetensors header: header length 0"), "{err}");
+    }
+    // A plausible header length, but the header then does not describe the file's 4 GiB.
+    let data = SessionData::random(37, 1, 1, 1, 1, 0);
+    let bytes = data.bytes();
+    let path = sparse("long.safetensors", 4 << 30, &bytes);
+    let err = SessionReader::open(&path, None).unwrap_err().to_string();
+    assert!(err.contains("trailing bytes"), "{err}");
+    // An actor snapshot is recognised by its magic.
+    let path = sparse("actor.safetensors", 5 << 30, &driftwood_snapshot::actor::MAGIC);
+    let err = SessionReader::open(&path, None).unwrap_err().to_string();
+    assert!(err.contains("this is an actor snapshot"), "{err}");
+    // Expectations are checked before any data is read: a header claiming more tokens than fit is refused
+    // even though the data it describes is there.
+    let path = dir.path().join("ok.dws");
+    fs::write(&path, &bytes).unwrap();
+    let err = SessionReader::open(&path, Some(&data.expect(0))).unwrap_err();
+    assert!(matches!(err, SnapshotError::TooManyTokens { n_tokens: 1, max_tokens: 0 }), "{err:?}");
+}
+
+#[test]
+fn hostile_sizes_in_the_header_are_refused() {
+    let data = SessionData::random(38, 1, 1, 2, 2, 1);
+    let mut p = parts(&data.bytes());
+    p.get("guest_state").shape = vec![(16 << 20) + 1];
+    p.get("guest_state").data = vec![0; (16 << 20) + 1];
+    let err = parse_session(p.build(true), None).unwrap_err();
+    assert!(matches!(err, SnapshotError::TooLarge { what: "guest_state", .. }), "{err:?}");
+    let mut p = parts(&data.bytes());
+    p.meta.insert("n_tokens".into(), ((1u64 << 22) + 1).to_string());
+    let err = parse_session(p.build(true), None).unwrap_err().to_string();
+    assert!(err.contains("n_tokens: 4194305 tokens, over the limit of 4194304"), "{err}");
+    let mut p = parts(&data.bytes());
+    p.meta.insert("digests".into(), "ab".repeat(32));
+    let err = parse_session(p.build(false), None).unwrap_err().to_string();
+    assert!(err.contains("digests: must be 4 comma-separated digests"), "{err}");
 }

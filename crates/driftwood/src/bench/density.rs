@@ -1,6 +1,8 @@
 //! `driftwood bench density`: how many live actors with N-token contexts fit in a memory budget on the
 //! zero-copy path vs a copy path that keeps a second, host-side copy of each actor's KV cache (what a runtime
-//! does when guest memory and compute memory are separate), and how hibernated actors store and wake.
+//! does when guest memory and compute memory are separate), and how hibernated actors store and wake: the
+//! resident memory a woken actor takes against the bytes its snapshot stores (a restore writes only the stored
+//! pages, so the two should be close; bar: at most 1.5×).
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -49,7 +51,19 @@ struct DensityResults {
     hibernated_bytes_per_actor: f64,
     wake_ms_p50: f64,
     wake_ms_p99: f64,
+    /// Linear memory each hibernated actor had.
+    hibernated_memory_bytes_per_actor: f64,
+    /// Resident memory each woken actor adds (all hibernated actors woken and kept alive; RSS delta / count).
+    woken_resident_bytes_per_actor: f64,
+    /// `woken_resident_bytes_per_actor / hibernated_bytes_per_actor`.
+    woken_resident_to_stored: f64,
+    /// The bar for `woken_resident_to_stored`.
+    woken_resident_to_stored_max: f64,
+    woken_resident_ok: bool,
 }
+
+/// Most resident memory a woken actor may take per byte its snapshot stores.
+const WOKEN_RESIDENT_TO_STORED_MAX: f64 = 1.5;
 
 fn rss() -> anyhow::Result<f64> {
     resident_bytes().map(|b| b as f64).ok_or_else(|| anyhow::anyhow!("this platform does not report RSS"))
@@ -103,9 +117,12 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
     let tmp = tempfile::tempdir()?;
     let store = ActorStore::open(tmp.path())?;
     let mut stored = 0u64;
+    let mut memory = 0u64;
     for i in 0..args.hibernated {
         let mut actor = Some(filled_actor(&runtime, args.context)?);
-        stored += store.hibernate(&format!("a{i}"), &mut actor)?.file_bytes;
+        let h = store.hibernate(&format!("a{i}"), &mut actor)?;
+        stored += h.file_bytes;
+        memory += h.memory_bytes;
     }
     let mut wake = vec![];
     for i in 0..args.hibernated {
@@ -115,6 +132,15 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
         drop(actor);
     }
     wake.sort_by(f64::total_cmp);
+    // Resident memory after wake: every hibernated actor woken and kept alive at once.
+    let before = rss()?;
+    let woken: Vec<Actor> = (0..args.hibernated)
+        .map(|i| store.wake(&runtime, &format!("a{i}"), driftwood_actors::CHAT))
+        .collect::<Result<_, _>>()?;
+    let woken_resident = (rss()? - before) / args.hibernated as f64;
+    drop(woken);
+    let stored_per_actor = stored as f64 / args.hibernated as f64;
+    let woken_ratio = woken_resident / stored_per_actor;
     let budget = (args.budget_mib << 20) as f64;
     let results = DensityResults {
         model: dir.display().to_string(),
@@ -127,9 +153,14 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
         copy_path_actors_in_budget: (budget / copy_path) as u64,
         density_ratio: copy_path / zero_copy,
         hibernated_actors: args.hibernated,
-        hibernated_bytes_per_actor: stored as f64 / args.hibernated as f64,
+        hibernated_bytes_per_actor: stored_per_actor,
         wake_ms_p50: median(&mut wake.clone()),
         wake_ms_p99: percentile(&wake, 0.99),
+        hibernated_memory_bytes_per_actor: memory as f64 / args.hibernated as f64,
+        woken_resident_bytes_per_actor: woken_resident,
+        woken_resident_to_stored: woken_ratio,
+        woken_resident_to_stored_max: WOKEN_RESIDENT_TO_STORED_MAX,
+        woken_resident_ok: woken_ratio <= WOKEN_RESIDENT_TO_STORED_MAX,
     };
     eprintln!(
         "{}-token contexts: {:.1} MiB/actor zero-copy vs {:.1} MiB/actor with a KV copy → {} vs {} actors in {} MiB ({:.2}×); hibernated: {:.1} MiB/actor on disk, wake p50 {:.2} ms, p99 {:.2} ms",
@@ -143,6 +174,15 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
         results.hibernated_bytes_per_actor / 1048576.0,
         results.wake_ms_p50,
         results.wake_ms_p99
+    );
+    eprintln!(
+        "woken ({}-token conversation): {:.2} MiB resident/actor vs {:.2} MiB stored ({:.2}×, bar ≤ {WOKEN_RESIDENT_TO_STORED_MAX}×: {}); memory size {:.1} MiB/actor",
+        args.context,
+        woken_resident / 1048576.0,
+        stored_per_actor / 1048576.0,
+        woken_ratio,
+        if results.woken_resident_ok { "ok" } else { "OVER" },
+        results.hibernated_memory_bytes_per_actor / 1048576.0
     );
     emit("density", "density-cpu", &args.output, results)
 }

@@ -6,9 +6,9 @@
 //! | `session_save` | `(model, kv, kv_dtype, max_seq, tokens, n, state, state_len) -> i32` | 0, or -1 (reason in [`Actor::take_host_error`](crate::Actor::take_host_error)) |
 //! | `session_load` | `(model, kv, kv_dtype, max_seq, tokens_out, state_out, state_cap) -> i32` | tokens restored, or -1 |
 //!
-//! The KV operand is as for `forward` (see [`inference`](super::inference)). The file stores f32 values: a bf16
-//! cache is widened as it is saved and rounded back as it is loaded (exact both ways for values that came from a
-//! bf16 cache), so a session saved from either dtype, on either backend, resumes on the other.
+//! The KV operand is as for `forward` (see [`inference`](super::inference)). The file (format version 3) stores
+//! the cache's own dtype; a load into a cache of the other dtype converts (bf16 → f32 exactly, f32 → bf16 rounded
+//! to nearest even), so a session saved from either dtype, on either backend, resumes on the other.
 //!
 //! `session_load` writes the state as a u32 little-endian length followed by the bytes.
 //!
@@ -20,7 +20,7 @@
 use driftwood_backend::DType;
 use driftwood_engine::Model;
 use driftwood_memory::CopyKind;
-use driftwood_snapshot::{SessionExpect, SessionSnapshot, read_session, stage_session, write_session};
+use driftwood_snapshot::{KvDtype, SessionExpect, SessionReader, SessionSnapshot, stage_session, write_session};
 use wasmtime::{Caller, Linker};
 
 use super::inference::kv_operand;
@@ -61,15 +61,15 @@ pub(crate) fn link(linker: &mut Linker<ActorState>) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn f32s(bytes: &[u8]) -> &[f32] {
+fn u32s(bytes: &[u8]) -> &[u32] {
     // SAFETY: callers pass 4-byte-aligned ranges of guest memory (checked), whose length is a multiple of 4;
-    // every bit pattern is an f32.
+    // every bit pattern is a u32.
     unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
 }
 
-fn u32s(bytes: &[u8]) -> &[u32] {
-    // SAFETY: as for `f32s`.
-    unsafe { std::slice::from_raw_parts(bytes.as_ptr().cast(), bytes.len() / 4) }
+/// The snapshot format's name for a KV dtype the ABI accepted (f32 or bf16, see `kv_operand`).
+fn file_dtype(dtype: DType) -> KvDtype {
+    if dtype == DType::BF16 { KvDtype::Bf16 } else { KvDtype::F32 }
 }
 
 /// Byte offset of layer `layer`'s K (`which` = 0) or V (1) rows in a cache of `max_seq` tokens of `dtype`.
@@ -77,10 +77,6 @@ fn kv_offset(model: &Model, layer: usize, which: usize, max_seq: usize, dtype: D
     ((layer * 2 + which) * max_seq) * model.config().kv_dim() * dtype.size()
 }
 
-/// `bf16` rows widened to f32 (exact).
-fn widen_bf16(bytes: &[u8]) -> Vec<f32> {
-    bytes.chunks_exact(2).map(|b| f32::from_bits(u32::from(u16::from_le_bytes([b[0], b[1]])) << 16)).collect()
-}
 
 fn session_save(
     caller: &mut Caller<'_, ActorState>,
@@ -109,18 +105,8 @@ fn session_save(
         let at = kv_offset(&model, l, which, max_seq as usize, kv_dtype);
         &kv_bytes[at..at + n as usize * row]
     };
-    // An f32 cache is borrowed straight from guest memory (the used rows of each layer's K and V); a bf16 one
-    // is widened into host memory first, charged to the ledger as snapshot bytes.
-    let widened: Vec<(Vec<f32>, Vec<f32>)> = if kv_dtype == DType::BF16 {
-        (0..c.num_layers).map(|l| (widen_bf16(rows(l, 0)), widen_bf16(rows(l, 1)))).collect()
-    } else {
-        Vec::new()
-    };
-    let layers = if kv_dtype == DType::BF16 {
-        widened.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect()
-    } else {
-        (0..c.num_layers).map(|l| (f32s(rows(l, 0)), f32s(rows(l, 1)))).collect()
-    };
+    // Borrowed straight from guest memory, in the cache's own dtype: the used rows of each layer's K and V.
+    let layers = (0..c.num_layers).map(|l| (rows(l, 0), rows(l, 1))).collect();
     let snapshot = SessionSnapshot {
         model_fingerprint: model.fingerprint(),
         tokenizer_fingerprint: model.tokenizer_fingerprint(),
@@ -129,6 +115,7 @@ fn session_save(
         head_dim: c.head_dim,
         tokens: u32s(&data[tokens]),
         guest_state: &data[guest_state],
+        kv_dtype: file_dtype(kv_dtype),
         layers,
     };
     // The actor is held up only until the snapshot no longer needs its memory; the rest (checksum, writing,
@@ -195,45 +182,43 @@ fn session_load(
         head_dim: c.head_dim,
         max_tokens: max_seq as usize,
     };
-    let file = match read_session(&path, Some(&expect)) {
-        Ok(file) => file,
+    // Header, sizes and shapes are checked before anything is read; the KV is then read straight into the
+    // guest's cache (converted when the file's dtype differs) with every digest verified, and zeroed again if
+    // any check fails, so the guest never sees a byte of a refused file.
+    let reader = match SessionReader::open(&path, Some(&expect)) {
+        Ok(reader) => reader,
         Err(e) => {
             state.host_error = Some(format!("cannot restore the session from {}: {e}", path.display()));
             return Ok(-1);
         }
     };
-    let saved_state = file.guest_state();
+    let saved_state = reader.guest_state().to_vec();
     if saved_state.len() + 4 > state_cap as usize {
         state.host_error = Some(format!("the snapshot's actor state ({} bytes) does not fit", saved_state.len()));
         return Ok(-1);
     }
-    // Everything is validated; now write into guest memory.
-    let n = file.n_tokens();
+    let n = reader.n_tokens();
+    let token_bytes: Vec<u8> = reader.tokens().iter().flat_map(|t| t.to_le_bytes()).collect();
+    let file_len = reader.file_len();
     let row = c.kv_dim() * kv_dtype.size();
-    for l in 0..c.num_layers {
-        for (which, rows) in [(0, file.k(l)), (1, file.v(l))] {
-            let at = kv.start + kv_offset(&model, l, which, max_seq as usize, kv_dtype);
-            let dst = &mut data[at..at + n * row];
-            if kv_dtype == DType::BF16 {
-                // Round to nearest even, as the engine stores new rows.
-                for (d, &x) in dst.chunks_exact_mut(2).zip(rows) {
-                    d.copy_from_slice(&half::bf16::from_f32(x).to_bits().to_le_bytes());
-                }
-            } else {
-                dst.copy_from_slice(bytemuck_f32(rows));
-            }
-        }
+    let block = max_seq as usize * row; // one layer's K (or V) rows in the guest's cache
+    // Disjoint views of the first `n` rows of every K and V block of the cache: (layer, {k, v}, max_seq, kv_dim).
+    let mut dst = Vec::with_capacity(c.num_layers);
+    let mut rest = &mut data[kv.start..kv.start + 2 * c.num_layers * block];
+    for _ in 0..c.num_layers {
+        let (k, tail) = rest.split_at_mut(block);
+        let (v, tail) = tail.split_at_mut(block);
+        rest = tail;
+        dst.push((&mut k[..n * row], &mut v[..n * row]));
     }
-    let token_bytes: Vec<u8> = file.tokens().iter().flat_map(|t| t.to_le_bytes()).collect();
+    if let Err(e) = reader.read_kv_into(file_dtype(kv_dtype), dst) {
+        state.host_error = Some(format!("cannot restore the session from {}: {e}", path.display()));
+        return Ok(-1);
+    }
     data[tokens.start..tokens.start + token_bytes.len()].copy_from_slice(&token_bytes);
     let s = guest_state.start;
     data[s..s + 4].copy_from_slice(&(saved_state.len() as u32).to_le_bytes());
-    data[s + 4..s + 4 + saved_state.len()].copy_from_slice(saved_state);
-    state.record_copy(CopyKind::Snapshot, file.file_len() as usize);
+    data[s + 4..s + 4 + saved_state.len()].copy_from_slice(&saved_state);
+    state.record_copy(CopyKind::Snapshot, file_len as usize);
     Ok(n as i32)
-}
-
-fn bytemuck_f32(v: &[f32]) -> &[u8] {
-    // SAFETY: any f32 slice is readable as bytes of 4× its length.
-    unsafe { std::slice::from_raw_parts(v.as_ptr().cast(), v.len() * 4) }
 }

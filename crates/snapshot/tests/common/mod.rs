@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::io::{self, Write};
 use std::path::Path;
 
-use driftwood_snapshot::{ActorImage, GlobalValue, ModelRef, SessionExpect, SessionFile, SessionSnapshot};
+use driftwood_snapshot::{ActorImage, GlobalValue, KvDtype, ModelRef, SessionExpect, SessionFile, SessionSnapshot};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use sha2::{Digest, Sha256};
@@ -23,7 +23,19 @@ pub struct SessionData {
     pub head_dim: usize,
     pub tokens: Vec<u32>,
     pub guest_state: Vec<u8>,
+    /// The KV values as f32 (for bf16 data, exactly the widened bf16 values).
     pub layers: Vec<(Vec<f32>, Vec<f32>)>,
+    pub kv_dtype: KvDtype,
+    /// The KV values as stored: little-endian elements of `kv_dtype`.
+    pub raw: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// Little-endian bytes of `values` in `dtype` (bf16: the upper half of each f32, which must be exact).
+pub fn raw_of(values: &[f32], dtype: KvDtype) -> Vec<u8> {
+    match dtype {
+        KvDtype::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        KvDtype::Bf16 => values.iter().flat_map(|x| ((x.to_bits() >> 16) as u16).to_le_bytes()).collect(),
+    }
 }
 
 impl SessionData {
@@ -39,7 +51,8 @@ impl SessionData {
         let mut rng = StdRng::seed_from_u64(seed);
         let elems = n_tokens * kv_heads * head_dim;
         let mut values = || (0..elems).map(|_| f32::from_bits(rng.random())).collect::<Vec<f32>>();
-        let layers = (0..num_layers).map(|_| (values(), values())).collect();
+        let layers: Vec<(Vec<f32>, Vec<f32>)> = (0..num_layers).map(|_| (values(), values())).collect();
+        let raw = layers.iter().map(|(k, v)| (raw_of(k, KvDtype::F32), raw_of(v, KvDtype::F32))).collect();
         let mut rng = StdRng::seed_from_u64(seed ^ 0x5eed);
         SessionData {
             model_fingerprint: MODEL_FP.to_string(),
@@ -50,7 +63,21 @@ impl SessionData {
             tokens: (0..n_tokens).map(|_| rng.random_range(0..50_000)).collect(),
             guest_state: (0..guest).map(|_| rng.random()).collect(),
             layers,
+            kv_dtype: KvDtype::F32,
+            raw,
         }
+    }
+
+    /// The same data with a bf16 cache: each value truncated to its upper 16 bits (so the f32 view is exact).
+    pub fn bf16(mut self) -> Self {
+        let cut = |v: &mut Vec<f32>| v.iter_mut().for_each(|x| *x = f32::from_bits(x.to_bits() & 0xffff_0000));
+        for (k, v) in &mut self.layers {
+            cut(k);
+            cut(v);
+        }
+        self.kv_dtype = KvDtype::Bf16;
+        self.raw = self.layers.iter().map(|(k, v)| (raw_of(k, KvDtype::Bf16), raw_of(v, KvDtype::Bf16))).collect();
+        self
     }
 
     pub fn snapshot(&self) -> SessionSnapshot<'_> {
@@ -60,9 +87,10 @@ impl SessionData {
             num_layers: self.num_layers,
             kv_heads: self.kv_heads,
             head_dim: self.head_dim,
+            kv_dtype: self.kv_dtype,
             tokens: &self.tokens,
             guest_state: &self.guest_state,
-            layers: self.layers.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect(),
+            layers: self.raw.iter().map(|(k, v)| (k.as_slice(), v.as_slice())).collect(),
         }
     }
 
@@ -93,9 +121,12 @@ impl SessionData {
         assert_eq!(f.guest_state(), self.guest_state.as_slice());
         assert_eq!(f.model_fingerprint(), self.model_fingerprint);
         assert_eq!(f.tokenizer_fingerprint(), self.tokenizer_fingerprint);
+        assert_eq!(f.kv_dtype(), self.kv_dtype);
         for (i, (k, v)) in self.layers.iter().enumerate() {
             assert_eq!(bits(f.k(i)), bits(k), "layer {i} k");
             assert_eq!(bits(f.v(i)), bits(v), "layer {i} v");
+            assert_eq!(f.k_bytes(i), self.raw[i].0.as_slice(), "layer {i} k bytes");
+            assert_eq!(f.v_bytes(i), self.raw[i].1.as_slice(), "layer {i} v bytes");
         }
     }
 }
