@@ -21,7 +21,8 @@
 #   llama1b   `bench gpu` on that model: logits and greedy tokens against the CPU backend and against the
 #             golden logits, prefill of 16/128/1024 tokens against the CPU, prefill times at 24/128/1024/4096,
 #             128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
-#   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned actors) at 24, 1024, 4096 tokens
+#   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned and managed actors) at 24, 1024,
+#             4096 tokens
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
 #   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the opt-in step
@@ -86,10 +87,15 @@ for stage in $stages; do
             > /dev/null 2> "$out/gpu-llama1b.log"
         ;;
     snapshot)
-        step "bench snapshot (Llama-3.2-1B-shaped, pinned)"
-        run "$bin" bench snapshot --backend cuda --placement pinned --model "$models/llama1b" --context 24 \
-            --context 1024 --context 4096 --reps 1 --out "$out/snapshot-cuda.json" > /dev/null 2> /tmp/snapshot.log
-        grep context /tmp/snapshot.log >&2
+        llama1b_model
+        for p in pinned managed; do
+            step "bench snapshot (Llama-3.2-1B-shaped, $p)"
+            suffix=$([ "$p" = pinned ] && echo "" || echo "-$p")
+            run "$bin" bench snapshot --backend cuda --placement "$p" --model "$models/llama1b" --context 24 \
+                --context 1024 --context 4096 --reps 3 --out "$out/snapshot-cuda$suffix.json" > /dev/null \
+                2> "/tmp/snapshot-$p.log"
+            grep context "/tmp/snapshot-$p.log" >&2
+        done
         ;;
     ttft)
         llama1b_model

@@ -19,6 +19,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+import urllib.error
 import urllib.request
 
 
@@ -30,7 +31,10 @@ def free_port():
 
 def post(url, body, stream=False, timeout=120):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"content-type": "application/json"})
-    return urllib.request.urlopen(req, timeout=timeout)
+    try:
+        return urllib.request.urlopen(req, timeout=timeout)
+    except urllib.error.HTTPError as e:  # say why the server refused, then stop
+        raise SystemExit(f"{url}: HTTP {e.code}: {e.read().decode(errors='replace')}")
 
 
 def main():
@@ -67,7 +71,7 @@ def main():
             return f"# run {salt}\n" + "\n".join(words[:n_words])
 
         # Grow the text until it has the asked number of tokens (the server counts them).
-        n_words, prompt_tokens = max(8, args.tokens // 8), 0
+        n_words, prompt_tokens = max(8, args.tokens // 20), 0
         for _ in range(12):
             usage = json.load(post(base + "/v1/completions",
                                    {"model": model_id, "prompt": prompt_of(n_words, 0), "max_tokens": 1,

@@ -100,6 +100,8 @@ pub(crate) struct ActorState {
     shutdown: Arc<AtomicBool>,
     /// The KV cache dtype `model_info` recommends to this actor (the runtime's, see `Runtime::kv_dtype`).
     pub(crate) kv_dtype: driftwood_backend::DType,
+    /// Whether the actor's memory is CUDA managed memory (restored pages are then prefetched to the device).
+    pub(crate) managed: bool,
 }
 
 /// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
@@ -154,6 +156,7 @@ impl ActorState {
             call_deadline: None,
             shutdown,
             kv_dtype: crate::CPU_KV_DTYPE,
+            managed: false,
         }
     }
 

@@ -272,6 +272,7 @@ impl Runtime {
         );
         state.batcher = self.batcher.clone();
         state.kv_dtype = self.kv_dtype();
+        state.managed = self.config.placement == Placement::CudaManaged;
         state
     }
 

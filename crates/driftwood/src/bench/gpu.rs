@@ -72,7 +72,12 @@ pub struct GpuArgs {
 struct PlacementRun {
     placement: &'static str,
     max_abs_logit_diff_vs_cpu: Option<f32>,
+    /// The CPU's largest |logit| after the prompt, for scale.
+    max_abs_logit_cpu: Option<f32>,
     greedy_tokens_equal_cpu: Option<usize>,
+    /// When the greedy tokens part: the CPU's top-1 minus top-2 logit at that step (a near tie when it is within
+    /// the logit tolerance).
+    cpu_top2_gap_at_divergence: Option<f32>,
     greedy_tokens_compared: usize,
     prompt_ms: f64,
     decode_ms_per_token: f64,
@@ -80,7 +85,7 @@ struct PlacementRun {
     first_tokens: Vec<u32>,
 }
 
-/// GPU prefill logits against the CPU backend's (f32 KV cache) for one prompt.
+/// GPU prefill logits against the CPU backend's (bf16 KV cache, f32 arithmetic) for one prompt.
 #[derive(Serialize, Debug)]
 struct PrefillCheck {
     placement: &'static str,
@@ -150,7 +155,9 @@ struct GoldenCheck {
     greedy_compared: usize,
 }
 
-/// A KV cache and a logits buffer in one region of `placement`: a bf16 cache for the GPU, f32 on the host.
+/// A bf16 KV cache and a logits buffer in one region of `placement`. The CPU reference runs a bf16 cache too, so
+/// that GPU and CPU differ only in their arithmetic (bf16 tensor-core products against f32 ones), not in what
+/// the cache holds.
 struct SeqMemory {
     region: SharedRegion,
     max_seq: usize,
@@ -160,7 +167,7 @@ struct SeqMemory {
 
 impl SeqMemory {
     fn new(model: &Model, cuda: Option<&CudaBackend>, placement: Placement, max_seq: usize) -> anyhow::Result<Self> {
-        let dtype = if placement == Placement::Host { DType::F32 } else { DType::BF16 };
+        let dtype = DType::BF16;
         // The logits start on a 64-byte boundary after the cache.
         let kv_bytes = model.kv_bytes(max_seq, dtype).next_multiple_of(64);
         let bytes = kv_bytes + model.config().vocab_size * 4;
@@ -222,6 +229,19 @@ impl SeqMemory {
     }
 }
 
+/// The largest logit minus the second largest.
+fn top2_gap(v: &[f32]) -> f32 {
+    let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
+    for &x in v {
+        if x > a {
+            (a, b) = (x, a);
+        } else if x > b {
+            b = x;
+        }
+    }
+    a - b
+}
+
 fn argmax(v: &[f32]) -> u32 {
     let mut best = 0;
     for (i, &x) in v.iter().enumerate() {
@@ -264,13 +284,14 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         let mut scratch = Scratch::default();
         let mut logits = mem.forward(&model, &cpu, 0, &tokens, &mut scratch)?;
         let first = logits.clone();
-        let mut greedy = vec![];
+        let (mut greedy, mut gaps) = (vec![], vec![]);
         for i in 0..args.check_tokens {
             let next = argmax(&logits);
             greedy.push(next);
+            gaps.push(top2_gap(&logits));
             logits = mem.forward(&model, &cpu, tokens.len() + i, &[next], &mut scratch)?;
         }
-        Some((first, greedy))
+        Some((first, greedy, gaps))
     };
 
     let mut runs = vec![];
@@ -282,7 +303,7 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         let prompt_ms = t.elapsed().as_secs_f64() * 1e3;
         let diff = reference
             .as_ref()
-            .map(|(first, _)| first.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max));
+            .map(|(first, _, _)| first.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max));
         let mut generated = vec![];
         let mut times = vec![];
         for i in 0..args.gen_tokens {
@@ -295,7 +316,10 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
             logits = mem.logits();
         }
         let equal =
-            reference.as_ref().map(|(_, greedy)| greedy.iter().zip(&generated).take_while(|(a, b)| a == b).count());
+            reference.as_ref().map(|(_, greedy, _)| greedy.iter().zip(&generated).take_while(|(a, b)| a == b).count());
+        // Where the tokens part, how close the CPU's own top two logits were at that step.
+        let cpu_top2_gap_at_divergence =
+            reference.as_ref().zip(equal).and_then(|((_, _, gaps), k)| gaps.get(k).copied());
         let p90 = {
             let mut s = times.clone();
             s.sort_by(f64::total_cmp);
@@ -304,7 +328,9 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         let run = PlacementRun {
             placement: placement.name(),
             max_abs_logit_diff_vs_cpu: diff,
+            max_abs_logit_cpu: reference.as_ref().map(|(first, _, _)| first.iter().fold(0.0f32, |m, x| m.max(x.abs()))),
             greedy_tokens_equal_cpu: equal,
+            cpu_top2_gap_at_divergence,
             greedy_tokens_compared: args.check_tokens.min(args.gen_tokens),
             prompt_ms,
             decode_ms_per_token: median(&mut times),
@@ -354,24 +380,29 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
 /// bf16 rounding of a few units.
 fn check_failures(r: &GpuResults) -> Vec<String> {
     const TOLERANCE: f32 = 0.05;
-    // A whole prompt in bf16 activations and a bf16 cache: a few bf16 units of the largest logit.
-    const PREFILL_REL_TOLERANCE: f32 = 0.02;
+    // bf16 activations through every layer: a few bf16 units (2⁻⁸) of the largest logit. For scale,
+    // transformers' own bf16 run differs from its f32 run by 1.6 % of the largest logit on the 16-token golden
+    // prompt of the Llama-3.2-1B-shaped model.
+    const REL_TOLERANCE: f32 = 0.025;
     let mut out = vec![];
     for run in &r.runs {
         if let (Some(equal), Some(diff)) = (run.greedy_tokens_equal_cpu, run.max_abs_logit_diff_vs_cpu) {
-            if equal < run.greedy_tokens_compared {
+            let tolerance = TOLERANCE.max(REL_TOLERANCE * run.max_abs_logit_cpu.unwrap_or(0.0));
+            // Tokens may part only where the CPU itself could not tell its top two apart within the tolerance.
+            let near_tie = run.cpu_top2_gap_at_divergence.is_some_and(|gap| gap <= tolerance);
+            if equal < run.greedy_tokens_compared && !near_tie {
                 out.push(format!(
-                    "{}: {equal} of {} greedy tokens equal the CPU's",
-                    run.placement, run.greedy_tokens_compared
+                    "{}: {equal} of {} greedy tokens equal the CPU's (its top-2 gap there: {:?})",
+                    run.placement, run.greedy_tokens_compared, run.cpu_top2_gap_at_divergence
                 ));
             }
-            if diff.is_nan() || diff > TOLERANCE {
+            if diff.is_nan() || diff > tolerance {
                 out.push(format!("{}: logits differ from the CPU's by up to {diff}", run.placement));
             }
         }
     }
     for p in &r.prefill_checks {
-        let tolerance = TOLERANCE.max(PREFILL_REL_TOLERANCE * p.max_abs_logit_cpu);
+        let tolerance = TOLERANCE.max(REL_TOLERANCE * p.max_abs_logit_cpu);
         if p.max_abs_logit_diff_vs_cpu.is_nan() || p.max_abs_logit_diff_vs_cpu > tolerance || !p.argmax_equal_cpu {
             out.push(format!("prefill against the CPU: {p:?}"));
         }

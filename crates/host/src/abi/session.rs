@@ -77,7 +77,6 @@ fn kv_offset(model: &Model, layer: usize, which: usize, max_seq: usize, dtype: D
     ((layer * 2 + which) * max_seq) * model.config().kv_dim() * dtype.size()
 }
 
-
 fn session_save(
     caller: &mut Caller<'_, ActorState>,
     handle: u32,
@@ -214,6 +213,21 @@ fn session_load(
     if let Err(e) = reader.read_kv_into(file_dtype(kv_dtype), dst) {
         state.host_error = Some(format!("cannot restore the session from {}: {e}", path.display()));
         return Ok(-1);
+    }
+    if state.managed
+        && n > 0
+        && let driftwood_backend::Device::Cuda(cuda) = state.device()
+    {
+        // The restored rows were written by the CPU, so the driver holds them in host memory: move them to the
+        // device now, on the stream the actor's next step runs on, instead of faulting them over one by one.
+        let base = data.as_ptr() as u64 + kv.start as u64;
+        let prefetched = cuda.exec().and_then(|exec| {
+            (0..2 * c.num_layers).try_for_each(|b| exec.prefetch_to_device(base + (b * block) as u64, n * row))
+        });
+        if let Err(e) = prefetched {
+            state.host_error = Some(format!("the session was restored, but moving it to the GPU failed: {e}"));
+            return Ok(-1);
+        }
     }
     data[tokens.start..tokens.start + token_bytes.len()].copy_from_slice(&token_bytes);
     let s = guest_state.start;
