@@ -34,7 +34,7 @@ pub struct ModelArgs {
     /// Tokens the session's KV cache holds (0: the model's context length).
     #[arg(long, default_value_t = 0)]
     max_seq: u32,
-    /// KV cache dtype: f32 or bf16 (default: bf16 on CUDA, f32 on the CPU).
+    /// KV cache dtype: f32 or bf16 (default: bf16, on either backend).
     #[arg(long, value_parser = parse_kv_dtype)]
     kv_dtype: Option<DType>,
     /// Most tokens to generate per request.

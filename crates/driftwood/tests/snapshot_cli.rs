@@ -128,7 +128,7 @@ fn inspect_reports_both_kinds_and_rejects_corruption() {
         assert!(integrity.contains("BLAKE3") && !integrity.contains("SHA"), "{integrity}");
     }
     assert_eq!(s["version"], 3);
-    assert_eq!(s["kv_dtype"], "f32");
+    assert_eq!(s["kv_dtype"], "bf16", "the CPU backend's default KV dtype");
     assert_eq!(a["models"][0]["name"], "default");
     assert!(a["pages_stored"].as_u64().unwrap() < a["pages_total"].as_u64().unwrap(), "only non-zero pages");
     let mut bytes = std::fs::read(&actor).unwrap();

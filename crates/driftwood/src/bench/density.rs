@@ -32,6 +32,9 @@ pub struct DensityArgs {
     /// Actors hibernated and woken for the latency figures.
     #[arg(long, default_value_t = 64)]
     hibernated: u32,
+    /// KV cache dtype of the actors: f32 or bf16 (default: the CPU backend's, bf16).
+    #[arg(long, value_parser = crate::llm::parse_kv_dtype)]
+    kv_dtype: Option<driftwood_backend::DType>,
     #[command(flatten)]
     output: Output,
 }
@@ -40,6 +43,9 @@ pub struct DensityArgs {
 struct DensityResults {
     model: String,
     context: u32,
+    kv_dtype: &'static str,
+    /// KV cache bytes one token takes in `kv_dtype`.
+    kv_bytes_per_token: usize,
     kv_bytes_per_actor: u64,
     budget_mib: u64,
     zero_copy_bytes_per_actor: f64,
@@ -86,9 +92,12 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
     let runtime = Runtime::new(RuntimeConfig {
         log: LogMode::Capture,
         limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
+        kv_dtype: args.kv_dtype,
         ..Default::default()
     })?;
-    runtime.register_model("default", load_model(&dir)?);
+    let model = load_model(&dir)?;
+    let kv_bytes_per_token = model.kv_bytes(1, runtime.kv_dtype());
+    runtime.register_model("default", model);
     // Warm-up: compile the module, touch the weights, size the thread pool.
     drop(filled_actor(&runtime, args.context)?);
 
@@ -145,6 +154,8 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
     let results = DensityResults {
         model: dir.display().to_string(),
         context: args.context,
+        kv_dtype: runtime.kv_dtype().name(),
+        kv_bytes_per_token,
         kv_bytes_per_actor: kv_bytes,
         budget_mib: args.budget_mib,
         zero_copy_bytes_per_actor: zero_copy,
@@ -184,5 +195,6 @@ pub fn run(args: &DensityArgs) -> anyhow::Result<()> {
         if results.woken_resident_ok { "ok" } else { "OVER" },
         results.hibernated_memory_bytes_per_actor / 1048576.0
     );
-    emit("density", "density-cpu", &args.output, results)
+    let name = if runtime.kv_dtype() == driftwood_backend::DType::F32 { "density-cpu-f32kv" } else { "density-cpu" };
+    emit("density", name, &args.output, results)
 }

@@ -139,11 +139,15 @@ fn snapshot_table(v: &Value) -> String {
     ) + &provenance(v)
 }
 
-fn density_table(v: &Value) -> String {
+fn density_table(v: &Value, f32_kv: Option<&Value>) -> String {
     let r = &v["results"];
     let mib = |k: &str| num(r, k) / 1048576.0;
-    format!(
-        "| | per actor | actors in {} MiB |\n|---|---:|---:|\n| zero-copy (KV only in the actor) | {:.1} MiB | {} |\n| copy path (second KV copy on the host) | {:.1} MiB | {} |\n| hibernated (on disk) | {:.1} MiB | wake p50 {:.2} ms, p99 {:.2} ms over {} actors |\n\n{}-token contexts, {:.2}× more live actors zero-copy.\n{}",
+    let kv = r["kv_dtype"].as_str().unwrap_or("?");
+    let mut t = format!(
+        "| | per actor | actors in {} MiB |\n|---|---:|---:|\n| zero-copy (KV only in the actor) | {:.1} MiB | {} |\n| \
+         copy path (second KV copy on the host) | {:.1} MiB | {} |\n| hibernated (on disk) | {:.1} MiB | wake p50 {:.2} \
+         ms, p99 {:.2} ms over {} actors |\n| woken (resident after wake) | {:.1} MiB | {:.2}× the snapshot's stored \
+         bytes |\n\n{}-token contexts, {kv} KV ({} bytes per token), {:.2}× more live actors zero-copy.",
         num(r, "budget_mib"),
         mib("zero_copy_bytes_per_actor"),
         num(r, "zero_copy_actors_in_budget"),
@@ -153,10 +157,22 @@ fn density_table(v: &Value) -> String {
         num(r, "wake_ms_p50"),
         num(r, "wake_ms_p99"),
         num(r, "hibernated_actors"),
+        num(r, "woken_resident_bytes_per_actor") / 1048576.0,
+        num(r, "woken_resident_to_stored"),
         num(r, "context"),
+        num(r, "kv_bytes_per_token"),
         num(r, "density_ratio"),
-        provenance(v)
-    )
+    );
+    if let Some(f) = f32_kv {
+        let f = &f["results"];
+        t += &format!(
+            " With an f32 cache (`--kv-dtype f32`): {} KV bytes per token, {:.1} MiB per live actor, {} actors in the budget.",
+            num(f, "kv_bytes_per_token"),
+            num(f, "zero_copy_bytes_per_actor") / 1048576.0,
+            num(f, "zero_copy_actors_in_budget"),
+        );
+    }
+    t + "\n" + &provenance(v)
 }
 
 /// The CUDA backend on the Llama-3.2-1B-shaped model, with the PyTorch peers of the same run's device.
@@ -191,7 +207,7 @@ fn gpu_table(v: &Value, peers_decode: Option<&Value>, peers_batched: Option<&Val
     if b.is_object() {
         t += &format!(
             "\nBatched: {} sequences with {}-token contexts (managed memory) step together at {:.0} tokens/s \
-             ({:.2} ms/step; roofline {:.0} tokens/s for weights plus every sequence's f32 KV per step)",
+             ({:.2} ms/step; roofline {:.0} tokens/s for weights plus every sequence's bf16 KV per step)",
             num(b, "batch"),
             num(b, "context"),
             num(b, "tokens_per_s"),
@@ -225,7 +241,7 @@ fn gpu_table(v: &Value, peers_decode: Option<&Value>, peers_batched: Option<&Val
 /// GPU prefill from position 0 (last token's logits only): ours per placement next to transformers and the
 /// static-cache PyTorch prefill, from `gpu-cuda.json` and `peers-torch-prefill-cuda.json`.
 fn prefill_table(gpu: &Value, peers: Option<&Value>) -> String {
-    let runs: Vec<&Value> = gpu["prefill"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
+    let runs: Vec<&Value> = gpu["results"]["prefill"].as_array().map(|a| a.iter().collect()).unwrap_or_default();
     let peer = |tokens: u64, key: &str| {
         peers
             .and_then(|p| p["prefill"].as_array())
@@ -236,11 +252,11 @@ fn prefill_table(gpu: &Value, peers: Option<&Value>) -> String {
         runs.iter().find(|r| r["tokens"].as_u64() == Some(tokens) && r["placement"] == placement).copied()
     };
     let mut tokens: Vec<u64> = runs.iter().filter_map(|r| r["tokens"].as_u64()).collect();
+    tokens.sort_unstable();
     tokens.dedup();
     let mut t = String::from(
-        "| prompt tokens | Driftwood, pinned | TFLOP/s | Driftwood, managed | transformers (bf16, SDPA) | PyTorch static          cache | vs transformers |
-|---:|---:|---:|---:|---:|---:|---:|
-",
+        "| prompt tokens | Driftwood, pinned | TFLOP/s | Driftwood, managed | transformers (bf16, SDPA) | PyTorch static \
+         cache | vs transformers |\n|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for n in tokens {
         let pinned = ours(n, "pinned");
@@ -259,9 +275,47 @@ fn prefill_table(gpu: &Value, peers: Option<&Value>) -> String {
         );
     }
     t + "
-Medians; ours timed on the host clock around the call an actor makes (the last token's logits land in          its memory), the peers with CUDA events around `model(ids, use_cache=True, logits_to_keep=1)`.
-"
-        + &provenance(gpu)
+Medians; ours timed on the host clock around the call an actor makes (the last token's logits land in \
+         its memory), the peers with CUDA events around `model(ids, use_cache=True, logits_to_keep=1)`.
+" + &provenance(gpu)
+}
+
+/// GPU session restore per placement next to our own re-prefill and `safetensors.torch.load_file` of the same
+/// KV onto the GPU, from `snapshot-cuda.json`, `snapshot-cuda-managed.json` and the torch prefill peer.
+fn snapshot_gpu_table(pinned: &Value, managed: Option<&Value>, peers: Option<&Value>) -> String {
+    let rows = |v: Option<&Value>| -> Vec<Value> {
+        v.and_then(|v| v["results"]["rows"].as_array().cloned()).unwrap_or_default()
+    };
+    let (pinned_rows, managed_rows) = (rows(Some(pinned)), rows(managed));
+    let mut t = String::from(
+        "| context | file | restore, pinned | restore, managed | effective GB/s | re-prefill |          safetensors → GPU (peer) | save, durable |
+|---:|---:|---:|---:|---:|---:|---:|---:|
+",
+    );
+    for row in &pinned_rows {
+        let context = row["context"].as_u64();
+        let m = managed_rows.iter().find(|r| r["context"].as_u64() == context);
+        let peer = peers
+            .and_then(|p| p["restore"].as_array())
+            .and_then(|a| a.iter().find(|r| r["tokens"].as_u64() == context))
+            .map_or(f64::NAN, |r| num(r, "safetensors_load_cuda_ms"));
+        let best = num(row, "restore_ms").min(m.map_or(f64::INFINITY, |m| num(m, "restore_ms")));
+        t += &format!(
+            "| {} | {:.1} MB | {:.2} ms | {} | {:.1} | {:.1} ms | {peer:.2} ms | {:.1} ms |\n",
+            num(row, "context"),
+            num(row, "file_bytes") / 1e6,
+            num(row, "restore_ms"),
+            m.map_or("—".into(), |m| format!("{:.2} ms", num(m, "restore_ms"))),
+            num(row, "file_bytes") / best / 1e6,
+            num(row, "reprefill_ms"),
+            num(row, "save_durable_ms"),
+        );
+    }
+    t + "\nbf16 KV, format v3 (per-tensor BLAKE3 verified as it is read); medians. *restore*: `session_load` in \
+         the actor from a file in the page cache, checksums included, until the KV is in its memory (managed: and \
+         prefetched to the GPU); *re-prefill*: the same tokens through our GPU prefill; the peer loads the same \
+         bf16 KV tensors with `safetensors.torch.load_file(path, device=\"cuda\")`.\n"
+        + &provenance(pinned)
 }
 
 fn replace_between(doc: &str, name: &str, body: &str) -> anyhow::Result<String> {
@@ -289,16 +343,19 @@ pub fn run(args: &ReadmeArgs) -> anyhow::Result<()> {
     if let Ok(gpu) = load(args, "gpu-cuda") {
         let (d, b) = (load(args, "peers-torch-decode-cuda").ok(), load(args, "peers-torch-batched-cuda").ok());
         doc = replace_between(&doc, "gpu", &gpu_table(&gpu, d.as_ref(), b.as_ref()))?;
-        if gpu["prefill"].as_array().is_some_and(|a| !a.is_empty()) {
+        if gpu["results"]["prefill"].as_array().is_some_and(|a| !a.is_empty()) {
             let peers = load(args, "peers-torch-prefill-cuda").ok();
             doc = replace_between(&doc, "gpu-prefill", &prefill_table(&gpu, peers.as_ref()))?;
         }
     }
     if let Ok(snapshot) = load(args, "snapshot-cuda") {
-        doc = replace_between(&doc, "snapshot-gpu", &snapshot_table(&snapshot))?;
+        let managed = load(args, "snapshot-cuda-managed").ok();
+        let peers = load(args, "peers-torch-prefill-cuda").ok();
+        doc = replace_between(&doc, "snapshot-gpu", &snapshot_gpu_table(&snapshot, managed.as_ref(), peers.as_ref()))?;
     }
     if let Ok(density) = load(args, "density-cpu") {
-        doc = replace_between(&doc, "density", &density_table(&density))?;
+        let f32_kv = load(args, "density-cpu-f32kv").ok();
+        doc = replace_between(&doc, "density", &density_table(&density, f32_kv.as_ref()))?;
     }
     std::fs::write(&args.readme, doc).with_context(|| format!("cannot write {}", args.readme.display()))?;
     eprintln!("updated {}", args.readme.display());
