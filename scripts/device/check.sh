@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The CUDA backend's checks and benchmarks on a GPU machine, from a binary built elsewhere.
 #
-#   scripts/device/check.sh [STAGE...]        stages: kernels smoke sanitize peers llama1b snapshot ttft (default: all)
+#   scripts/device/check.sh [STAGE...]        stages: kernels smoke sanitize peers llama1b snapshot resume ttft (default: all)
 #
 # Needs the stripped x86-64 binary at target/device/driftwood (build: cargo build --release && strip -o
 # target/device/driftwood target/release/driftwood) and, for the test stage, test binaries under
@@ -23,6 +23,7 @@
 #             128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned and managed actors) at 24, 1024,
 #             4096 tokens
+#   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU: $out/resume.txt
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
 #   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the opt-in step
@@ -36,7 +37,7 @@ out=${OUT:-target/device-out}
 models=${MODELS:-/tmp/driftwood-models}
 peers=${PEERS:-/tmp/driftwood-peers}   # the peers' full output (logs, .npy); its JSON is copied to $out/peers
 mkdir -p "$out" "$models"
-stages=${*:-kernels smoke sanitize peers llama1b snapshot ttft}
+stages=${*:-kernels smoke sanitize peers llama1b snapshot resume ttft}
 status=0
 step() { echo "== $*" >&2; }
 run() { "$@" || { echo "FAILED ($?): $*" >&2; status=1; }; }
@@ -96,6 +97,26 @@ for stage in $stages; do
                 2> "/tmp/snapshot-$p.log"
             grep context "/tmp/snapshot-$p.log" >&2
         done
+        ;;
+    resume)
+        # A session saved on the GPU (bf16 KV) resumes on the CPU, and one saved on the CPU resumes on the GPU;
+        # each continuation is compared with the same 32 tokens generated without a break on the backend that
+        # resumes. $out/resume.txt holds the texts; a failed save or resume fails the stage.
+        step "sessions across backends (bundled model)"
+        d=$(mktemp -d)
+        gen() { "$bin" generate --temperature 0 "$@" 2>> "$d/log"; }
+        for pair in "cuda cpu" "cpu cuda"; do
+            set -- $pair
+            run gen --backend "$1" --prompt "Once upon a time" --max-tokens 16 --save-session "$d/$1.safetensors" \
+                > "$d/first-$1.txt"
+            run gen --backend "$2" --resume "$d/$1.safetensors" --max-tokens 16 > "$d/resumed-$1-on-$2.txt"
+            run gen --backend "$2" --prompt "Once upon a time" --max-tokens 32 > "$d/whole-$2.txt"
+            whole=$(cat "$d/whole-$2.txt"); joined="$(cat "$d/first-$1.txt")$(cat "$d/resumed-$1-on-$2.txt")"
+            same=$([ "$whole" = "$joined" ] && echo yes || echo no)
+            { echo "saved on $1, resumed on $2: continuation equals $2's unbroken run: $same"
+              echo "  unbroken: $whole"; echo "  resumed:  $joined"; } >> "$out/resume.txt"
+        done
+        cat "$out/resume.txt" >&2
         ;;
     ttft)
         llama1b_model
