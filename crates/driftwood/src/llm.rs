@@ -145,7 +145,13 @@ impl ChatSession {
         }
         let runtime = Runtime::new(RuntimeConfig {
             backend: args.backend,
-            placement: args.placement.unwrap_or_default(),
+            // No --placement: host memory on the CPU, pinned with `--backend cuda` (which cannot address host
+            // memory; `auto` on a GPU picks pinned by itself).
+            placement: args.placement.unwrap_or(if args.backend == BackendKind::Cuda {
+                driftwood_memory::Placement::CudaPinned
+            } else {
+                driftwood_memory::Placement::Host
+            }),
             log: LogMode::Stderr,
             limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
             batch_window: None,
