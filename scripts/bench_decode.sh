@@ -21,7 +21,8 @@
 # (e.g. `bench decode` not there yet) is recorded in the result file and the peers still run.
 # Never run by CI. Run it on an idle machine: see bench/peers/README.md.
 # Knobs: BENCH_STEPS (64), BENCH_WARMUP (8), BENCH_REPEATS (3), BENCH_CONTEXTS ("128 1024"),
-# BENCH_DTYPES ("f32 bf16"), CARGO_BUILD_JOBS (1), CMAKE_BUILD_PARALLEL_LEVEL (nproc).
+# BENCH_DTYPES ("f32 bf16"), BENCH_KV_DTYPE (Driftwood's KV cache dtype, bf16), CARGO_BUILD_JOBS (1),
+# CMAKE_BUILD_PARALLEL_LEVEL (nproc).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -96,6 +97,10 @@ read -r -a DW <<<"$DRIFTWOOD_CMD"
 DW_EXTRA=()
 if [[ $DRIFTWOOD_BUILD_OK == 1 ]] && "${DW[@]}" bench decode --help 2>/dev/null | grep -q -- '--no-write'; then
   DW_EXTRA=(--no-write)
+fi
+# Driftwood's KV cache dtype for the comparison (its CPU default, bf16; llama.cpp's default cache is f16).
+if [[ $DRIFTWOOD_BUILD_OK == 1 ]] && "${DW[@]}" bench decode --help 2>/dev/null | grep -q -- '--kv-dtype'; then
+  DW_EXTRA+=(--kv-dtype "${BENCH_KV_DTYPE:-bf16}")
 fi
 
 # 4. Interleaved runs: BENCH_REPEATS sweeps; in each, per dtype and context, Driftwood then candle then
