@@ -145,13 +145,7 @@ impl ChatSession {
         }
         let runtime = Runtime::new(RuntimeConfig {
             backend: args.backend,
-            // No --placement: host memory on the CPU, pinned with `--backend cuda` (which cannot address host
-            // memory; `auto` on a GPU picks pinned by itself).
-            placement: args.placement.unwrap_or(if args.backend == BackendKind::Cuda {
-                driftwood_memory::Placement::CudaPinned
-            } else {
-                driftwood_memory::Placement::Host
-            }),
+            placement: args.placement.unwrap_or(RuntimeConfig::default_placement(args.backend)),
             log: LogMode::Stderr,
             limits: ActorLimits { memory_bytes: 4 << 30, deadline: Duration::from_secs(3600), ..Default::default() },
             batch_window: None,

@@ -59,6 +59,15 @@ pub struct RuntimeConfig {
     pub kv_dtype: Option<DType>,
 }
 
+impl RuntimeConfig {
+    /// The placement to use for `backend` when none is asked for: pinned actor memory with `cuda` (which cannot
+    /// address plain host memory), host memory otherwise (`auto` on a GPU machine moves to pinned by itself in
+    /// [`Runtime::new`]).
+    pub fn default_placement(backend: BackendKind) -> Placement {
+        if backend == BackendKind::Cuda { Placement::CudaPinned } else { Placement::Host }
+    }
+}
+
 /// Models loaded by the host, by name. Each is loaded once and shared by every actor that opens it.
 #[derive(Default)]
 pub struct ModelRegistry {

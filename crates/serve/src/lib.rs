@@ -213,13 +213,7 @@ impl Server {
             .unwrap_or_else(|| config.model_dir.file_name().and_then(|n| n.to_str()).unwrap_or("default").to_string());
         let runtime = Runtime::new(RuntimeConfig {
             backend: config.backend,
-            // The GPU addresses actor memory it has registered: `--backend cuda` serves pinned actors (`auto`
-            // on a GPU machine picks the same by itself).
-            placement: if config.backend == BackendKind::Cuda {
-                driftwood_memory::Placement::CudaPinned
-            } else {
-                driftwood_memory::Placement::default()
-            },
+            placement: RuntimeConfig::default_placement(config.backend),
             log: LogMode::Capture,
             limits: config.limits,
             batch_window: config.batch_window,
