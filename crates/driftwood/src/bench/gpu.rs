@@ -229,6 +229,16 @@ impl SeqMemory {
     }
 }
 
+/// max |x|.
+fn max_abs(v: &[f32]) -> f32 {
+    v.iter().fold(0.0f32, |m, x| m.max(x.abs()))
+}
+
+/// max |a − b| over the pairs.
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0f32, f32::max)
+}
+
 /// The largest logit minus the second largest.
 fn top2_gap(v: &[f32]) -> f32 {
     let (mut a, mut b) = (f32::NEG_INFINITY, f32::NEG_INFINITY);
@@ -301,9 +311,7 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let mut logits = mem.forward(&model, &device, 0, &tokens, &mut scratch)?;
         let prompt_ms = t.elapsed().as_secs_f64() * 1e3;
-        let diff = reference
-            .as_ref()
-            .map(|(first, _, _)| first.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max));
+        let diff = reference.as_ref().map(|(first, _, _)| max_abs_diff(first, &logits));
         let mut generated = vec![];
         let mut times = vec![];
         for i in 0..args.gen_tokens {
@@ -328,7 +336,7 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         let run = PlacementRun {
             placement: placement.name(),
             max_abs_logit_diff_vs_cpu: diff,
-            max_abs_logit_cpu: reference.as_ref().map(|(first, _, _)| first.iter().fold(0.0f32, |m, x| m.max(x.abs()))),
+            max_abs_logit_cpu: reference.as_ref().map(|(first, _, _)| max_abs(first)),
             greedy_tokens_equal_cpu: equal,
             cpu_top2_gap_at_divergence,
             greedy_tokens_compared: args.check_tokens.min(args.gen_tokens),
@@ -492,7 +500,7 @@ fn prefill_runs(
                 &tokens,
                 &mut Scratch::default(),
             )?;
-            let max_ref = reference.iter().fold(0.0f32, |m, x| m.max(x.abs()));
+            let max_ref = max_abs(&reference);
             for placement in [Placement::CudaPinned, Placement::CudaManaged] {
                 for cached_prefix in [0, t / 2] {
                     let mem = SeqMemory::new(model, Some(cuda), placement, t)?;
@@ -501,7 +509,7 @@ fn prefill_runs(
                         mem.forward(model, device, 0, &tokens[..cached_prefix], &mut scratch)?;
                     }
                     let logits = mem.forward(model, device, cached_prefix, &tokens[cached_prefix..], &mut scratch)?;
-                    let diff = reference.iter().zip(&logits).map(|(a, b)| (a - b).abs()).fold(0.0f32, f32::max);
+                    let diff = max_abs_diff(&reference, &logits);
                     let check = PrefillCheck {
                         placement: placement.name(),
                         tokens: t,
