@@ -54,6 +54,21 @@ fn chat_text(rt: &Runtime) -> String {
 
 /// Runs `hostile` on its own thread while the chat actor generates in the same runtime; checks the chat text is
 /// the one it produces alone and returns what `hostile` returned.
+/// Calls the actor's `go` beside a chat actor (see [`beside_chat`]); it must fail with its own deadline. Returns
+/// how long the call took.
+fn go_past_deadline(rt: &Runtime, actor: &mut Actor, deadline: Duration) -> Duration {
+    let (result, took) = beside_chat(rt, || {
+        let started = Instant::now();
+        let result = actor.call::<(), ()>("go", ());
+        (result, started.elapsed())
+    });
+    match result {
+        Err(ActorError::Deadline { export, deadline: d }) => assert_eq!((export.as_str(), d), ("go", deadline)),
+        other => panic!("expected Deadline, got {other:?}"),
+    }
+    took
+}
+
 fn beside_chat<T: Send>(rt: &Runtime, hostile: impl FnOnce() -> T + Send) -> T {
     let alone = chat_text(rt);
     let (result, beside) = std::thread::scope(|s| {
@@ -106,15 +121,7 @@ fn a_matmul_past_its_deadline_stops_within_twice_the_deadline() {
         ),
     );
     let mut actor = rt.instantiate_module(&rt.compile(wat.as_bytes()).unwrap(), limits).unwrap();
-    let (result, took) = beside_chat(&rt, || {
-        let started = Instant::now();
-        let result = actor.call::<(), ()>("go", ());
-        (result, started.elapsed())
-    });
-    match result {
-        Err(ActorError::Deadline { export, deadline: d }) => assert_eq!((export.as_str(), d), ("go", deadline)),
-        other => panic!("expected Deadline, got {other:?}"),
-    }
+    let took = go_past_deadline(&rt, &mut actor, deadline);
     eprintln!("matmul {m}x{n}x{k} bf16 under a {deadline:?} deadline returned after {took:?}");
     assert!(took < deadline * 2, "the call returned {took:?} after it started, past twice its {deadline:?} deadline");
     // The work was cut short: the last row of c was never computed.
@@ -154,15 +161,7 @@ fn a_forward_past_its_deadline_stops_within_twice_the_deadline() {
     );
     let limits = ActorLimits { deadline, ..ActorLimits::default() };
     let mut actor = rt.instantiate_module(&rt.compile(wat.as_bytes()).unwrap(), limits).unwrap();
-    let (result, took) = beside_chat(&rt, || {
-        let started = Instant::now();
-        let result = actor.call::<(), ()>("go", ());
-        (result, started.elapsed())
-    });
-    match result {
-        Err(ActorError::Deadline { export, deadline: d }) => assert_eq!((export.as_str(), d), ("go", deadline)),
-        other => panic!("expected Deadline, got {other:?}"),
-    }
+    let took = go_past_deadline(&rt, &mut actor, deadline);
     eprintln!("forward of {max_seq} tokens under a {deadline:?} deadline returned after {took:?}");
     assert!(took < deadline * 2, "the call returned {took:?} after it started, past twice its {deadline:?} deadline");
     // The pass was cut short: the last layer's value row of the last token was never written.
