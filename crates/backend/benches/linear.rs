@@ -10,6 +10,16 @@
 #[allow(dead_code, unused_imports)]
 #[path = "../src/cpu/linear.rs"]
 mod linear;
+// The modules it uses.
+#[allow(dead_code)]
+#[path = "../src/cpu/isa.rs"]
+mod isa;
+#[allow(dead_code)]
+#[path = "../src/cpu/share.rs"]
+mod share;
+#[allow(dead_code)]
+#[path = "../src/cpu/simd.rs"]
+mod simd;
 
 use std::hint::black_box;
 use std::time::{Duration, Instant};

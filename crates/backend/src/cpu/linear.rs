@@ -21,12 +21,14 @@
 //!   32-element groups are reordered evens first: fewer instructions per byte, which measured 5–10 % more
 //!   bandwidth. (In the prefill tile the same trick needs more registers than there are and measured slower.)
 //!
-//! Paths: AVX-512F, AVX2 + FMA + F16C, and portable scalar code, chosen at run time ([`Isa::best`]).
-
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+//! Paths: AVX-512F, AVX2 + FMA + F16C, and portable scalar code, chosen at run time: [`Isa::streaming`] for
+//! decode, [`Isa::best`] for prefill.
 
 use half::{bf16, f16};
+
+use super::isa::Isa;
+use super::share::share;
+use super::simd::{Elem, Kind};
 
 /// Weights of a linear layer, `(out, in)` row-major, in their stored type.
 #[derive(Clone, Copy, Debug)]
@@ -34,42 +36,6 @@ pub(crate) enum Weights<'a> {
     F32(&'a [f32]),
     BF16(&'a [bf16]),
     F16(&'a [f16]),
-}
-
-/// An instruction set the kernels are compiled for.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Isa {
-    /// Portable Rust (whatever the compiler vectorizes for the build target).
-    Scalar,
-    /// AVX2 with FMA and F16C (x86-64 only).
-    Avx2,
-    /// AVX-512F (x86-64 only).
-    Avx512,
-}
-
-impl Isa {
-    /// Every instruction set, slowest first.
-    pub(crate) const ALL: [Isa; 3] = [Isa::Scalar, Isa::Avx2, Isa::Avx512];
-
-    /// Whether this CPU runs the path.
-    pub(crate) fn available(self) -> bool {
-        match self {
-            Isa::Scalar => true,
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => {
-                is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
-            }
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => is_x86_feature_detected!("avx512f"),
-            #[cfg(not(target_arch = "x86_64"))]
-            Isa::Avx2 | Isa::Avx512 => false,
-        }
-    }
-
-    /// The fastest path this CPU runs.
-    pub(crate) fn best() -> Isa {
-        Isa::ALL.into_iter().rev().find(|isa| isa.available()).unwrap_or(Isa::Scalar)
-    }
 }
 
 /// `y (t, out) = x (t, in) · w (out, in)ᵀ (+ bias (out))`. Shapes are checked by the caller.
@@ -82,7 +48,9 @@ pub(crate) fn linear(
     input: usize,
     output: usize,
 ) {
-    linear_with(Isa::best(), x, w, bias, y, t, input, output);
+    // Decode streams weights; prefill multiplies register tiles: each on the path that does its job best.
+    let isa = if t == 1 { Isa::streaming() } else { Isa::best() };
+    linear_with(isa, x, w, bias, y, t, input, output);
 }
 
 /// [`linear`] on a given path.
@@ -106,45 +74,6 @@ pub(crate) fn linear_with(
         Weights::F32(w) => run(isa, x, w, bias, y, t, input, output),
         Weights::BF16(w) => run(isa, x, w, bias, y, t, input, output),
         Weights::F16(w) => run(isa, x, w, bias, y, t, input, output),
-    }
-}
-
-/// A stored weight type.
-trait Elem: Copy + Send + Sync + 'static {
-    const KIND: Kind;
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    const ZERO: Self;
-    fn to_f32(self) -> f32;
-}
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    F32,
-    BF16,
-    F16,
-}
-
-impl Elem for f32 {
-    const KIND: Kind = Kind::F32;
-    const ZERO: Self = 0.0;
-    fn to_f32(self) -> f32 {
-        self
-    }
-}
-
-impl Elem for bf16 {
-    const KIND: Kind = Kind::BF16;
-    const ZERO: Self = bf16::ZERO;
-    fn to_f32(self) -> f32 {
-        bf16::to_f32(self)
-    }
-}
-
-impl Elem for f16 {
-    const KIND: Kind = Kind::F16;
-    const ZERO: Self = f16::ZERO;
-    fn to_f32(self) -> f32 {
-        f16::to_f32(self)
     }
 }
 
@@ -213,93 +142,6 @@ fn run<E: Elem>(
     let per_task = output.div_ceil(tasks).next_multiple_of(4);
     let chunks = output.div_ceil(per_task);
     share(chunks, threads - 1, &|i| job.rows(isa, i * per_task, ((i + 1) * per_task).min(output)));
-}
-
-/// Runs `work(i)` for every `i < chunks`, on the calling thread and on up to `helpers` pool threads, each
-/// taking the next chunk not yet taken. Returns once every chunk is done.
-///
-/// Unlike a parallel iterator started from outside the pool, the caller never sleeps waiting for the pool:
-/// it starts on the chunks at once (pool threads join as they wake), and once none is left it spins (then
-/// yields) only until the chunks other threads took are done, at most one chunk's time. Helpers that start
-/// later find nothing to do. (From a thread outside the pool, a parallel iterator costs about 14 µs on the
-/// development machine even when empty: the sleeping and waking of threads on both ends. That is half of a
-/// 576×576 bf16 decode.) A panic in `work` unwinds from the caller once the helpers' chunks are done; in a
-/// helper it aborts, as any panic in a `rayon::spawn` job does by default.
-fn share(chunks: usize, helpers: usize, work: &(dyn Fn(usize) + Sync)) {
-    // SAFETY: the lifetime is erased only so that pool jobs can hold the pointer; they call it only for a
-    // chunk they took, and `Wait` (below) keeps this frame, hence `work`, alive until every taken chunk is
-    // done, even when unwinding.
-    let work = unsafe {
-        std::mem::transmute::<*const (dyn Fn(usize) + Sync + '_), *const (dyn Fn(usize) + Sync + 'static)>(work)
-    };
-    let shared = Arc::new(Shared { next: AtomicUsize::new(0), done: AtomicUsize::new(0), chunks, work });
-    let _wait = Wait(&shared);
-    for _ in 0..helpers.min(chunks.saturating_sub(1)) {
-        let shared = Arc::clone(&shared);
-        rayon::spawn(move || shared.take_all());
-    }
-    shared.take_all();
-}
-
-/// The state [`share`] and its helpers have in common.
-struct Shared {
-    /// The next chunk to take; values at or past `chunks` mean none is left.
-    next: AtomicUsize,
-    /// Chunks done (or abandoned by a panic).
-    done: AtomicUsize,
-    chunks: usize,
-    work: *const (dyn Fn(usize) + Sync),
-}
-
-// SAFETY: `work` points to a `Sync` closure, called (through `&`) only under the protocol of `share`.
-unsafe impl Send for Shared {}
-// SAFETY: as above; the counters are atomics.
-unsafe impl Sync for Shared {}
-
-impl Shared {
-    /// Takes and runs chunks until none is left.
-    fn take_all(&self) {
-        loop {
-            let i = self.next.fetch_add(1, Ordering::Relaxed);
-            if i >= self.chunks {
-                return;
-            }
-            let _done = Done(&self.done);
-            // SAFETY: chunk `i` was taken before `Wait` closed the counter, so the caller of `share` waits for
-            // `_done` to count it: `work` is alive.
-            unsafe { (*self.work)(i) };
-        }
-    }
-}
-
-/// Counts a taken chunk as done when dropped, panicking or not.
-struct Done<'a>(&'a AtomicUsize);
-
-impl Drop for Done<'_> {
-    fn drop(&mut self) {
-        // Release: the chunk's writes happen before the caller's acquiring load sees the count.
-        self.0.fetch_add(1, Ordering::Release);
-    }
-}
-
-/// Closes the chunk counter and waits for every chunk taken before that to be done.
-struct Wait<'a>(&'a Shared);
-
-impl Drop for Wait<'_> {
-    fn drop(&mut self) {
-        // Any `fetch_add` after this swap sees a value past `chunks`: no chunk can be taken any more.
-        let taken = self.0.next.swap(usize::MAX / 2, Ordering::Relaxed).min(self.0.chunks);
-        let mut spins = 0u32;
-        while self.0.done.load(Ordering::Acquire) < taken {
-            if spins < 1 << 10 {
-                std::hint::spin_loop();
-                spins += 1;
-            } else {
-                // A helper was descheduled mid-chunk: let it run.
-                std::thread::yield_now();
-            }
-        }
-    }
 }
 
 /// `x` with every full 32-element group reordered: its 16 even elements, then its 16 odd ones. A partial
@@ -489,30 +331,10 @@ macro_rules! blocking {
 mod avx512 {
     use std::arch::x86_64::*;
 
+    use super::super::simd::avx512::{load16, reduce4};
     use super::{Elem, Job, Kind, PREFETCH_BYTES};
 
     blocking!("avx512f", 6, [1, 2, 3, 4, 5]);
-
-    /// 16 weights at `p`, widened to f32.
-    ///
-    /// # Safety
-    ///
-    /// AVX-512F is available and 16 elements are readable at `p` (no alignment needed beyond `E`'s).
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    unsafe fn load16<E: Elem>(p: *const E) -> __m512 {
-        // SAFETY: the caller's contract; unaligned loads.
-        unsafe {
-            match E::KIND {
-                Kind::F32 => _mm512_loadu_ps(p.cast()),
-                // bf16 is the top half of an f32: widen to 32 bits, shift into place.
-                Kind::BF16 => {
-                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast()))))
-                }
-                Kind::F16 => _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())),
-            }
-        }
-    }
 
     /// The even elements of 32 bf16 at `p`, widened to f32: the low half of each 32-bit pair, shifted up.
     ///
@@ -586,22 +408,6 @@ mod avx512 {
             }
             _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3])))
         }
-    }
-
-    /// The lane sums of `a`, `b`, `c`, `d`, in that order.
-    #[target_feature(enable = "avx512f")]
-    #[inline]
-    fn reduce4(a: __m512, b: __m512, c: __m512, d: __m512) -> __m128 {
-        // Per 128-bit lane: [a0+a2, b0+b2, a1+a3, b1+b3], then [a, b, c, d] partial sums.
-        let ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-        let cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-        let (ab, cd) = (_mm512_castps_pd(ab), _mm512_castps_pd(cd));
-        let abcd =
-            _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(ab, cd)), _mm512_castpd_ps(_mm512_unpackhi_pd(ab, cd)));
-        // Sum the four 128-bit lanes.
-        let hi = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(abcd)));
-        let s = _mm256_add_ps(_mm512_castps512_ps256(abcd), hi);
-        _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps::<1>(s))
     }
 
     /// `y[j · output + i] = Σₖ x[j · input + k] · w[i · input + k] (+ bias[i])` for `i < R`, `j < T`.
@@ -855,9 +661,7 @@ mod tests {
     use rand::rngs::StdRng;
     use rand::{Rng, SeedableRng};
 
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
-    use super::{Isa, Weights, linear, linear_with, share};
+    use super::{Isa, Weights, linear, linear_with};
 
     /// Random weights in every dtype, as f64 values each dtype holds exactly.
     struct Case {
@@ -965,7 +769,7 @@ mod tests {
         assert!(paths.contains(&Isa::Scalar));
         assert_eq!(Isa::best(), *paths.last().unwrap());
         #[cfg(target_arch = "x86_64")]
-        if is_x86_feature_detected!("avx512f") {
+        if is_x86_feature_detected!("avx512f") && std::env::var_os("DRIFTWOOD_CPU_ISA").is_none() {
             assert_eq!(Isa::best(), Isa::Avx512);
         }
     }
@@ -996,46 +800,6 @@ mod tests {
     }
 
     #[test]
-    fn share_runs_every_chunk_once() {
-        let counts: Vec<AtomicUsize> = (0..100).map(|_| AtomicUsize::new(0)).collect();
-        for helpers in [0, 1, 3, 200] {
-            share(100, helpers, &|i| {
-                counts[i].fetch_add(1, Ordering::Relaxed);
-            });
-        }
-        assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 4));
-        share(0, 3, &|_| unreachable!());
-    }
-
-    #[test]
-    fn share_waits_for_helpers_when_the_caller_panics() {
-        // The caller panics in its second chunk while helpers are in the middle of theirs, which borrow this
-        // frame: `share` must not unwind past it before they are done.
-        let caller = std::thread::current().id();
-        let (running, caller_chunks) = (AtomicUsize::new(0), AtomicUsize::new(0));
-        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-            share(64, 3, &|i| {
-                running.fetch_add(1, Ordering::SeqCst);
-                if std::thread::current().id() != caller {
-                    std::thread::sleep(std::time::Duration::from_millis(20));
-                } else if caller_chunks.fetch_add(1, Ordering::SeqCst) == 0 {
-                    // Give a helper (up to a second) to start a chunk.
-                    let start = std::time::Instant::now();
-                    while running.load(Ordering::SeqCst) < 2 && start.elapsed().as_secs() < 1 {
-                        std::hint::spin_loop();
-                    }
-                } else {
-                    running.fetch_sub(1, Ordering::SeqCst);
-                    panic!("chunk {i}");
-                }
-                running.fetch_sub(1, Ordering::SeqCst);
-            });
-        }));
-        assert!(unwound.is_err());
-        assert_eq!(running.load(Ordering::SeqCst), 0, "a helper was still in a chunk after share returned");
-    }
-
-    #[test]
     fn degenerate_shapes() {
         let bias = [0.5f32, -2.0];
         let mut y = [f32::NAN; 6];
@@ -1049,3 +813,4 @@ mod tests {
         linear(&[1.0; 3], Weights::F16(&[]), None, &mut [], 1, 3, 0);
     }
 }
+

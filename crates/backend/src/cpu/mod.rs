@@ -1,11 +1,21 @@
 //! The CPU backend: multithreaded SIMD kernels that compute directly on views of shared memory.
 
+mod attention;
 mod bandwidth;
 mod linear;
 mod matmul;
 mod ops;
+mod isa;
+mod share;
+mod simd;
 
 pub use bandwidth::{stream_read_gb_s, stream_read_gb_s_of};
+
+/// The instruction sets the CPU kernels run on this machine: `(decode, prefill)`, each `scalar`, `avx2` or
+/// `avx512` (decode's matrix-vector products stream memory; prefill's tiles compute). For benchmark reports.
+pub fn kernel_paths() -> (&'static str, &'static str) {
+    (isa::Isa::streaming().name(), isa::Isa::best().name())
+}
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -205,8 +215,8 @@ impl Backend for CpuBackend {
             }
         }
         match (k.as_f32(), v.as_f32(), k.as_bf16(), v.as_bf16()) {
-            (Some(k), Some(v), _, _) => ops::attention(q, k, v, out, d),
-            (_, _, Some(k), Some(v)) => ops::attention(q, k, v, out, d),
+            (Some(k), Some(v), _, _) => attention::attention(q, k, v, out, d),
+            (_, _, Some(k), Some(v)) => attention::attention(q, k, v, out, d),
             _ => {
                 return Err(BackendError::DType {
                     op: OP,

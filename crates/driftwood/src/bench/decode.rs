@@ -65,6 +65,10 @@ struct DecodeResults {
     weight_bytes_per_token: usize,
     read_bandwidth_gb_s: f64,
     roofline_tokens_per_s: f64,
+    /// The CPU kernels' instruction sets (`DRIFTWOOD_CPU_ISA` sets them): decode's matrix-vector products.
+    cpu_decode_path: &'static str,
+    /// Prefill's matrix tiles and attention.
+    cpu_prefill_path: &'static str,
     rows: Vec<Row>,
 }
 
@@ -106,6 +110,8 @@ pub fn run(args: &DecodeArgs) -> anyhow::Result<()> {
         weight_bytes_per_token: weight_bytes,
         read_bandwidth_gb_s: bandwidth,
         roofline_tokens_per_s: bandwidth * 1e9 / weight_bytes as f64,
+        cpu_decode_path: driftwood_backend::cpu::kernel_paths().0,
+        cpu_prefill_path: driftwood_backend::cpu::kernel_paths().1,
         rows,
     };
     eprintln!(
