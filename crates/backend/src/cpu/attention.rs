@@ -548,10 +548,7 @@ mod tests {
             let mut out = vec![f32::NAN; q.len()];
             attention_with(isa, &q, &k, &v, &mut out, d);
             for (j, (&got, &want)) in out.iter().zip(&want).enumerate() {
-                assert!(
-                    (f64::from(got) - want).abs() <= 2e-5,
-                    "{what} {isa:?} {d:?}: out[{j}] = {got}, want {want}"
-                );
+                assert!((f64::from(got) - want).abs() <= 2e-5, "{what} {isa:?} {d:?}: out[{j}] = {got}, want {want}");
             }
         }
     }

@@ -88,7 +88,6 @@ impl Isa {
     }
 }
 
-
 /// Whether the CPU's vendor is AMD (`AuthenticAMD`).
 fn amd() -> bool {
     #[cfg(target_arch = "x86_64")]

@@ -813,4 +813,3 @@ mod tests {
         linear(&[1.0; 3], Weights::F16(&[]), None, &mut [], 1, 3, 0);
     }
 }
-

@@ -2,10 +2,10 @@
 
 mod attention;
 mod bandwidth;
+mod isa;
 mod linear;
 mod matmul;
 mod ops;
-mod isa;
 mod share;
 mod simd;
 

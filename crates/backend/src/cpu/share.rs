@@ -91,7 +91,6 @@ impl Drop for Wait<'_> {
     }
 }
 
-
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};

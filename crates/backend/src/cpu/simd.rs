@@ -45,7 +45,6 @@ impl Elem for f16 {
     }
 }
 
-
 /// AVX-512 helpers.
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx512 {
@@ -97,12 +96,12 @@ pub(crate) mod avx512 {
     #[inline]
     pub(crate) fn exp_neg(x: __m512) -> __m512 {
         const C: [f32; 6] = [
-            0.693_147_2,      // ln 2
-            0.240_226_5,      // ln² 2 / 2
-            0.055_504_11,     // ln³ 2 / 6
-            0.009_618_129,    // ln⁴ 2 / 24
-            0.001_333_355_8,  // ln⁵ 2 / 120
-            0.000_154_035_3,  // ln⁶ 2 / 720
+            0.693_147_2,     // ln 2
+            0.240_226_5,     // ln² 2 / 2
+            0.055_504_11,    // ln³ 2 / 6
+            0.009_618_129,   // ln⁴ 2 / 24
+            0.001_333_355_8, // ln⁵ 2 / 120
+            0.000_154_035_3, // ln⁶ 2 / 720
         ];
         let t = _mm512_mul_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.0)), _mm512_set1_ps(std::f32::consts::LOG2_E));
         let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(t);
