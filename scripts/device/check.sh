@@ -29,7 +29,8 @@
 #   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the opt-in step
 #             optimizations on and off (DRIFTWOOD_CUDA_PDL, DRIFTWOOD_CUDA_KV_STAGE: all four combinations),
 #             to measure what each one is worth before it becomes a default: $out/ab.json
-#   profile   (not in the default set) Nsight Compute per-kernel times of batch-1 decode steps
+#   profile   (not in the default set) Nsight Compute per-kernel time and DRAM bytes of decode: batch 1, and 64
+#             sequences (attention at ~1024 tokens, GEMMs): $out/ncu-*.csv
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 bin=${DRIFTWOOD_BIN:-target/device/driftwood}
@@ -151,14 +152,28 @@ print("greedy tokens equal across runs:", len(tokens) == 1)
 sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         ;;
     profile)
-        # Per-kernel device time (Nsight Compute, cold caches per kernel) of a few batch-1 decode steps of the
-        # Llama-3.2-1B-shaped model, after the prompt's first steps: where the next optimization should go.
+        # Nsight Compute per-kernel device time and DRAM traffic of decode on the Llama-3.2-1B-shaped model:
+        # where the next optimization should go. b1: batch-1 steps after a 128-token prompt (both placements);
+        # b64-attn: decode attention of 64 sequences at ~1024 tokens (the last steps of the cache fill and the
+        # timed steps); b64: every kernel of 64-sequence steps at a short context (the GEMMs), plus the few
+        # prefill GEMMs of the batch-1 part.
         llama1b_model
-        step "ncu per-kernel summary"
         ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
-        run "$ncu_bin" --launch-skip 300 --launch-count 240 --print-summary per-kernel --csv \
-            "$bin" bench gpu --model "$models/llama1b" --skip-cpu --prompt-tokens 4 --gen-tokens 2 --batch 16 \
-            --context 8 --batch-steps 1 --no-write > "$out/ncu-summary.csv" 2> /tmp/ncu.log
+        metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+        common=(bench gpu --model "$models/llama1b" --skip-cpu --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 --no-write)
+        step "ncu: batch-1 decode kernels"
+        run "$ncu_bin" --metrics "$metrics" --kernel-name 'regex:^(gemv|gemv_swiglu|rope_store|attn_split.*|attn_merge|embed)$' \
+            --launch-skip 300 --launch-count 456 --print-summary per-kernel --csv \
+            "$bin" "${common[@]}" --prompt-tokens 128 --gen-tokens 8 --batch 0 > "$out/ncu-b1.csv" 2> "$out/ncu-b1.log"
+        step "ncu: 64-sequence decode attention at ~1024 tokens"
+        run "$ncu_bin" --metrics "$metrics" --kernel-name 'regex:^attn_(split.*|merge)$' \
+            --launch-skip 32700 --launch-count 96 --print-summary per-kernel --csv \
+            "$bin" "${common[@]}" --prompt-tokens 8 --gen-tokens 1 --batch 64 --context 1024 --batch-steps 2 \
+            > "$out/ncu-b64-attn.csv" 2> "$out/ncu-b64-attn.log"
+        step "ncu: 64-sequence decode steps at 16 tokens"
+        run "$ncu_bin" --metrics "$metrics" --print-summary per-kernel --csv \
+            "$bin" "${common[@]}" --prompt-tokens 8 --gen-tokens 1 --batch 64 --context 16 --batch-steps 2 \
+            > "$out/ncu-b64.csv" 2> "$out/ncu-b64.log"
         ;;
     peers)
         step "PyTorch peers"

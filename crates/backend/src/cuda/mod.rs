@@ -115,7 +115,6 @@ struct Kernels {
     rmsnorm_bf16: Function,
     gemv: Function,
     gemv_swiglu: Function,
-    rope_store: Function,
     /// Decode attention by (log2 group, log2 head_dim/32).
     attn_split: [[Function; 3]; 4],
     attn_merge: Function,
@@ -226,7 +225,6 @@ impl CudaBackend {
             rmsnorm_bf16: f("rmsnorm_bf16")?,
             gemv: f("gemv")?,
             gemv_swiglu: f("gemv_swiglu")?,
-            rope_store: f("rope_store")?,
             attn_split: {
                 let mut table = [[f("attn_split_g1_d1")?; 3]; 4];
                 for (gi, group) in [1, 2, 4, 8].iter().enumerate() {
@@ -819,35 +817,10 @@ impl Exec {
         self.launch(self.kernels.gemv_swiglu, rows_grid(out), 256, (input * 4) as u32, &args)
     }
 
-    /// RoPE on q and k of qkv (b, q_dim + 2 kv_dim), then k and v stored into each sequence's cache.
-    ///
-    /// # Safety
-    ///
-    /// Addresses valid; every step record's cache holds `layer` and its position.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn rope_store(
-        &self,
-        qkv: u64,
-        inv_freq: u64,
-        layer: usize,
-        b: usize,
-        heads: usize,
-        kv_heads: usize,
-        head_dim: usize,
-    ) -> Result<(), BackendError> {
-        let args = [
-            Arg::Ptr(qkv),
-            Arg::Ptr(self.steps_addr()),
-            Arg::Ptr(inv_freq),
-            Arg::I32(layer as i32),
-            Arg::I32(heads as i32),
-            Arg::I32(kv_heads as i32),
-            Arg::I32(head_dim as i32),
-        ];
-        self.launch(self.kernels.rope_store, (b as u32, 1, 1), 128, 0, &args)
-    }
-
-    /// Decode attention over each sequence's cache: att (b, q_dim) f32, or bf16 into `att_bf16` when non-zero.
+    /// Decode attention over each sequence's cache, after RoPE on this step's queries and key (angles from
+    /// `inv_freq`, (head_dim / 2) f32) and the key and value stored into each cache at its position `layer`:
+    /// att (b, q_dim) f32, or bf16 into `att_bf16` when non-zero. `qkv` (b, q_dim + 2 kv_dim) is the QKV
+    /// projection's output.
     /// `part` holds (b, heads, splits, head_dim + 2) f32 where splits = ceil(max_seq / chunk). With `stage`
     /// non-zero (one sequence), rows before the current position come from that copy of the cache
     /// ([`Exec::stage_kv`], joined before this call).
@@ -860,6 +833,7 @@ impl Exec {
     pub unsafe fn attention(
         &self,
         qkv: u64,
+        inv_freq: u64,
         stage: u64,
         part: u64,
         (att, att_bf16): (u64, u64),
@@ -881,6 +855,7 @@ impl Exec {
         let args = [
             Arg::Ptr(qkv),
             Arg::Ptr(self.steps_addr()),
+            Arg::Ptr(inv_freq),
             Arg::Ptr(stage),
             Arg::Ptr(part),
             Arg::I32(layer as i32),

@@ -33,41 +33,6 @@ extern "C" __global__ void rmsnorm_bf16(const float* __restrict__ x, const float
     for (int i = threadIdx.x; i < n; i += blockDim.x) y[(size_t)blockIdx.x * n + i] = to_bf(xr[i] * r * w[i]);
 }
 
-// RoPE (rotate-half) on the queries and this step's key, then the key and value rows stored (bf16) into each
-// sequence's cache at its position. qkv (b, q_dim + 2 kv_dim) as the QKV projection left it; q is rotated in
-// place. grid (b), block 128.
-extern "C" __global__ void rope_store(float* __restrict__ qkv, const Seq* __restrict__ seqs,
-                                      const float* __restrict__ inv_freq, int layer, int heads, int kv_heads,
-                                      int head_dim) {
-    wait_prior();
-    allow_next();
-    int b = blockIdx.x;
-    Seq s = seqs[b];
-    int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim, half = head_dim / 2;
-    float* row = qkv + (size_t)b * (q_dim + 2 * kv_dim);
-    bf16* kc = (bf16*)s.kv + ((size_t)(layer * 2 + 0) * s.max_seq + s.pos) * kv_dim;
-    bf16* vc = (bf16*)s.kv + ((size_t)(layer * 2 + 1) * s.max_seq + s.pos) * kv_dim;
-    int pairs = (heads + kv_heads) * half;
-    for (int p = threadIdx.x; p < pairs; p += blockDim.x) {
-        int h = p / half, i = p % half;
-        float sn, cs;
-        sincosf((float)s.pos * inv_freq[i], &sn, &cs);
-        if (h < heads) {
-            float* q = row + h * head_dim;
-            float a = q[i], c = q[i + half];
-            q[i] = a * cs - c * sn;
-            q[i + half] = c * cs + a * sn;
-        } else {
-            int kh = h - heads;
-            const float* k = row + q_dim + kh * head_dim;
-            float a = k[i], c = k[i + half];
-            kc[kh * head_dim + i] = to_bf(a * cs - c * sn);
-            kc[kh * head_dim + i + half] = to_bf(c * cs + a * sn);
-        }
-    }
-    for (int i = threadIdx.x; i < kv_dim; i += blockDim.x) vc[i] = to_bf(row[q_dim + kv_dim + i]);
-}
-
 // RoPE for a prefill chunk of one sequence, whose row r is position pos0 + r. From qkv (t, q_dim + 2 kv_dim) f32:
 // q rotated and multiplied by `qscale` (the softmax scale times log2 e, so attention can use exp2) into
 // q_out (t, heads, head_dim) bf16; k rotated and v into this chunk's device copies knew, vnew (t, kv_dim) bf16

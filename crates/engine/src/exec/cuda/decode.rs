@@ -2,8 +2,10 @@
 //! attending to its own bf16 KV cache in its own actor's memory.
 //!
 //! Batch 1 runs fused GEMV kernels (RMSNorm folded into the projection that follows it, the residual add into
-//! the projection's epilogue, SwiGLU's gate and up in one kernel); larger batches run cuBLAS GEMMs. Each shape
-//! of step is captured once in a CUDA graph and replayed.
+//! the projection's epilogue, SwiGLU's gate and up in one kernel); larger batches run cuBLAS GEMMs. At every
+//! batch size, decode attention also applies this step's RoPE and writes its key and value into the cache, so
+//! a layer's attention is one split kernel and one merge. Each shape of step is captured once in a CUDA graph
+//! and replayed.
 //!
 //! Two step optimizations are built but off until measured on a GPU (`scripts/device/check.sh ab`):
 //! programmatic dependent launches (`DRIFTWOOD_CUDA_PDL=1`: each kernel streams its weights while the one
@@ -184,7 +186,7 @@ impl Model {
                 let bias = w.bqkv.as_ref().map_or(0, |t| t.addr());
                 let stage = if stage != 0 && l > 0 { stage } else { 0 };
                 if b == 1 {
-                    // qkv = Wqkv · rmsnorm(x) (+ b); rope; k, v → cache; att = attention; x += Wo · att
+                    // qkv = Wqkv · rmsnorm(x) (+ b); att = attention(rope(q), rope(k) and v → cache); x += Wo · att
                     e.gemv(
                         w.wqkv.addr(),
                         s.x.addr(),
@@ -195,12 +197,12 @@ impl Model {
                         (h, qd + 2 * kvd),
                         false,
                     )?;
-                    e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
                     if stage != 0 {
                         e.join_stage(l)?;
                     }
                     e.attention(
                         s.qkv.addr(),
+                        g.inv_freq.addr(),
                         stage,
                         s.part.addr(),
                         (s.att.addr(), 0),
@@ -220,9 +222,9 @@ impl Model {
                     if bias != 0 {
                         e.add_bias(s.qkv.addr(), bias, b, qd + 2 * kvd)?;
                     }
-                    e.rope_store(s.qkv.addr(), g.inv_freq.addr(), l, b, c.num_heads, c.num_kv_heads, hd)?;
                     e.attention(
                         s.qkv.addr(),
+                        g.inv_freq.addr(),
                         0,
                         s.part.addr(),
                         (0, s.att_bf.addr()),
