@@ -13,7 +13,8 @@
 #   smoke     verify on the pinned and managed placements (JSON), and `bench gpu` on the bundled model:
 #             logits and greedy tokens against the CPU backend (decode, and prefill from position 0 and after
 #             a cached prefix), prefill times, batch-1 and batched decode
-#   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model, whose prefills run
+#   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model (8 sequences past one
+#             256-key attention split), whose prefills run
 #             in chunks of 64 tokens
 #   peers     a Llama-3.2-1B-shaped random bf16 model generated on the device (bench/peers/make_llama1b.py);
 #             transformers eager, a static-cache CUDA-graph PyTorch loop and a batched PyTorch decode on it,
@@ -72,7 +73,7 @@ for stage in $stages; do
         step "compute-sanitizer memcheck"
         sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
         run "$sanitizer" --tool memcheck --leak-check full --error-exitcode 3 \
-            "$bin" bench gpu --prompt-tokens 8 --gen-tokens 8 --check-tokens 4 --batch 4 --context 32 \
+            "$bin" bench gpu --prompt-tokens 8 --gen-tokens 8 --check-tokens 4 --batch 8 --context 300 \
             --batch-steps 2 --prefill-chunk 64 --prefill-check-tokens 200 --prefill-tokens 200 --prefill-reps 1 \
             --no-write > "$out/memcheck.log" 2>&1
         tail -5 "$out/memcheck.log" >&2
@@ -160,18 +161,20 @@ sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         llama1b_model
         ncu_bin=$(command -v ncu || echo /usr/local/cuda/bin/ncu)
         metrics=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,dram__throughput.avg.pct_of_peak_sustained_elapsed
+        # Clocks and caches as in a real run (ncu otherwise locks base clocks and flushes caches per kernel).
+        ncu_bin="$ncu_bin --clock-control none --cache-control none"
         common=(bench gpu --model "$models/llama1b" --skip-cpu --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 --no-write)
         step "ncu: batch-1 decode kernels"
-        run "$ncu_bin" --metrics "$metrics" --kernel-name 'regex:^(gemv|gemv_swiglu|rope_store|attn_split.*|attn_merge|embed)$' \
-            --launch-skip 300 --launch-count 456 --print-summary per-kernel --csv \
-            "$bin" "${common[@]}" --prompt-tokens 128 --gen-tokens 8 --batch 0 > "$out/ncu-b1.csv" 2> "$out/ncu-b1.log"
+        run $ncu_bin --metrics "$metrics" --kernel-name 'regex:^(gemv|gemv_swiglu|rope_store|attn_split.*|attn_merge|embed)$' \
+            --launch-skip 1764 --launch-count 392 --print-summary per-kernel --csv \
+            "$bin" "${common[@]}" --prompt-tokens 128 --gen-tokens 16 --batch 0 > "$out/ncu-b1.csv" 2> "$out/ncu-b1.log"
         step "ncu: 64-sequence decode attention at ~1024 tokens"
-        run "$ncu_bin" --metrics "$metrics" --kernel-name 'regex:^attn_(split.*|merge)$' \
+        run $ncu_bin --metrics "$metrics" --kernel-name 'regex:^attn_(split.*|merge)$' \
             --launch-skip 32700 --launch-count 96 --print-summary per-kernel --csv \
             "$bin" "${common[@]}" --prompt-tokens 8 --gen-tokens 1 --batch 64 --context 1024 --batch-steps 2 \
             > "$out/ncu-b64-attn.csv" 2> "$out/ncu-b64-attn.log"
         step "ncu: 64-sequence decode steps at 16 tokens"
-        run "$ncu_bin" --metrics "$metrics" --print-summary per-kernel --csv \
+        run $ncu_bin --metrics "$metrics" --print-summary per-kernel --csv \
             "$bin" "${common[@]}" --prompt-tokens 8 --gen-tokens 1 --batch 64 --context 16 --batch-steps 2 \
             > "$out/ncu-b64.csv" 2> "$out/ncu-b64.log"
         ;;

@@ -36,6 +36,10 @@ pub const MAX_BATCH: usize = 256;
 /// Most tokens one prefill pass ([`Exec::set_tokens`]) carries; longer prompts are evaluated in chunks.
 pub const MAX_PREFILL: usize = 4096;
 
+/// The most keys per split of decode attention ([`Exec::attention`]; `ATTN_MAX_CHUNK` in
+/// `kernels/attn_decode.cu`): its scores of a split sit in shared memory.
+pub const ATTN_MAX_CHUNK: usize = 256;
+
 /// Head dimensions the attention kernels are built for.
 pub const HEAD_DIMS: [usize; 3] = [32, 64, 128];
 
@@ -850,8 +854,16 @@ impl Exec {
         ) else {
             return Err(BackendError::Unsupported { backend: "cuda", op: "attention with this head shape" });
         };
+        if chunk == 0 || chunk > ATTN_MAX_CHUNK {
+            return Err(BackendError::OutOfRange {
+                op: "attention",
+                detail: format!("{chunk} keys per split (1 to {ATTN_MAX_CHUNK})"),
+            });
+        }
         let scale = 1.0 / (head_dim as f32).sqrt();
-        let shared = (4 * group * (head_dim + 2) * 4) as u32;
+        // Floats: queries (group, head_dim), scores (group, chunk), cos and sin (head_dim), the 4 warps' partial
+        // sums (4, group, head_dim), and a max and a sum per query head (see attn_decode.cu).
+        let shared = ((group * head_dim + group * chunk + head_dim + 4 * group * head_dim + 2 * group) * 4) as u32;
         let args = [
             Arg::Ptr(qkv),
             Arg::Ptr(self.steps_addr()),

@@ -13,7 +13,7 @@
 //! to the device on a side stream from the start of the step (`DRIFTWOOD_CUDA_KV_STAGE=1`), so that their bus
 //! transfer overlaps the weight reads of earlier layers instead of following each layer's projections.
 
-use driftwood_backend::cuda::{CudaBackend, DeviceTensor, Exec, SeqStep};
+use driftwood_backend::cuda::{ATTN_MAX_CHUNK, CudaBackend, DeviceTensor, Exec, SeqStep};
 use driftwood_backend::{BackendError, DType};
 
 use super::weights::GpuModel;
@@ -23,7 +23,14 @@ use crate::{EngineError, Model};
 /// many blocks; larger for big batches, which fill the device anyway (each block reads its keys once for all
 /// query heads of its group).
 fn attn_chunk(batch: usize) -> usize {
-    if batch < 8 { 32 } else { 128 }
+    // Measurement knobs, to be removed once the defaults are set from their numbers.
+    static FORCED: std::sync::OnceLock<(Option<usize>, Option<usize>)> = std::sync::OnceLock::new();
+    let read = |name: &str| {
+        std::env::var(name).ok().and_then(|v| v.parse().ok()).filter(|&c: &usize| (16..=ATTN_MAX_CHUNK).contains(&c))
+    };
+    let (few, many) =
+        *FORCED.get_or_init(|| (read("DRIFTWOOD_CUDA_ATTN_CHUNK1"), read("DRIFTWOOD_CUDA_ATTN_CHUNK")));
+    if batch < 8 { few.unwrap_or(32) } else { many.unwrap_or(256) }
 }
 
 /// Scratch of a step for up to `batch` sequences (device memory).
