@@ -1,6 +1,191 @@
 // Decode attention: one new query row per sequence against its own cache, split over the context and merged.
 
-// Decode attention, split over the context, with this step's RoPE and cache write folded in: block (kv head,
+// Decode attention for a few sequences (batch < 8), split over the context, with this step's RoPE and cache write
+// folded in (the kernel for many sequences, attn_split below, says how): block (kv head,
+// split, b) handles keys [split·chunk, min((split+1)·chunk, pos+1)) for the GROUP query heads sharing that KV
+// head, reading each K and V row once. head_dim = 32·DIMS. qkv (b, q_dim + 2 kv_dim) is the QKV projection
+// as it left it: each block rotates its query heads itself, and the current key (rotated) and value come from
+// qkv too, rounded to bf16 as the cache holds them; the block whose split holds the current position writes
+// them into the cache row `pos` of `layer` (no other block reads that row this step). Writes the split's
+// running max, sum and unnormalized output to part (b, heads, splits, head_dim + 2). grid (kv_heads, splits,
+// b), block 128 (4 warps). Keys and values are bf16. With `stage` non-null (one sequence, its cache in host
+// memory), rows before the current position are read from `stage`, a device copy laid out as the cache that
+// `kv_stage` made during this step.
+//
+// Memory first: a row (head_dim bf16) is read as 16-byte vectors by LPK = head_dim/8 lanes, so one warp load
+// covers KPI = 32/LPK keys, and each lane issues the loads of two such key sets (K and V) before using any.
+// Per key, the dot product is reduced over its LPK lanes only (log2 LPK shuffles per query head, not 5), and
+// each lane keeps its own online softmax over the keys it saw; lanes, then warps, are merged at the end.
+template <int GROUP, int DIMS>
+__device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, const Seq* __restrict__ seqs,
+                                                const float* __restrict__ inv_freq, const bf16* __restrict__ stage,
+                                                float* __restrict__ part, int layer, int kv_heads, int chunk,
+                                                int splits, int window, float scale) {
+    wait_prior();
+    allow_next();
+    constexpr int head_dim = DIMS * 32;
+    constexpr int LPK = head_dim / 8;  // lanes per key row, 8 bf16 (16 bytes) each
+    constexpr int KPI = 32 / LPK;      // keys per warp load
+    const int heads = kv_heads * GROUP;
+    int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
+    Seq s = seqs[b];
+    int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
+    int sub = lane % LPK, kg = lane / LPK;  // this lane's 8 dimensions, and which key of a warp load
+    int n = s.pos + 1;
+    int lo = window > 0 && n > window ? n - window : 0;
+    int start = max(split * chunk, lo), end = min((split + 1) * chunk, n);
+
+    // RoPE (rotate-half) of this lane's 8 dimensions: dimension d pairs with d ± head_dim/2 at angle index
+    // d mod head_dim/2. A lane's 8 dimensions lie in one half (head_dim/2 is a multiple of 8).
+    constexpr int half = head_dim / 2;
+    const int d0 = sub * 8, i0 = d0 % half, partner = d0 < half ? d0 + half : d0 - half;
+    const float sign = d0 < half ? -1.0f : 1.0f;  // first half: a·cos − b·sin; second: a·cos + b·sin
+    float cs[8], sn[8];
+#pragma unroll
+    for (int e = 0; e < 8; e++) sincosf((float)s.pos * inv_freq[i0 + e], &sn[e], &cs[e]);
+    float q[GROUP][8], o[GROUP][8], m[GROUP], l[GROUP];
+    const float* qrow = qkv + (size_t)b * (q_dim + 2 * kv_dim);
+#pragma unroll
+    for (int g = 0; g < GROUP; g++) {
+        const float* qh = qrow + (kh * GROUP + g) * head_dim;
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            q[g][e] = (qh[d0 + e] * cs[e] + sign * qh[partner + e] * sn[e]) * scale;
+            o[g][e] = 0.0f;
+        }
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+    }
+    // This step's key (rotated) and value slice, packed as the cache stores them.
+    uint4 kcur, vcur;
+    {
+        const float* kh_row = qrow + q_dim + kh * head_dim;
+        const float* vh_row = qrow + q_dim + kv_dim + kh * head_dim;
+        unsigned kp[4], vp[4];
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+            int e = 2 * w;
+            float k0 = kh_row[d0 + e] * cs[e] + sign * kh_row[partner + e] * sn[e];
+            float k1 = kh_row[d0 + e + 1] * cs[e + 1] + sign * kh_row[partner + e + 1] * sn[e + 1];
+            kp[w] = pack_bf2(k0, k1);
+            vp[w] = pack_bf2(vh_row[d0 + e], vh_row[d0 + e + 1]);
+        }
+        kcur = uint4{kp[0], kp[1], kp[2], kp[3]};
+        vcur = uint4{vp[0], vp[1], vp[2], vp[3]};
+    }
+    const size_t koff = (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim + sub * 8;
+    const size_t voff = (size_t)(layer * 2 + 1) * s.max_seq * kv_dim + kh * head_dim + sub * 8;
+    bf16* kcache = (bf16*)s.kv + koff;
+    bf16* vcache = (bf16*)s.kv + voff;
+    const bf16* kstage = stage ? stage + koff : kcache;
+    const bf16* vstage = stage ? stage + voff : vcache;
+    if (s.pos >= start && s.pos < end && warp == 0 && kg == 0) {
+        *(uint4*)(kcache + (size_t)s.pos * kv_dim) = kcur;
+        *(uint4*)(vcache + (size_t)s.pos * kv_dim) = vcur;
+    }
+    const int step = warps * KPI;  // keys between a warp's consecutive loads
+    for (int j0 = start + warp * KPI; j0 < end; j0 += 2 * step) {
+        uint4 kr[2], vr[2];
+        bool ok[2];
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            int j = j0 + u * step + kg;
+            ok[u] = j < end;
+            kr[u] = vr[u] = uint4{0u, 0u, 0u, 0u};
+            if (j == s.pos) {
+                kr[u] = kcur;
+                vr[u] = vcur;
+            } else if (ok[u]) {
+                kr[u] = *(const uint4*)(kstage + (size_t)j * kv_dim);
+                vr[u] = *(const uint4*)(vstage + (size_t)j * kv_dim);
+            }
+        }
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+            const unsigned kw[4] = {kr[u].x, kr[u].y, kr[u].z, kr[u].w};
+            const unsigned vw[4] = {vr[u].x, vr[u].y, vr[u].z, vr[u].w};
+            float dot[GROUP];
+#pragma unroll
+            for (int g = 0; g < GROUP; g++) {
+                dot[g] = 0.0f;
+#pragma unroll
+                for (int w = 0; w < 4; w++) dot[g] += q[g][2 * w] * bf_lo(kw[w]) + q[g][2 * w + 1] * bf_hi(kw[w]);
+            }
+            // Sum over the key's LPK lanes; the GROUP reductions interleave, so their shuffles overlap.
+#pragma unroll
+            for (int off = LPK / 2; off > 0; off >>= 1) {
+#pragma unroll
+                for (int g = 0; g < GROUP; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], off);
+            }
+            if (ok[u]) {
+#pragma unroll
+                for (int g = 0; g < GROUP; g++) {
+                    float mn = fmaxf(m[g], dot[g]);
+                    float corr = __expf(m[g] - mn), p = __expf(dot[g] - mn);
+                    l[g] = l[g] * corr + p;
+#pragma unroll
+                    for (int w = 0; w < 4; w++) {
+                        o[g][2 * w] = o[g][2 * w] * corr + p * bf_lo(vw[w]);
+                        o[g][2 * w + 1] = o[g][2 * w + 1] * corr + p * bf_hi(vw[w]);
+                    }
+                    m[g] = mn;
+                }
+            }
+        }
+    }
+    // Merge the KPI key lanes of each dimension slice within the warp (lanes `sub`, `sub + LPK`, ...).
+#pragma unroll
+    for (int off = LPK; off < 32; off <<= 1) {
+#pragma unroll
+        for (int g = 0; g < GROUP; g++) {
+            float mo = __shfl_xor_sync(0xffffffffu, m[g], off), lo2 = __shfl_xor_sync(0xffffffffu, l[g], off);
+            float M = fmaxf(m[g], mo);
+            float fs = M == -INFINITY ? 0.0f : __expf(m[g] - M), fo = M == -INFINITY ? 0.0f : __expf(mo - M);
+            l[g] = l[g] * fs + lo2 * fo;
+#pragma unroll
+            for (int d = 0; d < 8; d++) o[g][d] = o[g][d] * fs + __shfl_xor_sync(0xffffffffu, o[g][d], off) * fo;
+            m[g] = M;
+        }
+    }
+    // Merge the warps of the block through shared memory: (warps, GROUP, head_dim + 2).
+    extern __shared__ float sh[];
+    const int stride = head_dim + 2;
+    if (kg == 0) {
+#pragma unroll
+        for (int g = 0; g < GROUP; g++) {
+            float* w = sh + (warp * GROUP + g) * stride;
+#pragma unroll
+            for (int d = 0; d < 8; d++) w[sub * 8 + d] = o[g][d];
+            if (sub == 0) {
+                w[head_dim] = m[g];
+                w[head_dim + 1] = l[g];
+            }
+        }
+    }
+    __syncthreads();
+    for (int idx = threadIdx.x; idx < GROUP * head_dim; idx += blockDim.x) {
+        int g = idx / head_dim, d = idx % head_dim;
+        float M = -INFINITY;
+        for (int w = 0; w < warps; w++) M = fmaxf(M, sh[(w * GROUP + g) * stride + head_dim]);
+        float L = 0.0f, acc = 0.0f;
+        for (int w = 0; w < warps; w++) {
+            const float* src = sh + (w * GROUP + g) * stride;
+            float f = src[head_dim] == -INFINITY ? 0.0f : __expf(src[head_dim] - M);
+            L += src[head_dim + 1] * f;
+            acc += src[d] * f;
+        }
+        float* dst = part + (((size_t)b * heads + kh * GROUP + g) * splits + split) * stride;
+        dst[d] = acc;
+        if (d == 0) {
+            dst[head_dim] = M;
+            dst[head_dim + 1] = L;
+        }
+    }
+}
+
+// Decode attention for many sequences (batch ≥ 8), split over the context, with this step's RoPE and cache
+// write folded in: block (kv head,
 // split, b) handles keys [split·chunk, min((split+1)·chunk, pos+1)) (chunk ≤ ATTN_MAX_CHUNK) for the GROUP
 // query heads sharing that KV head, reading each K and V row once. head_dim = 32·DIMS. qkv (b, q_dim + 2 kv_dim)
 // is the QKV projection as it left it: each block rotates its query heads itself, and the block whose split
@@ -181,6 +366,18 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
         }
     }
 }
+
+#define ATTN_LANES(G, D)                                                                                        \
+    extern "C" __global__ void attn_lanes_g##G##_d##D(                                                          \
+        const float* __restrict__ qkv, const Seq* __restrict__ seqs, const float* __restrict__ inv_freq,        \
+        const bf16* __restrict__ stage, float* __restrict__ part, int layer, int kv_heads, int chunk,           \
+        int splits, int window, float scale) {                                                                  \
+        attn_lanes_impl<G, D>(qkv, seqs, inv_freq, stage, part, layer, kv_heads, chunk, splits, window, scale); \
+    }
+ATTN_LANES(1, 1) ATTN_LANES(1, 2) ATTN_LANES(1, 4)
+ATTN_LANES(2, 1) ATTN_LANES(2, 2) ATTN_LANES(2, 4)
+ATTN_LANES(4, 1) ATTN_LANES(4, 2) ATTN_LANES(4, 4)
+ATTN_LANES(8, 1) ATTN_LANES(8, 2) ATTN_LANES(8, 4)
 
 #define ATTN_SPLIT(G, D)                                                                                        \
     extern "C" __global__ void attn_split_g##G##_d##D(                                                          \
