@@ -10,14 +10,14 @@
 #[allow(dead_code, unused_imports)]
 #[path = "../src/cpu/linear.rs"]
 mod linear;
-// The modules it uses.
-#[allow(dead_code)]
+// The modules it uses (their tests compile here unused).
+#[allow(dead_code, unused_imports)]
 #[path = "../src/cpu/isa.rs"]
 mod isa;
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../src/cpu/share.rs"]
 mod share;
-#[allow(dead_code)]
+#[allow(dead_code, unused_imports)]
 #[path = "../src/cpu/simd.rs"]
 mod simd;
 
@@ -26,7 +26,8 @@ use std::time::{Duration, Instant};
 
 use driftwood_backend::cpu::stream_read_gb_s_of as stream_read;
 use half::{bf16, f16};
-use linear::{Isa, Weights, linear_with};
+use isa::Isa;
+use linear::{Weights, linear_with};
 use rayon::prelude::*;
 
 /// Bytes of the weight pool and of the bandwidth buffer: well past any last-level cache.

@@ -363,6 +363,7 @@ mod avx512 {
     /// accumulators share the registers); the call's slices have the lengths its shape
     /// says; `scores` holds `group · CHUNK` floats and `part` `group · (hd + 2)`.
     #[target_feature(enable = "avx512f")]
+    #[allow(clippy::needless_range_loop)] // Register tiles read clearest with explicit indices.
     pub(super) unsafe fn chunk<E: Elem, const NV: usize, const HB: usize>(
         call: &Call<'_, E>,
         (i, g, c): (usize, usize, usize),

@@ -96,7 +96,7 @@ pub(crate) mod avx512 {
     #[inline]
     pub(crate) fn exp_neg(x: __m512) -> __m512 {
         const C: [f32; 6] = [
-            0.693_147_2,     // ln 2
+            std::f32::consts::LN_2,
             0.240_226_5,     // ln² 2 / 2
             0.055_504_11,    // ln³ 2 / 6
             0.009_618_129,   // ln⁴ 2 / 24
