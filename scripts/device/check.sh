@@ -137,7 +137,8 @@ for stage in $stages; do
             set -- $v
             step "batch 1, DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2"
             DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 run "$bin" bench gpu --model "$models/llama1b" \
-                "${cpu[@]}" --check-tokens 8 --prompt-tokens 128 --gen-tokens 256 --batch 0 \
+                "${cpu[@]}" --check-tokens 8 --prompt-tokens 128 --gen-tokens 256 --batch 0 --prefill-tokens 24 \
+                --prefill-check-tokens 16 --prefill-reps 1 \
                 --out "/tmp/ab-$1$2.json" > /dev/null 2>> /tmp/ab.log
             cpu=(--skip-cpu)
         done
@@ -146,9 +147,10 @@ for stage in $stages; do
         run python3 -c 'import json,sys
 runs = json.load(open(sys.argv[1]))
 for r in runs:
+    r = r["results"]
     print("pdl", r["early_launch"], "stage", r["stages_pinned_kv"],
           " ".join("%s %.3f ms" % (p["placement"], p["decode_ms_per_token"]) for p in r["runs"]))
-tokens = {tuple(p["first_tokens"]) for r in runs for p in r["runs"]}
+tokens = {tuple(p["first_tokens"]) for r in runs for p in r["results"]["runs"]}
 print("greedy tokens equal across runs:", len(tokens) == 1)
 sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         ;;

@@ -203,7 +203,7 @@ pub struct Exec {
     /// are scheduled between the main stream's; a graph that forks onto it keeps node priorities).
     side: Stream,
     stream: Stream,
-    /// Launch kernels as programmatic dependent launches (compute capability 9.0+ and `DRIFTWOOD_CUDA_PDL=1`).
+    /// Launch kernels as programmatic dependent launches (compute capability 9.0+, unless `DRIFTWOOD_CUDA_PDL=0`).
     early: bool,
     /// Whether the capture in progress forked work onto `side`.
     forked: bool,
@@ -217,6 +217,11 @@ unsafe impl Send for Exec {}
 /// yet measured on a GPU, so off by default.
 fn opt_in(name: &str) -> bool {
     std::env::var(name).is_ok_and(|v| v == "1")
+}
+
+/// Whether the environment variable `name` is set to `0`.
+fn opt_out(name: &str) -> bool {
+    std::env::var(name).is_ok_and(|v| v == "0")
 }
 
 /// Whether a CUDA device can be opened here: the libraries load and the driver reports at least one device
@@ -272,7 +277,7 @@ impl CudaBackend {
         let tokens = MappedHost::new(&ctx, MAX_PREFILL * size_of::<u32>())?;
         use cudarc::driver::sys::CUdevice_attribute as A;
         let early =
-            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9 && opt_in("DRIFTWOOD_CUDA_PDL");
+            ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9 && !opt_out("DRIFTWOOD_CUDA_PDL");
         let exec = Exec {
             kernels,
             blas,
@@ -369,8 +374,9 @@ impl CudaBackend {
     }
 
     /// Whether kernels are launched as programmatic dependent launches, each one prefetching its weights while
-    /// the one before it finishes (compute capability 9.0+ and `DRIFTWOOD_CUDA_PDL=1`). Off by default until
-    /// measured on a GPU: `scripts/device/check.sh ab` times batch-1 decode with and without it.
+    /// the one before it finishes (compute capability 9.0+, unless `DRIFTWOOD_CUDA_PDL=0`). On by default from
+    /// `scripts/device/check.sh ab` (H200, Llama-3.2-1B-shaped, batch 1): managed 1.218 ms/token with it, 1.298
+    /// without; pinned 1.371 and 1.412.
     pub fn early_launch(&self) -> bool {
         self.exec.lock().unwrap_or_else(|p| p.into_inner()).early
     }
