@@ -117,7 +117,7 @@ async fn ownership_on_etcd_with_snapshots_in_seaweedfs() {
     let etcd = Arc::new(Etcd::new(&etcd_members.endpoints(), Duration::from_secs(2)).expect("client"));
     let prefix = "/test/";
     // A's lease is short, so that the test waits little for it to expire; the others outlive a leader election.
-    let a = Node::join(etcd.clone(), prefix, "node-a", "127.0.0.1:1", Duration::from_secs(1)).await.expect("a joins");
+    let a = Node::join(etcd.clone(), prefix, "node-a", "127.0.0.1:1", Duration::from_secs(2)).await.expect("a joins");
     let ttl = Duration::from_secs(5);
     let b = Node::join(etcd.clone(), prefix, "node-b", "127.0.0.1:2", ttl).await.expect("b joins");
     // A live node's id stays taken (the newcomer waits its own TTL and a second for it to go).
