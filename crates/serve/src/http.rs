@@ -173,10 +173,28 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 }
 
 async fn session_info(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Response {
-    let result = check_key(&key).and_then(|()| state.sessions.info(&key).ok_or_else(|| session_not_found(&key)));
-    match result {
-        Ok(info) => axum::Json(info).into_response(),
-        Err(e) => e.into_response(),
+    if let Err(e) = check_key(&key) {
+        return e.into_response();
+    }
+    if let Some(info) = state.sessions.info(&key) {
+        return axum::Json(info).into_response();
+    }
+    // In a cluster the session may live on another node: etcd knows its owner and latest snapshot.
+    let Some(node) = state.sessions.config().cluster.clone() else {
+        return session_not_found(&key).into_response();
+    };
+    let found =
+        async { Ok::<_, driftwood_cluster::ClusterError>((node.owner(&key).await?, node.pointer(&key).await?)) };
+    match found.await {
+        Ok((None, None)) => session_not_found(&key).into_response(),
+        Ok((owner, pointer)) => axum::Json(json!({
+            "id": key,
+            "owner": owner.as_ref().map(|o| json!({"node": o.node, "fence": o.fence})),
+            "snapshot": pointer.as_ref().map(|p| p.path()),
+        }))
+        .into_response(),
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "cluster_unavailable", e.to_string())
+            .into_response(),
     }
 }
 

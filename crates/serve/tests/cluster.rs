@@ -100,6 +100,8 @@ async fn two_nodes_share_sessions_one_at_a_time() {
     assert_eq!(nodes, ["a", "b"], "{status}");
     let conv = status["sessions"].as_array().expect("sessions").iter().find(|s| s["id"] == "conv").expect("conv");
     assert_eq!(conv["owner"]["node"], "a", "{status}");
+    let info: Value = serde_json::from_str(&get(&b, "/v1/sessions/conv").await).expect("JSON");
+    assert_eq!(info["owner"]["node"], "a", "another node's session is described from etcd: {info}");
 
     // Draining a: its sessions are committed and released, and continue on b from a's last turn.
     let started = Instant::now();
