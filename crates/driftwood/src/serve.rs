@@ -26,9 +26,25 @@ pub struct ServeArgs {
     /// `alloc`, `dealloc`).
     #[arg(long, value_name = "FILE")]
     actor: Option<PathBuf>,
-    /// Directory of session snapshots; sessions found in it are served again.
-    #[arg(long, value_name = "DIR", default_value = "driftwood-store")]
+    /// Where session snapshots live: a folder (sessions found in it are served again), `file:///PATH`,
+    /// `s3://BUCKET[/PREFIX]` (endpoint and credentials from the `AWS_*` environment variables:
+    /// `AWS_ENDPOINT`, `AWS_REGION`, `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_ALLOW_HTTP=true` for a
+    /// plain-HTTP endpoint), or `memory://` (gone when the server stops).
+    #[arg(long, value_name = "DIR|URL", default_value = "driftwood-store")]
     store: PathBuf,
+    /// Run as a node of a cluster: etcd's client endpoints, comma-separated (`http://HOST:PORT,…`). The
+    /// nodes share `--store` (S3 or a shared folder); a session runs on one node at a time.
+    #[arg(long, value_name = "ENDPOINTS")]
+    cluster: Option<String>,
+    /// This node's id in the cluster (default: made from the advertised address).
+    #[arg(long, requires = "cluster")]
+    node_id: Option<String>,
+    /// The address other nodes and clients reach this node at (default: http:// and the listen address).
+    #[arg(long, value_name = "URL", requires = "cluster")]
+    advertise: Option<String>,
+    /// Seconds after a node stops (killed, stopped, cut off) until its sessions can move to other nodes.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    lease_ttl_secs: u64,
     /// Backend: auto, cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
     backend: BackendKind,
@@ -110,6 +126,13 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.hibernate_after = hibernate_after;
     config.max_live = usize::try_from(args.max_live).context("--max-live is too large")?;
     config.batch_window = (!batch_window.is_zero()).then_some(batch_window);
+    if let Some(etcd) = &args.cluster {
+        let mut cluster = driftwood_serve::ClusterConfig::new(etcd.clone());
+        cluster.node_id = args.node_id.clone();
+        cluster.advertise = args.advertise.clone();
+        cluster.lease_ttl = Duration::from_secs(args.lease_ttl_secs);
+        config.cluster = Some(cluster);
+    }
     config.validate()?;
     if let Some(path) = &args.actor {
         config.actor_wasm =

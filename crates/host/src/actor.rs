@@ -24,6 +24,14 @@ const CAPTURED_LOG_LINES: usize = 1024;
 /// Bytes a captured log line is charged to the host allowance beyond its text (the line's own bookkeeping).
 const LOG_LINE_OVERHEAD: usize = 64;
 
+/// Where a snapshot being restored comes from.
+pub(crate) enum SnapshotSource {
+    /// A file, opened and validated but for its pages, which are streamed into memory.
+    File(Box<driftwood_snapshot::ActorReader>),
+    /// Bytes held in memory (an object fetched from a store), validated whole.
+    Bytes(driftwood_snapshot::ActorFile),
+}
+
 /// One line an actor logged.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LogLine {
@@ -468,6 +476,36 @@ impl Actor {
         path: &std::path::Path,
         metadata: std::collections::BTreeMap<String, String>,
     ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
+        let image = self.snapshot_image(metadata)?;
+        let stats = driftwood_snapshot::write_actor(path, &image, self.memory.data(&self.store))
+            .map_err(|e| ActorError::Host(format!("cannot write actor snapshot {}: {e}", path.display())))?;
+        self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
+        Ok(stats)
+    }
+
+    /// Writes the same whole-actor snapshot as [`save_snapshot`](Self::save_snapshot) to any writer (an object
+    /// upload buffer, a socket), not atomically: the writer's owner decides when it is complete.
+    ///
+    /// # Errors
+    ///
+    /// [`ActorError::Host`] if the actor was not created from bytes (no digest) or `w` fails.
+    pub fn write_snapshot_to(
+        &mut self,
+        w: &mut dyn std::io::Write,
+        metadata: std::collections::BTreeMap<String, String>,
+    ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
+        let image = self.snapshot_image(metadata)?;
+        let stats = driftwood_snapshot::write_actor_to(w, &image, self.memory.data(&self.store))
+            .map_err(|e| ActorError::Host(format!("cannot write actor snapshot: {e}")))?;
+        self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
+        Ok(stats)
+    }
+
+    /// Everything of a snapshot but the memory's contents.
+    fn snapshot_image(
+        &mut self,
+        metadata: std::collections::BTreeMap<String, String>,
+    ) -> Result<driftwood_snapshot::ActorImage, ActorError> {
         use driftwood_snapshot::{ActorImage, GlobalValue, ModelRef};
         let digest = self
             .module_digest
@@ -506,28 +544,27 @@ impl Actor {
                 tokenizer_fingerprint: m.tokenizer_fingerprint().into(),
             })
             .collect();
-        let image = ActorImage {
+        Ok(ActorImage {
             module_digest: digest,
             abi_version: abi::ABI_VERSION,
             memory_size: self.memory_size() as u64,
             globals,
             models,
             metadata,
-        };
-        let stats = driftwood_snapshot::write_actor(path, &image, self.memory.data(&self.store))
-            .map_err(|e| ActorError::Host(format!("cannot write actor snapshot {}: {e}", path.display())))?;
-        self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
-        Ok(stats)
+        })
     }
 
     /// Overwrites this freshly instantiated actor with a snapshot (see [`Runtime::restore_actor`]).
     pub(crate) fn restore_from(
         &mut self,
-        file: driftwood_snapshot::ActorReader,
+        file: SnapshotSource,
         registry: &crate::ModelRegistry,
     ) -> Result<(), ActorError> {
         use driftwood_snapshot::GlobalValue;
-        let image = file.image().clone();
+        let image = match &file {
+            SnapshotSource::File(reader) => reader.image().clone(),
+            SnapshotSource::Bytes(bytes) => bytes.image.clone(),
+        };
         if self.module_digest.as_deref() != Some(image.module_digest.as_str()) {
             return Err(ActorError::Host(format!(
                 "the snapshot is of module {}, not of the module given ({})",
@@ -582,9 +619,13 @@ impl Actor {
         }
         // Memory the instance grew to here is freshly mapped and zero: only the stored pages are written there,
         // so resident memory after the restore follows the snapshot's stored pages, not its memory size.
-        let file_len = file.file_len();
-        file.restore_into(self.memory.data_mut(&mut self.store), current)
-            .map_err(|e| ActorError::Host(format!("cannot restore memory: {e}")))?;
+        let memory = self.memory.data_mut(&mut self.store);
+        let (file_len, restored) = match file {
+            SnapshotSource::File(reader) => (reader.file_len(), reader.restore_into(memory, current)),
+            // Already checked whole (checksum included) when it was parsed.
+            SnapshotSource::Bytes(bytes) => (bytes.file_len(), bytes.restore_into_fresh(memory, current)),
+        };
+        restored.map_err(|e| ActorError::Host(format!("cannot restore memory: {e}")))?;
         for (name, value) in &image.globals {
             let global = self
                 .instance

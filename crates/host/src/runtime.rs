@@ -253,7 +253,22 @@ impl Runtime {
         let file = driftwood_snapshot::ActorReader::open(path, &limits)
             .map_err(|e| ActorError::Host(format!("cannot read actor snapshot {}: {e}", path.display())))?;
         let mut actor = self.instantiate(wasm)?;
-        actor.restore_from(file, &self.models)?;
+        actor.restore_from(crate::actor::SnapshotSource::File(Box::new(file)), &self.models)?;
+        Ok(actor)
+    }
+
+    /// [`restore_actor`](Self::restore_actor) from a snapshot held in memory (an object fetched from a store):
+    /// the whole snapshot, checksum included, is validated before an instance exists.
+    ///
+    /// # Errors
+    ///
+    /// As for [`restore_actor`](Self::restore_actor).
+    pub fn restore_actor_bytes(&self, bytes: Vec<u8>, wasm: &[u8]) -> Result<Actor, ActorError> {
+        let limits = driftwood_snapshot::ActorLimits { max_memory: self.config.limits.memory_bytes as u64 };
+        let file = driftwood_snapshot::parse_actor(bytes, &limits)
+            .map_err(|e| ActorError::Host(format!("cannot read actor snapshot: {e}")))?;
+        let mut actor = self.instantiate(wasm)?;
+        actor.restore_from(crate::actor::SnapshotSource::Bytes(file), &self.models)?;
         Ok(actor)
     }
 

@@ -161,6 +161,27 @@ fn hibernated_actor_wakes_and_continues_exactly() {
     assert!(store.wake(&rt, "missing", driftwood_actors::CHAT).is_err());
 }
 
+#[test]
+fn an_actor_snapshot_held_in_memory_restores_and_continues_exactly() {
+    let rt = runtime(bundled());
+    let mut awake = chat_actor(&rt, 256);
+    a_sampling(&mut awake);
+    request(&mut awake, "generate", "It is a truth", 10);
+    let mut bytes = Vec::new();
+    let stats = awake.write_snapshot_to(&mut bytes, Default::default()).unwrap();
+    assert_eq!(stats.bytes, bytes.len() as u64);
+    let mut woken = rt.restore_actor_bytes(bytes.clone(), driftwood_actors::CHAT).unwrap();
+    let continued: i32 = woken.call("resume", 12u32).unwrap();
+    let reference: i32 = awake.call("resume", 12u32).unwrap();
+    assert_eq!(continued, reference);
+    assert_eq!(woken.take_emitted(), awake.take_emitted());
+    // A flipped byte anywhere after the fixed header fails the checksum before any instance exists.
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1;
+    let refused = rt.restore_actor_bytes(bytes, driftwood_actors::CHAT).err().expect("refused");
+    assert!(refused.to_string().contains("checksum"), "{refused}");
+}
+
 fn a_sampling(a: &mut Actor) {
     a.call::<(f32, u32, f32, f32, f32, u64), ()>("set_sampling", (0.8, 40, 0.95, 0.05, 1.1, 3)).unwrap();
 }

@@ -29,6 +29,8 @@ pub struct ApiError {
     pub message: String,
     /// Seconds for a `Retry-After` header (429 and 503).
     pub retry_after: Option<u64>,
+    /// Where the session's requests go instead (a 409 `session_owned`): an `X-Driftwood-Owner` header.
+    pub owner: Option<String>,
 }
 
 impl ApiError {
@@ -41,12 +43,13 @@ impl ApiError {
             param,
             message: message.into(),
             retry_after: None,
+            owner: None,
         }
     }
 
     /// An error with any status.
     pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, kind, code, param: None, message: message.into(), retry_after: None }
+        ApiError { status, kind, code, param: None, message: message.into(), retry_after: None, owner: None }
     }
 
     /// A 500 `server_error` (an actor trap, a snapshot that cannot be read or written, ...).
@@ -71,6 +74,9 @@ impl IntoResponse for ApiError {
         let mut response = (self.status, axum::Json(self.body())).into_response();
         if let Some(secs) = self.retry_after {
             response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        if let Some(owner) = self.owner.as_deref().and_then(|o| HeaderValue::from_str(o).ok()) {
+            response.headers_mut().insert("x-driftwood-owner", owner);
         }
         response
     }

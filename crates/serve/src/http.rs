@@ -98,6 +98,7 @@ pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/completions", post(completions))
         .route("/v1/models", get(models))
         .route("/v1/sessions/{key}", get(session_info).delete(session_delete))
+        .route("/v1/cluster", get(cluster_status))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -107,6 +108,34 @@ pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
 
 async fn not_found() -> Response {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint").into_response()
+}
+
+/// The cluster as etcd sees it: this node, the live nodes, every session with its owner and snapshot.
+async fn cluster_status(State(state): State<Arc<AppState>>) -> Response {
+    let Some(node) = state.sessions.config().cluster.clone() else {
+        return ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "not_clustered",
+            "this server runs alone",
+        )
+        .into_response();
+    };
+    let listed = async { Ok::<_, driftwood_cluster::ClusterError>((node.nodes().await?, node.sessions().await?)) };
+    match listed.await {
+        Ok((nodes, sessions)) => axum::Json(json!({
+            "node": node.id(),
+            "nodes": nodes.iter().map(|(id, addr)| json!({"id": id, "address": addr})).collect::<Vec<_>>(),
+            "sessions": sessions.iter().map(|(id, owner, pointer)| json!({
+                "id": id,
+                "owner": owner.as_ref().map(|o| json!({"node": o.node, "fence": o.fence})),
+                "snapshot": pointer.as_ref().map(|p| p.path()),
+            })).collect::<Vec<_>>(),
+        }))
+        .into_response(),
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "cluster_unavailable", e.to_string())
+            .into_response(),
+    }
 }
 
 async fn health() -> Response {
@@ -144,10 +173,28 @@ fn check_key(key: &str) -> Result<(), ApiError> {
 }
 
 async fn session_info(State(state): State<Arc<AppState>>, Path(key): Path<String>) -> Response {
-    let result = check_key(&key).and_then(|()| state.sessions.info(&key).ok_or_else(|| session_not_found(&key)));
-    match result {
-        Ok(info) => axum::Json(info).into_response(),
-        Err(e) => e.into_response(),
+    if let Err(e) = check_key(&key) {
+        return e.into_response();
+    }
+    if let Some(info) = state.sessions.info(&key) {
+        return axum::Json(info).into_response();
+    }
+    // In a cluster the session may live on another node: etcd knows its owner and latest snapshot.
+    let Some(node) = state.sessions.config().cluster.clone() else {
+        return session_not_found(&key).into_response();
+    };
+    let found =
+        async { Ok::<_, driftwood_cluster::ClusterError>((node.owner(&key).await?, node.pointer(&key).await?)) };
+    match found.await {
+        Ok((None, None)) => session_not_found(&key).into_response(),
+        Ok((owner, pointer)) => axum::Json(json!({
+            "id": key,
+            "owner": owner.as_ref().map(|o| json!({"node": o.node, "fence": o.fence})),
+            "snapshot": pointer.as_ref().map(|p| p.path()),
+        }))
+        .into_response(),
+        Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "cluster_unavailable", e.to_string())
+            .into_response(),
     }
 }
 
@@ -348,6 +395,10 @@ async fn run(
     sampling: Sampling,
 ) -> Result<Response, ApiError> {
     let claim: Option<Claim> = key.as_deref().map(|k| state.sessions.claim(k)).transpose()?;
+    if let Some(claim) = &claim {
+        // In a cluster: only the session's owner runs its turns.
+        state.sessions.own(claim).await?;
+    }
     let permit = state.scheduler.admit(&state.sessions.metrics).await?;
     let id = request_id(kind);
     let created = now_secs();

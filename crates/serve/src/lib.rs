@@ -3,8 +3,12 @@
 //! Every session key names one actor running the chat guest (or a deployment's own module). The actor keeps
 //! the conversation and its KV cache in its own memory, so a request whose messages extend the session's
 //! history evaluates only the new tokens. After every completed turn the actor is snapshotted to the store
-//! directory (atomically); idle actors are released from memory and restored from their snapshot on their
-//! next request, also after a restart or a crash.
+//! (a folder, S3 or memory: a new immutable object per turn); idle actors are released from memory and
+//! restored from their snapshot on their next request, also after a restart or a crash.
+//!
+//! With [`ServeConfig::cluster`] the server is one node of a cluster: a session's turns run only on the node
+//! that claimed it in etcd, each snapshot is committed there behind the claim's fencing token before the
+//! turn is answered, and another node answers 409 `session_owned` naming the owner.
 //!
 //! | endpoint | |
 //! |---|---|
@@ -49,8 +53,9 @@ use std::time::Duration;
 
 use anyhow::Context;
 use driftwood_backend::BackendKind;
+use driftwood_cluster::{Etcd, Node, SnapshotStore, valid_session};
 use driftwood_engine::Model;
-use driftwood_host::{ActorLimits, ActorStore, LogMode, Runtime, RuntimeConfig};
+use driftwood_host::{ActorLimits, LogMode, Runtime, RuntimeConfig};
 use tokio::sync::oneshot;
 
 use metrics::Metrics;
@@ -68,6 +73,40 @@ pub const MAX_HIBERNATE_AFTER: Duration = Duration::from_secs(30 * 24 * 3600);
 /// Most requests [`ServeConfig::queue`] and turns [`ServeConfig::workers`] accepted.
 pub const MAX_QUEUE: usize = 1_000_000;
 
+/// Shortest and longest [`ClusterConfig::lease_ttl`] accepted.
+pub const LEASE_TTL_RANGE: (Duration, Duration) = (Duration::from_secs(1), Duration::from_secs(3600));
+
+/// Membership of a cluster of nodes sharing one etcd and one snapshot store.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    /// etcd's client endpoints, comma-separated (`http://HOST:PORT,…`).
+    pub etcd: String,
+    /// This node's id, unique in the cluster (1–128 letters, digits, `-`, `_`). Default: made from the
+    /// advertised address.
+    pub node_id: Option<String>,
+    /// The address other nodes and clients reach this node at (`http://HOST:PORT`). Default: the listen
+    /// address.
+    pub advertise: Option<String>,
+    /// Time to live of the node's etcd lease: how long after this node stops (killed, stopped, cut off) its
+    /// sessions can be claimed by other nodes.
+    pub lease_ttl: Duration,
+    /// Prefix of the cluster's etcd keys.
+    pub prefix: String,
+}
+
+impl ClusterConfig {
+    /// Membership of the cluster whose etcd is at `etcd`, with a 5-second lease and the default prefix.
+    pub fn new(etcd: impl Into<String>) -> Self {
+        ClusterConfig {
+            etcd: etcd.into(),
+            node_id: None,
+            advertise: None,
+            lease_ttl: Duration::from_secs(5),
+            prefix: driftwood_cluster::DEFAULT_PREFIX.to_string(),
+        }
+    }
+}
+
 /// How to run the server.
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
@@ -77,7 +116,9 @@ pub struct ServeConfig {
     pub model_id: Option<String>,
     /// The actor module; default: the bundled chat actor.
     pub actor_wasm: Option<Vec<u8>>,
-    /// The snapshot store directory.
+    /// The snapshot store: a folder, or an address `file:///PATH`, `s3://BUCKET[/PREFIX]` (endpoint and
+    /// credentials from the usual `AWS_*` environment variables) or `memory://`. See
+    /// [`SnapshotStore::open`].
     pub store: PathBuf,
     /// Address to listen on (port 0 picks a free one).
     pub addr: SocketAddr,
@@ -105,6 +146,9 @@ pub struct ServeConfig {
     /// Continuous batching: decode steps of turns running at the same time are evaluated as one forward
     /// pass; the first step waits at most this long for the others. `None` runs each turn's steps alone.
     pub batch_window: Option<Duration>,
+    /// Run as a node of a cluster (sessions owned through etcd, snapshots in the shared `store`); `None`:
+    /// one node.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl ServeConfig {
@@ -115,7 +159,8 @@ impl ServeConfig {
     /// A message naming the field and its range: invalid [`limits`](Self::limits) (see
     /// [`ActorLimits::validate`]), `workers` of 0 or above [`MAX_QUEUE`], `queue` above [`MAX_QUEUE`],
     /// `max_live` of 0, `hibernate_after` above [`MAX_HIBERNATE_AFTER`], a zero `batch_window` or one above
-    /// [`MAX_BATCH_WINDOW`], a zero `default_max_tokens` or `max_body_bytes`.
+    /// [`MAX_BATCH_WINDOW`], a zero `default_max_tokens` or `max_body_bytes`; in a cluster, a lease TTL outside
+    /// [`LEASE_TTL_RANGE`] or not whole seconds, an invalid node id, or a `memory://` store.
     pub fn validate(&self) -> anyhow::Result<()> {
         self.limits.validate().map_err(anyhow::Error::msg)?;
         if self.workers == 0 || self.workers > MAX_QUEUE {
@@ -145,6 +190,25 @@ impl ServeConfig {
         if self.max_body_bytes == 0 {
             anyhow::bail!("max_body_bytes must be at least 1");
         }
+        if let Some(cluster) = &self.cluster {
+            let (min, max) = LEASE_TTL_RANGE;
+            if cluster.lease_ttl < min || cluster.lease_ttl > max || cluster.lease_ttl.subsec_nanos() != 0 {
+                anyhow::bail!(
+                    "the cluster lease TTL must be whole seconds from {} to {}, not {:?}",
+                    min.as_secs(),
+                    max.as_secs(),
+                    cluster.lease_ttl
+                );
+            }
+            if self.store.to_str() == Some("memory://") {
+                anyhow::bail!("the nodes of a cluster share their store: memory:// is this process's alone");
+            }
+            if let Some(id) = &cluster.node_id
+                && !valid_session(id)
+            {
+                anyhow::bail!("node id {id:?} is not valid: use 1–128 ASCII letters, digits, `-` or `_`");
+            }
+        }
         Ok(())
     }
 
@@ -168,6 +232,7 @@ impl ServeConfig {
             max_live: 256,
             max_body_bytes: 4 << 20,
             batch_window: Some(DEFAULT_BATCH_WINDOW),
+            cluster: None,
         }
     }
 }
@@ -189,16 +254,30 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     reaper: tokio::task::JoinHandle<()>,
+    node: Option<Arc<Node>>,
+}
+
+/// Joins the cluster as this node, listening at `addr`.
+async fn join(cluster: &ClusterConfig, addr: SocketAddr) -> anyhow::Result<Node> {
+    let etcd = Etcd::from_list(&cluster.etcd, Duration::from_secs(2))?;
+    let advertise = cluster.advertise.clone().unwrap_or_else(|| format!("http://{addr}"));
+    let id = cluster.node_id.clone().unwrap_or_else(|| {
+        let plain = advertise.trim_start_matches("http://").trim_start_matches("https://");
+        plain.chars().map(|c| if c.is_ascii_alphanumeric() { c } else { '-' }).take(128).collect()
+    });
+    Node::join(Arc::new(etcd), &cluster.prefix, &id, &advertise, cluster.lease_ttl)
+        .await
+        .with_context(|| format!("cannot join the cluster at {} as node `{id}`", cluster.etcd))
 }
 
 impl Server {
-    /// Loads the model, opens the store (sessions found in it are known, hibernated), binds and starts
-    /// serving.
+    /// Loads the model, opens the store (sessions found in it are known, hibernated), binds, joins the
+    /// cluster if configured, and starts serving.
     ///
     /// # Errors
     ///
     /// A configuration that fails [`ServeConfig::validate`], a model that cannot be loaded, an actor module that does not fit the protocol, a store that cannot be
-    /// created, an address that cannot be bound.
+    /// created, an address that cannot be bound, an etcd that cannot be reached or a node id in use.
     pub async fn start(config: ServeConfig) -> anyhow::Result<Server> {
         config.validate()?;
         let model = Arc::new(
@@ -220,11 +299,26 @@ impl Server {
             ..Default::default()
         })?;
         runtime.register_model("default", model.clone());
-        let store = ActorStore::open(&config.store)?;
+        let store = match config.store.to_str() {
+            Some(url) if url.contains("://") => SnapshotStore::open(url)?,
+            _ => SnapshotStore::local(&config.store)?,
+        };
         let wasm = config.actor_wasm.clone().unwrap_or_else(|| driftwood_actors::CHAT.to_vec());
         let metrics = Arc::new(Metrics::default());
-        let session_config =
-            SessionConfig { max_seq, hibernate_after: config.hibernate_after, max_live: config.max_live.max(1) };
+        let listener = tokio::net::TcpListener::bind(config.addr)
+            .await
+            .with_context(|| format!("cannot listen on {}", config.addr))?;
+        let addr = listener.local_addr()?;
+        let node = match &config.cluster {
+            Some(cluster) => Some(Arc::new(join(cluster, addr).await?)),
+            None => None,
+        };
+        let session_config = SessionConfig {
+            max_seq,
+            hibernate_after: config.hibernate_after,
+            max_live: config.max_live.max(1),
+            cluster: node.clone(),
+        };
         let sessions =
             tokio::task::spawn_blocking(move || Sessions::new(runtime, model, wasm, store, session_config, metrics))
                 .await??;
@@ -238,10 +332,6 @@ impl Server {
             scheduler: http::Scheduler::new(config.workers.max(1), config.queue),
             created,
         });
-        let listener = tokio::net::TcpListener::bind(config.addr)
-            .await
-            .with_context(|| format!("cannot listen on {}", config.addr))?;
-        let addr = listener.local_addr()?;
         let (stop, stopped) = oneshot::channel::<()>();
         let app = http::router(state.clone(), config.max_body_bytes);
         let task = tokio::spawn(async move {
@@ -262,7 +352,7 @@ impl Server {
                 }
             })
         };
-        Ok(Server { addr, state, stop: Some(stop), task, reaper })
+        Ok(Server { addr, state, stop: Some(stop), task, reaper, node })
     }
 
     /// The address the server listens on.
@@ -280,12 +370,19 @@ impl Server {
         &self.state.sessions.metrics
     }
 
-    /// Stops accepting connections, lets requests in progress finish, then snapshots every live actor.
-    /// Returns the number of actors snapshotted.
+    /// This node's cluster membership, when it runs in a cluster.
+    pub fn node(&self) -> Option<&Node> {
+        self.node.as_deref()
+    }
+
+    /// Stops accepting connections, lets requests in progress finish, then snapshots every live actor (in a
+    /// cluster: and commits each snapshot, then leaves the cluster, which frees its sessions for the other
+    /// nodes at once). Returns the number of actors snapshotted.
     ///
     /// # Errors
     ///
-    /// When the server task failed or a snapshot could not be written (each failure named).
+    /// When the server task failed or a snapshot could not be written (each failure named), or leaving the
+    /// cluster failed (its lease then expires by itself).
     pub async fn shutdown(mut self) -> anyhow::Result<usize> {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
@@ -295,6 +392,9 @@ impl Server {
         self.reaper.abort();
         let state = self.state.clone();
         let (saved, failures) = tokio::task::spawn_blocking(move || state.sessions.snapshot_all()).await?;
+        if let Some(node) = &self.node {
+            node.leave().await.context("leaving the cluster")?;
+        }
         served.context("the server task panicked")?.context("the server failed")?;
         if !failures.is_empty() {
             anyhow::bail!("snapshotting at shutdown failed for {}", failures.join("; "));

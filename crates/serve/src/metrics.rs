@@ -46,6 +46,14 @@ pub struct Metrics {
     pub rejected_queue_full: AtomicU64,
     /// Requests refused because their session was busy.
     pub rejected_busy: AtomicU64,
+    /// Cluster: sessions this node claimed in etcd.
+    pub cluster_claims: AtomicU64,
+    /// Cluster: snapshots committed (the session's pointer moved).
+    pub cluster_commits: AtomicU64,
+    /// Cluster: commits refused by the fencing check (the session had moved to another node).
+    pub cluster_fenced: AtomicU64,
+    /// Cluster: requests refused because another node owns their session.
+    pub cluster_owned_elsewhere: AtomicU64,
     restore_latency: Mutex<Histogram>,
 }
 
@@ -99,6 +107,22 @@ impl Metrics {
         );
         counter("driftwood_snapshots_written_total", "Actor snapshots written.", self.snapshots.load(Relaxed));
         counter("driftwood_actor_traps_total", "Turns whose actor trapped.", self.traps.load(Relaxed));
+        counter("driftwood_cluster_claims_total", "Sessions this node claimed.", self.cluster_claims.load(Relaxed));
+        counter(
+            "driftwood_cluster_commits_total",
+            "Snapshots committed (the session's pointer moved).",
+            self.cluster_commits.load(Relaxed),
+        );
+        counter(
+            "driftwood_cluster_fenced_total",
+            "Commits refused by the fencing check: the session had moved to another node.",
+            self.cluster_fenced.load(Relaxed),
+        );
+        counter(
+            "driftwood_cluster_owned_elsewhere_total",
+            "Requests refused with 409 because another node owns their session.",
+            self.cluster_owned_elsewhere.load(Relaxed),
+        );
         let batch = runtime.batch_stats();
         counter(
             "driftwood_batched_decode_passes_total",

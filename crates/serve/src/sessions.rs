@@ -7,8 +7,9 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
+use driftwood_cluster::{Claim as Ownership, ClusterError, Fetched, Node, ObjectName, SnapshotStore};
 use driftwood_engine::Model;
-use driftwood_host::{Actor, ActorError, ActorStore, Runtime};
+use driftwood_host::{Actor, ActorError, Runtime};
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, Sampling};
@@ -50,6 +51,10 @@ pub struct SessionConfig {
     pub hibernate_after: Duration,
     /// Most actors live in memory at once; past it, the least recently used idle ones hibernate.
     pub max_live: usize,
+    /// This node's membership of a cluster: sessions are claimed in etcd before they run, and each snapshot
+    /// is committed there (behind the claim's fencing token) before its turn is answered. `None`: one node,
+    /// whose store alone says which snapshot is a session's latest.
+    pub cluster: Option<Arc<Node>>,
 }
 
 #[derive(Default)]
@@ -60,6 +65,12 @@ struct SlotState {
     restores: u64,
     /// A snapshot of the actor's last completed turn is in the store.
     saved: bool,
+    /// That snapshot's object, once this server has read or written it.
+    object: Option<ObjectName>,
+    /// In a cluster, the fencing token of this node's claim of the session, while it holds one.
+    fence: Option<u64>,
+    /// The node's lease that claim is attached to (a claim lasts as long as its lease).
+    claim_lease: i64,
     last: Option<TurnOutcome>,
 }
 
@@ -97,7 +108,9 @@ pub struct Sessions {
     runtime: Runtime,
     model: Arc<Model>,
     wasm: Arc<Vec<u8>>,
-    store: ActorStore,
+    store: SnapshotStore,
+    /// Runs the store's calls from the blocking threads turns run on.
+    tokio: tokio::runtime::Handle,
     config: SessionConfig,
     table: Mutex<HashMap<String, Arc<Slot>>>,
     live: AtomicUsize,
@@ -117,24 +130,30 @@ fn actor_error(err: ActorError) -> ApiError {
 
 impl Sessions {
     /// A session table over `runtime` (which has `model` registered as `default`), running actors of
-    /// `wasm`, with every session found in `store` known as hibernated.
+    /// `wasm`, with every session found in `store` known as hibernated. Call it, and every method that runs a
+    /// turn or touches the store, from a blocking thread of a Tokio runtime (`spawn_blocking`): the store's
+    /// calls run on that runtime.
     ///
     /// # Errors
     ///
-    /// When an actor of `wasm` cannot be created and initialised, or lacks an export of the protocol.
+    /// When an actor of `wasm` cannot be created and initialised, or lacks an export of the protocol; when
+    /// there is no Tokio runtime, or the store cannot be listed.
     pub fn new(
         runtime: Runtime,
         model: Arc<Model>,
         wasm: Vec<u8>,
-        store: ActorStore,
+        store: SnapshotStore,
         config: SessionConfig,
         metrics: Arc<Metrics>,
     ) -> anyhow::Result<Self> {
+        let tokio = tokio::runtime::Handle::try_current()
+            .map_err(|_| anyhow::anyhow!("the session table needs a Tokio runtime for its store"))?;
         let sessions = Sessions {
             runtime,
             model,
             wasm: Arc::new(wasm),
             store,
+            tokio,
             config,
             table: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
@@ -147,17 +166,15 @@ impl Sessions {
             anyhow::bail!("the actor module has no export `{missing}`; serving needs {}", REQUIRED_EXPORTS.join(", "));
         }
         drop(sessions.new_actor().map_err(|e| anyhow::anyhow!("{}", e.message))?);
-        // A save killed mid-write leaves its temporary file next to the snapshot it would have replaced.
-        for entry in std::fs::read_dir(sessions.store.dir()).into_iter().flatten().flatten() {
-            let name = entry.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with('.') && name.contains(".actor.tmp-") {
-                let _ = std::fs::remove_file(entry.path());
-            }
-        }
+        // In a cluster etcd knows the sessions; the store's listing would be every node's.
+        let known = if sessions.config.cluster.is_some() {
+            vec![]
+        } else {
+            sessions.tokio.block_on(sessions.store.sessions())?
+        };
         {
             let mut table = sessions.table.lock().unwrap_or_else(|p| p.into_inner());
-            for id in sessions.store.ids() {
+            for id in known {
                 let slot = Slot::default();
                 slot.lock().saved = true;
                 table.insert(id, Arc::new(slot));
@@ -206,6 +223,61 @@ impl Sessions {
         Ok(Claim { key: key.to_string(), slot })
     }
 
+    /// In a cluster, makes sure this node owns the claimed session before its turn runs: claims it in etcd
+    /// unless this node holds a claim already. A claim newly won starts the session from the snapshot etcd
+    /// points to (whatever this node had of it is older). On one node, does nothing.
+    ///
+    /// # Errors
+    ///
+    /// A 409 `session_owned` naming the owner (and its address in an `X-Driftwood-Owner` header) when another
+    /// node owns the session; a 503 `cluster_unavailable` when etcd cannot be reached.
+    pub async fn own(&self, claim: &Claim) -> Result<(), ApiError> {
+        let Some(node) = &self.config.cluster else { return Ok(()) };
+        // A lost lease took every claim of this node with it: rejoin under a new one, and claim again.
+        if node.lease_lost() {
+            node.rejoin().await.map_err(|e| cluster_unavailable(&e))?;
+        }
+        {
+            let state = claim.slot.lock();
+            if state.fence.is_some() && state.claim_lease == node.lease() {
+                return Ok(());
+            }
+        }
+        let mut claimed = node.claim(&claim.key).await;
+        if matches!(&claimed, Err(ClusterError::Etcd(e)) if e.is_lease_not_found()) {
+            node.rejoin().await.map_err(|e| cluster_unavailable(&e))?;
+            claimed = node.claim(&claim.key).await;
+        }
+        match claimed {
+            Ok(Ownership::Won { fence, lease, pointer }) => {
+                let mut state = claim.slot.lock();
+                if state.actor.take().is_some() {
+                    self.live.fetch_sub(1, Ordering::Relaxed);
+                }
+                state.fence = Some(fence);
+                state.claim_lease = lease;
+                state.saved = pointer.is_some();
+                state.object = pointer;
+                self.metrics.cluster_claims.fetch_add(1, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Ownership::Taken(owner)) => {
+                self.metrics.cluster_owned_elsewhere.fetch_add(1, Ordering::Relaxed);
+                let address = node.address_of(&owner.node).await.ok().flatten();
+                let at = address.as_deref().map(|a| format!(" at {a}")).unwrap_or_default();
+                let mut e = ApiError::new(
+                    StatusCode::CONFLICT,
+                    "invalid_request_error",
+                    "session_owned",
+                    format!("session `{}` is running on node `{}`{at}; send its requests there", claim.key, owner.node),
+                );
+                e.owner = address;
+                Err(e)
+            }
+            Err(e) => Err(cluster_unavailable(&e)),
+        }
+    }
+
     /// Runs one turn on the claimed session (or, without a claim, on a fresh actor discarded afterwards),
     /// sending generated text to `sink` as it is produced. Blocks; call it from a blocking thread.
     ///
@@ -233,8 +305,8 @@ impl Sessions {
         if state.actor.is_none() {
             let actor = if state.saved {
                 let started = Instant::now();
-                let actor = self.store.wake(&self.runtime, &claim.key, &self.wasm).map_err(|e| {
-                    ApiError::server("restore_failed", format!("session `{}` cannot be restored: {e}", claim.key))
+                let actor = self.wake(&claim.key, &mut state).map_err(|e| {
+                    ApiError::server("restore_failed", format!("session `{}` cannot be restored: {e:#}", claim.key))
                 })?;
                 self.metrics.restored(started.elapsed());
                 state.restores += 1;
@@ -262,13 +334,10 @@ impl Sessions {
                 // The session keeps the turn's counts, not its text (up to the host allowance, held for as long
                 // as the session exists).
                 state.last = Some(TurnOutcome { text: String::new(), ..outcome.clone() });
-                if let Some(actor) = state.actor.as_mut() {
-                    let written = self.store.save(&claim.key, actor);
-                    if let Err(e) = written {
-                        state.saved = false;
-                        return Err(ApiError::server("snapshot_failed", format!("the turn completed but {e}")));
+                if state.actor.is_some() {
+                    if let Err(e) = self.save(&claim.key, &mut state) {
+                        return Err(self.unsaved(&mut state, e));
                     }
-                    state.saved = true;
                     self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
                 }
                 if self.config.hibernate_after.is_zero() {
@@ -287,6 +356,115 @@ impl Sessions {
                 Err(err)
             }
         }
+    }
+
+    /// Restores the actor of session `key` from its latest snapshot.
+    fn wake(&self, key: &str, state: &mut SlotState) -> anyhow::Result<Actor> {
+        let name = match state.object.clone() {
+            Some(name) => name,
+            None if self.config.cluster.is_some() => anyhow::bail!("etcd holds no committed snapshot of it"),
+            None => self
+                .tokio
+                .block_on(self.store.latest(key))?
+                .ok_or_else(|| anyhow::anyhow!("{} holds no snapshot of it", self.store.url()))?,
+        };
+        let actor = match self.tokio.block_on(self.store.get(&name))? {
+            Fetched::File(path) => self.runtime.restore_actor(&path, &self.wasm)?,
+            Fetched::Bytes(bytes) => self.runtime.restore_actor_bytes(bytes, &self.wasm)?,
+        };
+        state.object = Some(name);
+        Ok(actor)
+    }
+
+    /// Writes the live actor of session `key` as the session's next snapshot object and, in a cluster,
+    /// commits it in etcd; then deletes the earlier objects. The session's state is unchanged if the write
+    /// fails.
+    fn save(&self, key: &str, state: &mut SlotState) -> Result<(), SaveError> {
+        let Some(actor) = state.actor.as_mut() else {
+            return Err(SaveError::Other(anyhow::anyhow!("session `{key}` has no live actor")));
+        };
+        let cluster = self.config.cluster.as_ref().map(|node| (node, state.fence));
+        let fence = match cluster {
+            Some((_, Some(fence))) => fence,
+            Some((_, None)) => return Err(SaveError::Other(anyhow::anyhow!("this node holds no claim of `{key}`"))),
+            // One node, no claims: fence 0.
+            None => 0,
+        };
+        let last = match &state.object {
+            Some(name) => Some(name.clone()),
+            None if cluster.is_some() => None,
+            None => self.tokio.block_on(self.store.latest(key)).map_err(|e| SaveError::Other(e.into()))?,
+        };
+        // The next number after the latest object of this claim; a new claim starts at 1.
+        let seq = last.as_ref().filter(|n| n.fence == fence).map_or(1, |n| n.seq + 1);
+        let next = ObjectName::new(key, fence, seq)
+            .ok_or_else(|| SaveError::Other(anyhow::anyhow!("`{key}` is not a session id")))?;
+        let write = |w: &mut dyn std::io::Write| {
+            actor.write_snapshot_to(w, Default::default()).map(|_| ()).map_err(std::io::Error::other)
+        };
+        self.tokio.block_on(self.store.put_new(&next, write)).map_err(|e| SaveError::Other(e.into()))?;
+        if let Some((node, _)) = cluster {
+            match self.tokio.block_on(node.commit(fence, &next)) {
+                Ok(()) => self.metrics.cluster_commits.fetch_add(1, Ordering::Relaxed),
+                Err(e @ ClusterError::Fenced { .. }) => {
+                    self.metrics.cluster_fenced.fetch_add(1, Ordering::Relaxed);
+                    // Garbage: no pointer names it. The session's owner collects it after its next commit.
+                    let _ = self.tokio.block_on(self.store.delete(&next));
+                    return Err(SaveError::Fenced(e));
+                }
+                // The commit may or may not have been applied: the session restarts from whatever etcd says.
+                Err(e) => return Err(SaveError::Uncertain(e)),
+            };
+        }
+        state.saved = true;
+        state.object = Some(next.clone());
+        // Earlier snapshots are garbage now; one left by a failure here is collected after the next turn.
+        if let Err(e) = self.tokio.block_on(self.store.collect(&next)) {
+            eprintln!("driftwood serve: collecting earlier snapshots of `{key}`: {e}");
+        }
+        Ok(())
+    }
+
+    /// The answer to a turn whose snapshot could not be saved or committed, after forgetting what the
+    /// failure made unknown.
+    fn unsaved(&self, state: &mut SlotState, err: SaveError) -> ApiError {
+        match err {
+            SaveError::Other(e) => {
+                state.saved = state.object.is_some();
+                ApiError::server("snapshot_failed", format!("the turn completed but {e:#}"))
+            }
+            SaveError::Fenced(e) => {
+                self.forget(state);
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "invalid_request_error",
+                    "session_moved",
+                    format!("the turn was not kept: {e}; send the request again"),
+                )
+            }
+            SaveError::Uncertain(e) => {
+                self.forget(state);
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "server_error",
+                    "cluster_unavailable",
+                    format!("the turn's snapshot was written but its commit is unknown: {e}; send the request again"),
+                );
+                e.retry_after = Some(1);
+                e
+            }
+        }
+    }
+
+    /// Drops this node's claim and copy of a session (the next request claims it anew and restores it from
+    /// what etcd points to).
+    fn forget(&self, state: &mut SlotState) {
+        if state.actor.take().is_some() {
+            self.live.fetch_sub(1, Ordering::Relaxed);
+        }
+        state.fence = None;
+        state.object = None;
+        state.saved = false;
     }
 
     /// Feeds `input` to `actor` with `sampling` and collects the outcome.
@@ -423,7 +601,8 @@ impl Sessions {
         released
     }
 
-    /// Snapshots every live actor to the store (for a graceful shutdown). Waits for turns in progress.
+    /// Snapshots every live actor to the store (for a graceful shutdown), in a cluster committing each; a
+    /// session whose commit is refused (another node owns it now) is dropped. Waits for turns in progress.
     /// Returns (actors snapshotted, failures).
     pub fn snapshot_all(&self) -> (usize, Vec<String>) {
         let slots: Vec<(String, Arc<Slot>)> =
@@ -431,13 +610,14 @@ impl Sessions {
         let (mut saved, mut failures) = (0, vec![]);
         for (key, slot) in slots {
             let mut state = slot.lock();
-            if let Some(actor) = state.actor.as_mut() {
-                match self.store.save(&key, actor) {
-                    Ok(_) => {
+            if state.actor.is_some() {
+                match self.save(&key, &mut state) {
+                    Ok(()) => {
                         saved += 1;
-                        state.saved = true;
                         self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
                     }
+                    // Another node owns the session now: what this node held of it was not its to keep.
+                    Err(SaveError::Fenced(_)) => self.forget(&mut state),
                     Err(e) => failures.push(format!("session `{key}`: {e}")),
                 }
             }
@@ -481,6 +661,8 @@ impl Sessions {
             "turns": state.turns,
             "restores": state.restores,
             "last_turn": last,
+            "snapshot": state.object.as_ref().map(ObjectName::path),
+            "fence": state.fence,
         }))
     }
 
@@ -490,20 +672,66 @@ impl Sessions {
     ///
     /// 404 for an unknown session, 409 while it runs a request, 500 if the snapshot cannot be deleted.
     pub fn delete(&self, key: &str) -> Result<(), ApiError> {
-        if self.info(key).is_none() {
+        // In a cluster the session may be known to etcd only: claiming it tells.
+        if self.config.cluster.is_none() && self.info(key).is_none() {
             return Err(session_not_found(key));
         }
         let claim = self.claim(key)?;
+        self.tokio.block_on(self.own(&claim))?;
         let mut state = claim.slot.lock();
+        if state.actor.is_none() && !state.saved && state.turns == 0 {
+            if let (Some(node), Some(fence)) = (&self.config.cluster, state.fence.take()) {
+                let _ = self.tokio.block_on(node.release(key, fence));
+            }
+            drop(state);
+            self.table.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
+            return Err(session_not_found(key));
+        }
         if state.actor.take().is_some() {
             self.live.fetch_sub(1, Ordering::Relaxed);
         }
-        self.store.remove(key).map_err(|e| ApiError::server("snapshot_failed", e.to_string()))?;
+        if let (Some(node), Some(fence)) = (&self.config.cluster, state.fence) {
+            self.tokio.block_on(node.remove(key, fence)).map_err(|e| cluster_unavailable(&e))?;
+        }
+        self.tokio
+            .block_on(self.store.remove_session(key))
+            .map_err(|e| ApiError::server("snapshot_failed", e.to_string()))?;
         *state = SlotState::default();
         drop(state);
         self.table.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         Ok(())
     }
+}
+
+/// Why a snapshot was not kept.
+enum SaveError {
+    /// Not written (or not readable for the next number).
+    Other(anyhow::Error),
+    /// Written, and its commit refused: another node owns the session now.
+    Fenced(ClusterError),
+    /// Written, and whether its commit was applied is unknown (etcd did not answer).
+    Uncertain(ClusterError),
+}
+
+impl std::fmt::Display for SaveError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SaveError::Other(e) => write!(f, "{e:#}"),
+            SaveError::Fenced(e) | SaveError::Uncertain(e) => write!(f, "{e}"),
+        }
+    }
+}
+
+/// The 503 for etcd out of reach.
+fn cluster_unavailable(err: &ClusterError) -> ApiError {
+    let mut e = ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "server_error",
+        "cluster_unavailable",
+        format!("the cluster's etcd cannot be reached: {err}"),
+    );
+    e.retry_after = Some(1);
+    e
 }
 
 /// The 404 for an unknown session.

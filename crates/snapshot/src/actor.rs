@@ -440,6 +440,47 @@ impl ActorFile {
         memory[cursor..].fill(0);
         Ok(())
     }
+
+    /// [`restore_into`](Self::restore_into) for memory whose bytes from `zero_from` on are already zero, as
+    /// freshly mapped memory is: pages outside the stored ones are zeroed only below `zero_from` (and there only
+    /// where they are not zero already), so a restore into fresh memory touches only the stored pages and
+    /// resident memory follows them.
+    ///
+    /// # Errors
+    ///
+    /// [`SnapshotError::BadInput`] when `memory.len()` is not the snapshot's `memory_size`; `memory` is then
+    /// untouched.
+    pub fn restore_into_fresh(&self, memory: &mut [u8], zero_from: usize) -> Result<(), SnapshotError> {
+        if memory.len() as u64 != self.memory_size {
+            return Err(bad(
+                "memory",
+                format!(
+                    "the target memory is {} bytes but the snapshot's memory_size is {}",
+                    memory.len(),
+                    self.memory_size
+                ),
+            ));
+        }
+        let zero_from = zero_from.min(memory.len());
+        let clear = |memory: &mut [u8], start: usize, end: usize| {
+            let (start, end) = (start.min(zero_from), end.min(zero_from));
+            for page in memory[start..end].chunks_mut(PAGE_SIZE) {
+                if !is_zero(page) {
+                    page.fill(0);
+                }
+            }
+        };
+        let mut cursor = 0usize;
+        for (offset, page) in self.pages() {
+            // Page numbers were checked strictly increasing and below memory_size / 4096 when the file was read.
+            let offset = offset as usize;
+            clear(memory, cursor, offset);
+            memory[offset..offset + PAGE_SIZE].copy_from_slice(page);
+            cursor = offset + PAGE_SIZE;
+        }
+        clear(memory, cursor, memory.len());
+        Ok(())
+    }
 }
 
 /// Reads and validates the actor snapshot at `path`, holding the whole file in memory. Everything but the

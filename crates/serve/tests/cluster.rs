@@ -1,0 +1,164 @@
+//! Two nodes of one cluster (a real etcd, one shared snapshot folder) over loopback: a session runs on one
+//! node at a time and another node answers 409 naming the owner; the same new session sent to both nodes at
+//! once runs exactly one turn; a drained node's sessions continue on the other with the replies a single node
+//! gives; a node whose lease lapsed (its renewals stopped, as under SIGSTOP) has its late commit refused.
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use driftwood_cluster::testkit::{Binaries, EtcdCluster};
+use driftwood_serve::{ClusterConfig, ServeConfig, Server};
+use serde_json::{Value, json};
+
+fn model_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini")
+}
+
+fn config(store: String) -> ServeConfig {
+    let mut c = ServeConfig::new(model_dir(), PathBuf::from(store));
+    c.addr = "127.0.0.1:0".parse().expect("address");
+    c.max_seq = 512;
+    c.backend = driftwood_backend::BackendKind::Cpu;
+    c
+}
+
+fn node(store: &Path, etcd: &str, id: &str) -> ServeConfig {
+    let mut c = config(format!("file://{}", store.display()));
+    let mut cluster = ClusterConfig::new(etcd);
+    cluster.node_id = Some(id.to_string());
+    cluster.lease_ttl = Duration::from_secs(2);
+    c.cluster = Some(cluster);
+    c
+}
+
+fn user(text: &str) -> Value {
+    json!({"role": "user", "content": text})
+}
+
+fn assistant(text: &str) -> Value {
+    json!({"role": "assistant", "content": text})
+}
+
+/// Sends a greedy chat turn of `session` to `server`: status, body, the owner header of a 409.
+async fn chat(server: &Server, session: &str, messages: &[Value]) -> (u16, Value, Option<String>) {
+    let body = json!({"model": "driftwood-mini", "messages": messages, "max_tokens": 16, "temperature": 0});
+    let resp = reqwest::Client::new()
+        .post(format!("http://{}/v1/chat/completions", server.addr()))
+        .header("X-Session-Id", session)
+        .json(&body)
+        .send()
+        .await
+        .expect("request sent");
+    let status = resp.status().as_u16();
+    let owner = resp.headers().get("x-driftwood-owner").and_then(|v| v.to_str().ok()).map(str::to_string);
+    (status, resp.json().await.expect("JSON body"), owner)
+}
+
+fn reply(body: &Value) -> String {
+    body["choices"][0]["message"]["content"].as_str().expect("content").to_string()
+}
+
+async fn get(server: &Server, path: &str) -> String {
+    let url = format!("http://{}{path}", server.addr());
+    reqwest::get(url).await.expect("request sent").text().await.expect("body")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_share_sessions_one_at_a_time() {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../cluster-venv");
+    let bin = Binaries::install(&venv).unwrap_or_else(|e| panic!("installing etcd for the cluster tests: {e}"));
+    let etcd = EtcdCluster::start(&bin, 1).expect("etcd");
+    let shared = tempfile::tempdir().expect("tempdir");
+    let alone = tempfile::tempdir().expect("tempdir");
+    let a = Server::start(node(shared.path(), &etcd.endpoint_list(), "a")).await.expect("node a starts");
+    let b = Server::start(node(shared.path(), &etcd.endpoint_list(), "b")).await.expect("node b starts");
+    let single = Server::start(config(alone.path().display().to_string())).await.expect("single node starts");
+
+    // Turn 1 on node a, and the same conversation on a single node.
+    let turn1 = vec![user("Who made the world?")];
+    let (status, first, _) = chat(&a, "conv", &turn1).await;
+    assert_eq!(status, 200, "{first}");
+    let (_, expected1, _) = chat(&single, "conv", &turn1).await;
+    assert_eq!(reply(&first), reply(&expected1));
+
+    // Node b refuses the session while a owns it, and says where it runs.
+    let turn2 = vec![turn1[0].clone(), assistant(&reply(&first)), user("And what did he make next?")];
+    let (status, refused, owner) = chat(&b, "conv", &turn2).await;
+    assert_eq!(status, 409, "{refused}");
+    assert_eq!(refused["error"]["code"], "session_owned");
+    assert_eq!(owner, Some(format!("http://{}", a.addr())));
+
+    // A new session sent to both nodes at once: exactly one turn runs, the other request is refused.
+    let race = vec![user("Tell me of the sea.")];
+    let (on_a, on_b) = tokio::join!(chat(&a, "race", &race), chat(&b, "race", &race));
+    let mut statuses = [on_a.0, on_b.0];
+    statuses.sort();
+    assert_eq!(statuses, [200, 409], "{} / {}", on_a.1, on_b.1);
+
+    let status: Value = serde_json::from_str(&get(&b, "/v1/cluster").await).expect("JSON");
+    let nodes: Vec<&str> = status["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["id"].as_str()).collect();
+    assert_eq!(nodes, ["a", "b"], "{status}");
+    let conv = status["sessions"].as_array().expect("sessions").iter().find(|s| s["id"] == "conv").expect("conv");
+    assert_eq!(conv["owner"]["node"], "a", "{status}");
+    let info: Value = serde_json::from_str(&get(&b, "/v1/sessions/conv").await).expect("JSON");
+    assert_eq!(info["owner"]["node"], "a", "another node's session is described from etcd: {info}");
+
+    // Draining a: its sessions are committed and released, and continue on b from a's last turn.
+    let started = Instant::now();
+    a.shutdown().await.expect("node a drains");
+    eprintln!("drain of a node with 2 sessions: {:?}", started.elapsed());
+    let (status, second, _) = chat(&b, "conv", &turn2).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(second["driftwood"]["restored"], true, "b continues from a's snapshot");
+    let prompt = second["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    let evaluated = second["driftwood"]["evaluated_tokens"].as_u64().expect("evaluated tokens");
+    let first_prompt = first["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert!(prompt - evaluated >= first_prompt, "turn 1 comes from the snapshot: {evaluated} of {prompt} evaluated");
+    let (_, expected2, _) = chat(&single, "conv", &turn2).await;
+    assert_eq!(reply(&second), reply(&expected2), "the moved session answers as a single node does");
+
+    for name in ["driftwood_cluster_claims_total", "driftwood_cluster_commits_total"] {
+        assert!(metric(&b, name).await >= 1.0, "{name}");
+    }
+
+    // Node b stops renewing its lease (as if SIGSTOPped) and c takes the session over after the TTL; b, which
+    // still believes it owns the session, runs a turn but its commit is refused, so the turn is not kept.
+    let c = Server::start(node(shared.path(), &etcd.endpoint_list(), "c")).await.expect("node c starts");
+    let b_node = b.node().expect("b is a node");
+    b_node.suspend_keepalive();
+    let started = Instant::now();
+    while c.node().expect("c is a node").owner("conv").await.expect("owner").is_some() {
+        assert!(started.elapsed() < Duration::from_secs(15), "b's lease outlived its TTL");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let turn3 = vec![turn2[0].clone(), turn2[1].clone(), turn2[2].clone(), assistant(&reply(&second)), user("Why?")];
+    let (status, third, _) = chat(&c, "conv", &turn3).await;
+    assert_eq!(status, 200, "{third}");
+    let (status, stale, _) = chat(&b, "conv", &turn3).await;
+    assert_eq!((status, stale["error"]["code"].as_str()), (409, Some("session_moved")), "{stale}");
+    assert_eq!(metric(&b, "driftwood_cluster_fenced_total").await, 1.0);
+    // b forgot its claim with the refused turn: its next request finds the session c's.
+    let (status, refused, owner) = chat(&b, "conv", &turn3).await;
+    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("session_owned")), "{refused}");
+    assert_eq!(owner, Some(format!("http://{}", c.addr())));
+    let status: Value = serde_json::from_str(&get(&c, "/v1/cluster").await).expect("JSON");
+    let conv = status["sessions"].as_array().expect("sessions").iter().find(|s| s["id"] == "conv").expect("conv");
+    let fence = conv["owner"]["fence"].as_u64().expect("fence");
+    assert_eq!(conv["owner"]["node"], "c", "{status}");
+    assert!(conv["snapshot"].as_str().expect("snapshot").starts_with(&format!("conv/{fence}-")), "{status}");
+    let (_, expected3, _) = chat(&single, "conv", &turn3).await;
+    assert_eq!(reply(&third), reply(&expected3), "the history stays the one c continued");
+
+    c.shutdown().await.expect("node c drains");
+    b.shutdown().await.expect("node b drains");
+    single.shutdown().await.expect("single node stops");
+}
+
+/// The value of counter `name` on `server`'s `/metrics`.
+async fn metric(server: &Server, name: &str) -> f64 {
+    let text = get(server, "/metrics").await;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name).and_then(|rest| rest.strip_prefix(' ')))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("metric {name} missing from\n{text}"))
+}
