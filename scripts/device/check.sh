@@ -27,9 +27,9 @@
 #   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU: $out/resume.txt
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
-#   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the opt-in step
+#   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the two step
 #             optimizations on and off (DRIFTWOOD_CUDA_PDL, DRIFTWOOD_CUDA_KV_STAGE: all four combinations),
-#             to measure what each one is worth before it becomes a default: $out/ab.json
+#             to measure what each one is worth (PDL is on by default, the stage off): $out/ab.json
 #   profile   (not in the default set) Nsight Compute per-kernel time and DRAM bytes of decode: batch 1, and 64
 #             sequences (attention at ~1024 tokens, GEMMs): $out/ncu-*.csv
 set -uo pipefail
