@@ -3,50 +3,21 @@
 //! Not `object_store`'s `LocalFileSystem`, because that one does not `fsync`: a turn acknowledged after its
 //! snapshot was "written" could be lost with the page cache on a power cut. Here every object is written into
 //! a temporary file in its session's folder, `fsync`ed, hard-linked to its name (which fails if the name
-//! exists: no object is ever replaced) and the folder `fsync`ed, so an object that has a name is complete and
+//! exists: no object is ever replaced) and the folder `fsync`ed (`driftwood_snapshot::atomic`'s
+//! `Staged::commit_new`), so an object that has a name is complete and
 //! durable. Snapshots are streamed from the actor's memory straight into the file, never buffered whole.
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime};
 
 use crate::name::{ObjectName, SUFFIX, valid_session};
-
-static COUNTER: AtomicU64 = AtomicU64::new(0);
 
 /// A folder of snapshot objects.
 #[derive(Debug, Clone)]
 pub(crate) struct LocalDir {
     root: PathBuf,
-}
-
-/// Counts the bytes that reach the file.
-struct Counting<'a> {
-    inner: &'a mut File,
-    written: u64,
-}
-
-impl Write for Counting<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.written += n as u64;
-        Ok(n)
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
-}
-
-/// Removes a temporary file when dropped (errors, early returns, panics).
-struct TempFile(PathBuf);
-
-impl Drop for TempFile {
-    fn drop(&mut self) {
-        let _ = fs::remove_file(&self.0);
-    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
@@ -133,29 +104,10 @@ impl LocalDir {
         if target.exists() {
             return Ok(None);
         }
-        let temp_path = dir.join(format!(
-            ".{}.tmp-{}-{}",
-            name.file_name(),
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let mut file = OpenOptions::new().write(true).create_new(true).open(&temp_path)?;
-        let temp = TempFile(temp_path);
-        let mut counting = Counting { inner: &mut file, written: 0 };
-        write(&mut counting)?;
-        counting.flush()?;
-        let written = counting.written;
-        file.sync_all()?;
-        drop(file);
-        // A hard link is created atomically and only if the name is free: an object is never replaced.
-        match fs::hard_link(&temp.0, &target) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
-            Err(e) => return Err(e),
-        }
-        drop(temp);
-        sync_dir(&dir)?;
-        Ok(Some(written))
+        // Written beside its name, synced, then hard-linked (only if the name is free): never replaced.
+        driftwood_snapshot::atomic::stage_atomic(&target, write)
+            .and_then(|staged| staged.commit_new())
+            .map_err(io::Error::other)
     }
 
     /// The path of object `name`, if it exists.

@@ -121,6 +121,31 @@ impl Staged {
     }
 }
 
+impl Staged {
+    /// [`commit`](Self::commit) that never replaces: `fsync`s the temporary file, hard-links it to the target
+    /// (atomic, and only if the name is free), removes the temporary name and `fsync`s the directory. Returns the
+    /// number of bytes written, or `None` when the target already exists (nothing is changed then).
+    ///
+    /// # Errors
+    ///
+    /// As for [`commit`](Self::commit), with linking in place of renaming; on any failure the temporary file is
+    /// removed and the target is unchanged (or, if only the directory sync failed, in place but not known durable).
+    pub fn commit_new(self) -> Result<Option<u64>, SnapshotError> {
+        let Staged { file, guard, target, written } = self;
+        file.sync_all().map_err(|e| SnapshotError::io("syncing", &guard.path, e))?;
+        drop(file);
+        match fs::hard_link(&guard.path, &target) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(None),
+            Err(e) => return Err(SnapshotError::io("linking temporary file to", &target, e)),
+        }
+        drop(guard); // the temporary name goes; the target keeps the data
+        let dir = parent_dir(&target);
+        File::open(dir).and_then(|d| d.sync_all()).map_err(|e| SnapshotError::io("syncing directory", dir, e))?;
+        Ok(Some(written))
+    }
+}
+
 fn parent_dir(path: &Path) -> &Path {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,

@@ -170,3 +170,16 @@ fn killed_mid_write_keeps_old_file() {
     assert!((2 << 20..60 << 20).contains(&partial), "{partial}");
     assert_eq!(dir_entries(dir.path()).len(), 3, "{:?}", dir_entries(dir.path()));
 }
+
+#[test]
+fn commit_new_never_replaces() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("obj.bin");
+    let staged = driftwood_snapshot::atomic::stage_atomic(&path, |w| w.write_all(b"first")).unwrap();
+    assert_eq!(staged.commit_new().unwrap(), Some(5));
+    let staged = driftwood_snapshot::atomic::stage_atomic(&path, |w| w.write_all(b"second")).unwrap();
+    assert_eq!(staged.commit_new().unwrap(), None, "an existing name is left alone");
+    assert_eq!(fs::read(&path).unwrap(), b"first");
+    // Neither commit leaves its temporary name behind.
+    assert_eq!(dir_entries(dir.path()), vec!["obj.bin".to_string()]);
+}
