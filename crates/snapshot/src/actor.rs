@@ -419,16 +419,7 @@ impl ActorFile {
     /// [`SnapshotError::BadInput`] when `memory.len()` is not the snapshot's `memory_size` (the caller must
     /// grow the fresh instance's memory to that size first); `memory` is then untouched.
     pub fn restore_into(&self, memory: &mut [u8]) -> Result<(), SnapshotError> {
-        if memory.len() as u64 != self.memory_size {
-            return Err(bad(
-                "memory",
-                format!(
-                    "the target memory is {} bytes but the snapshot's memory_size is {}",
-                    memory.len(),
-                    self.memory_size
-                ),
-            ));
-        }
+        self.check_memory_len(memory)?;
         let mut cursor = 0usize;
         for (offset, page) in self.pages() {
             // Page numbers were checked strictly increasing and below memory_size / 4096 when the file was read.
@@ -441,6 +432,21 @@ impl ActorFile {
         Ok(())
     }
 
+    /// `BadInput` unless `memory` is exactly the snapshot's `memory_size`.
+    fn check_memory_len(&self, memory: &[u8]) -> Result<(), SnapshotError> {
+        if memory.len() as u64 == self.memory_size {
+            return Ok(());
+        }
+        Err(bad(
+            "memory",
+            format!(
+                "the target memory is {} bytes but the snapshot's memory_size is {}",
+                memory.len(),
+                self.memory_size
+            ),
+        ))
+    }
+
     /// [`restore_into`](Self::restore_into) for memory whose bytes from `zero_from` on are already zero, as
     /// freshly mapped memory is: pages outside the stored ones are zeroed only below `zero_from` (and there only
     /// where they are not zero already), so a restore into fresh memory touches only the stored pages and
@@ -451,16 +457,7 @@ impl ActorFile {
     /// [`SnapshotError::BadInput`] when `memory.len()` is not the snapshot's `memory_size`; `memory` is then
     /// untouched.
     pub fn restore_into_fresh(&self, memory: &mut [u8], zero_from: usize) -> Result<(), SnapshotError> {
-        if memory.len() as u64 != self.memory_size {
-            return Err(bad(
-                "memory",
-                format!(
-                    "the target memory is {} bytes but the snapshot's memory_size is {}",
-                    memory.len(),
-                    self.memory_size
-                ),
-            ));
-        }
+        self.check_memory_len(memory)?;
         let zero_from = zero_from.min(memory.len());
         let clear = |memory: &mut [u8], start: usize, end: usize| {
             let (start, end) = (start.min(zero_from), end.min(zero_from));
