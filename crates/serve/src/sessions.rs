@@ -444,14 +444,9 @@ impl Sessions {
             }
             SaveError::Uncertain(e) => {
                 self.forget(state);
-                let mut e = ApiError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "server_error",
-                    "cluster_unavailable",
-                    format!("the turn's snapshot was written but its commit is unknown: {e}; send the request again"),
-                );
-                e.retry_after = Some(1);
-                e
+                unavailable(format!(
+                    "the turn's snapshot was written but its commit is unknown: {e}; send the request again"
+                ))
             }
         }
     }
@@ -724,12 +719,12 @@ impl std::fmt::Display for SaveError {
 
 /// The 503 for etcd out of reach.
 fn cluster_unavailable(err: &ClusterError) -> ApiError {
-    let mut e = ApiError::new(
-        StatusCode::SERVICE_UNAVAILABLE,
-        "server_error",
-        "cluster_unavailable",
-        format!("the cluster's etcd cannot be reached: {err}"),
-    );
+    unavailable(format!("the cluster's etcd cannot be reached: {err}"))
+}
+
+/// A 503 `cluster_unavailable` with `message`, to be retried after a second.
+fn unavailable(message: String) -> ApiError {
+    let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "cluster_unavailable", message);
     e.retry_after = Some(1);
     e
 }
