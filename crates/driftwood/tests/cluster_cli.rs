@@ -2,14 +2,15 @@
 //! (SIGSTOP) past its lease loses its session to another node and, continued (SIGCONT), cannot keep a turn of
 //! it; the new owner killed (SIGKILL), a third node continues the session from its last acknowledged turn.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+mod support;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::{Duration, Instant};
 
 use driftwood_cluster::testkit::{Binaries, EtcdCluster};
 use serde_json::{Value, json};
+use support::serve::{reply, request, spawn_serve};
 
 /// A node process, killed (by its pid) when dropped.
 struct NodeProc {
@@ -32,53 +33,15 @@ impl NodeProc {
 }
 
 fn start(store: &Path, etcd: &str, id: &str) -> NodeProc {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_driftwood"))
-        .args(["serve", "--addr", "127.0.0.1:0", "--backend", "cpu", "--max-seq", "256"])
-        .arg("--store")
-        .arg(format!("file://{}", store.display()))
-        .args(["--cluster", etcd, "--node-id", id, "--lease-ttl-secs", "2"])
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("driftwood serve starts");
-    let stderr = child.stderr.take().expect("stderr");
-    let mut lines = BufReader::new(stderr).lines();
-    let addr = loop {
-        let line = lines.next().expect("the node prints its address").expect("stderr line");
-        if let Some(rest) = line.split("listening on http://").nth(1) {
-            break rest.split_whitespace().next().expect("address").to_string();
-        }
-    };
-    // Keep draining stderr so the node never blocks on it.
-    std::thread::spawn(move || for _ in lines {});
+    let store = format!("file://{}", store.display());
+    let (child, addr) = spawn_serve(["--store", &store, "--cluster", etcd, "--node-id", id, "--lease-ttl-secs", "2"]);
     NodeProc { child, addr }
-}
-
-/// One HTTP/1.1 request with `Connection: close`; returns (status, body).
-fn request(addr: &str, method: &str, path: &str, session: &str, body: &str) -> (u16, String) {
-    let mut stream = TcpStream::connect(addr).expect("connect");
-    stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
-    write!(
-        stream,
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n\
-         X-Session-Id: {session}\r\nContent-Length: {}\r\n\r\n{body}",
-        body.len()
-    )
-    .expect("send");
-    let mut response = String::new();
-    stream.read_to_string(&mut response).expect("response");
-    let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status code");
-    (status, body.to_string())
 }
 
 fn chat(node: &NodeProc, session: &str, messages: &[Value]) -> (u16, Value) {
     let body = json!({"model": "driftwood-mini", "messages": messages, "max_tokens": 12, "temperature": 0});
     let (status, body) = request(&node.addr, "POST", "/v1/chat/completions", session, &body.to_string());
     (status, serde_json::from_str(&body).unwrap_or_else(|e| panic!("not JSON ({e}): {body}")))
-}
-
-fn reply(v: &Value) -> Value {
-    json!({"role": "assistant", "content": v["choices"][0]["message"]["content"]})
 }
 
 /// Sends the turn to `node` until it is answered 200 (at most 20 s); returns the answer and how long it took.

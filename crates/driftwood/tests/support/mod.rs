@@ -1,5 +1,8 @@
-//! Helpers for tests that measure a driftwood process's peak resident memory.
+//! Helpers for tests that measure a driftwood process's peak resident memory (here) and that run its server
+//! ([`serve`]).
 #![allow(dead_code)]
+
+pub mod serve;
 
 use std::path::Path;
 use std::process::Command;
