@@ -367,29 +367,21 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     }
 }
 
-#define ATTN_LANES(G, D)                                                                                        \
-    extern "C" __global__ void attn_lanes_g##G##_d##D(                                                          \
+// The kernels attn_{lanes,split}_g{GROUP}_d{head_dim / 32}, for groups 1, 2, 4, 8 and head widths 32, 64, 128.
+#define ATTN_KERNEL(KIND, G, D)                                                                                  \
+    extern "C" __global__ void attn_##KIND##_g##G##_d##D(                                                       \
         const float* __restrict__ qkv, const Seq* __restrict__ seqs, const float* __restrict__ inv_freq,        \
         const bf16* __restrict__ stage, float* __restrict__ part, int layer, int kv_heads, int chunk,           \
         int splits, int window, float scale) {                                                                  \
-        attn_lanes_impl<G, D>(qkv, seqs, inv_freq, stage, part, layer, kv_heads, chunk, splits, window, scale); \
+        attn_##KIND##_impl<G, D>(qkv, seqs, inv_freq, stage, part, layer, kv_heads, chunk, splits, window, scale); \
     }
-ATTN_LANES(1, 1) ATTN_LANES(1, 2) ATTN_LANES(1, 4)
-ATTN_LANES(2, 1) ATTN_LANES(2, 2) ATTN_LANES(2, 4)
-ATTN_LANES(4, 1) ATTN_LANES(4, 2) ATTN_LANES(4, 4)
-ATTN_LANES(8, 1) ATTN_LANES(8, 2) ATTN_LANES(8, 4)
-
-#define ATTN_SPLIT(G, D)                                                                                        \
-    extern "C" __global__ void attn_split_g##G##_d##D(                                                          \
-        const float* __restrict__ qkv, const Seq* __restrict__ seqs, const float* __restrict__ inv_freq,        \
-        const bf16* __restrict__ stage, float* __restrict__ part, int layer, int kv_heads, int chunk,           \
-        int splits, int window, float scale) {                                                                  \
-        attn_split_impl<G, D>(qkv, seqs, inv_freq, stage, part, layer, kv_heads, chunk, splits, window, scale); \
-    }
-ATTN_SPLIT(1, 1) ATTN_SPLIT(1, 2) ATTN_SPLIT(1, 4)
-ATTN_SPLIT(2, 1) ATTN_SPLIT(2, 2) ATTN_SPLIT(2, 4)
-ATTN_SPLIT(4, 1) ATTN_SPLIT(4, 2) ATTN_SPLIT(4, 4)
-ATTN_SPLIT(8, 1) ATTN_SPLIT(8, 2) ATTN_SPLIT(8, 4)
+#define ATTN_KERNELS(KIND)                                                                                      \
+    ATTN_KERNEL(KIND, 1, 1) ATTN_KERNEL(KIND, 1, 2) ATTN_KERNEL(KIND, 1, 4)                                     \
+    ATTN_KERNEL(KIND, 2, 1) ATTN_KERNEL(KIND, 2, 2) ATTN_KERNEL(KIND, 2, 4)                                     \
+    ATTN_KERNEL(KIND, 4, 1) ATTN_KERNEL(KIND, 4, 2) ATTN_KERNEL(KIND, 4, 4)                                     \
+    ATTN_KERNEL(KIND, 8, 1) ATTN_KERNEL(KIND, 8, 2) ATTN_KERNEL(KIND, 8, 4)
+ATTN_KERNELS(lanes)
+ATTN_KERNELS(split)
 
 // Combines the splits of each (b, head) into att (b, q_dim), as f32 or (att_bf16 non-null) bf16.
 // grid (heads, b), block head_dim.
