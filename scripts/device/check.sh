@@ -27,9 +27,9 @@
 #   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU: $out/resume.txt
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
-#   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with the two step
-#             optimizations on and off (DRIFTWOOD_CUDA_PDL, DRIFTWOOD_CUDA_KV_STAGE: all four combinations),
-#             to measure what each one is worth (PDL is on by default, the stage off): $out/ab.json
+#   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with each step option
+#             against the defaults: early launch off (DRIFTWOOD_CUDA_PDL=0), the warp-per-row GEMVs
+#             (DRIFTWOOD_CUDA_GEMV=warp), the pinned-KV stage on (DRIFTWOOD_CUDA_KV_STAGE=1): $out/ab.json
 #   profile   (not in the default set) Nsight Compute per-kernel time and DRAM bytes of decode: batch 1, and 64
 #             sequences (attention at ~1024 tokens, GEMMs): $out/ncu-*.csv
 set -uo pipefail
@@ -130,33 +130,33 @@ for stage in $stages; do
     ab)
         llama1b_model
         rm -f /tmp/ab-*.json
-        # The first run, with both on, also checks logits and greedy tokens against the CPU backend (bench gpu
-        # exits non-zero on disagreement); every run's greedy tokens must equal the others'.
+        # The first run, with the defaults, also checks logits and greedy tokens against the CPU backend (bench
+        # gpu exits non-zero on disagreement); every run's greedy tokens must equal the others'.
         cpu=()
-        for v in "1 1" "0 1" "1 0" "0 0"; do
+        for v in "1 0 block" "0 0 block" "1 0 warp" "1 1 block"; do
             set -- $v
-            step "batch 1, DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2"
-            DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 run "$bin" bench gpu --model "$models/llama1b" \
-                "${cpu[@]}" --check-tokens 8 --prompt-tokens 128 --gen-tokens 256 --batch 0 --prefill-tokens 24 \
-                --prefill-check-tokens 16 --prefill-reps 1 \
-                --out "/tmp/ab-$1$2.json" > /dev/null 2>> /tmp/ab.log
+            step "batch 1, DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 DRIFTWOOD_CUDA_GEMV=$3"
+            DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 DRIFTWOOD_CUDA_GEMV=$3 run "$bin" bench gpu \
+                --model "$models/llama1b" "${cpu[@]}" --check-tokens 8 --prompt-tokens 128 --gen-tokens 256 \
+                --batch 0 --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 \
+                --out "/tmp/ab-pdl$1-stage$2-gemv_$3.json" > /dev/null 2>> /tmp/ab.log
             cpu=(--skip-cpu)
         done
-        python3 -c 'import json,sys; json.dump([json.load(open(f)) for f in sys.argv[1:]], sys.stdout, indent=1)' \
+        python3 -c 'import json,sys; json.dump({f.split("/ab-")[1][:-5]: json.load(open(f)) for f in sys.argv[1:]}, sys.stdout, indent=1)' \
             /tmp/ab-*.json > "$out/ab.json"
         run python3 -c 'import json,sys
 runs = json.load(open(sys.argv[1]))
-for r in runs:
+for name, r in runs.items():
     r = r["results"]
-    print("pdl", r["early_launch"], "stage", r["stages_pinned_kv"],
-          " ".join("%s %.3f ms" % (p["placement"], p["decode_ms_per_token"]) for p in r["runs"]))
-tokens = {tuple(p["first_tokens"]) for r in runs for p in r["results"]["runs"]}
+    print(name, " ".join("%s %.3f ms" % (p["placement"], p["decode_ms_per_token"]) for p in r["runs"]))
+tokens = {tuple(p["first_tokens"]) for r in runs.values() for p in r["results"]["runs"]}
 print("greedy tokens equal across runs:", len(tokens) == 1)
 sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         ;;
     profile)
         # Nsight Compute per-kernel device time and DRAM traffic of decode on the Llama-3.2-1B-shaped model:
-        # where the next optimization should go. b1: batch-1 steps after a 128-token prompt (both placements);
+        # where the next optimization should go. b1: 4 batch-1 steps (82 kernels each) of the managed placement
+        # after a 128-token prompt and 8 steps;
         # b64-attn: decode attention of 64 sequences at ~1024 tokens (the last steps of the cache fill and the
         # timed steps); b64: every kernel of 64-sequence steps at a short context (the GEMMs), plus the few
         # prefill GEMMs of the batch-1 part.
@@ -167,12 +167,12 @@ sys.exit(0 if len(tokens) == 1 else 1)' "$out/ab.json" >&2
         ncu_bin="$ncu_bin --clock-control none --cache-control none"
         common=(bench gpu --model "$models/llama1b" --skip-cpu --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 --no-write)
         step "ncu: batch-1 decode kernels"
-        run $ncu_bin --metrics "$metrics" --kernel-name 'regex:^(gemv|gemv_swiglu|rope_store|attn_split.*|attn_merge|embed)$' \
-            --launch-skip 1764 --launch-count 392 --print-summary per-kernel --csv \
+        run $ncu_bin --metrics "$metrics" --kernel-name 'regex:^(gemv_r.*|gemv_swiglu_r.*|attn_lanes.*|embed)$' \
+            --launch-skip 1970 --launch-count 328 --print-summary per-kernel --csv \
             "$bin" "${common[@]}" --prompt-tokens 128 --gen-tokens 16 --batch 0 > "$out/ncu-b1.csv" 2> "$out/ncu-b1.log"
         step "ncu: 64-sequence decode attention at ~1024 tokens"
-        run $ncu_bin --metrics "$metrics" --kernel-name 'regex:^attn_(split.*|merge)$' \
-            --launch-skip 32700 --launch-count 96 --print-summary per-kernel --csv \
+        run $ncu_bin --metrics "$metrics" --kernel-name 'regex:^attn_split.*$' \
+            --launch-skip 16340 --launch-count 48 --print-summary per-kernel --csv \
             "$bin" "${common[@]}" --prompt-tokens 8 --gen-tokens 1 --batch 64 --context 1024 --batch-steps 2 \
             > "$out/ncu-b64-attn.csv" 2> "$out/ncu-b64-attn.log"
         step "ncu: 64-sequence decode steps at 16 tokens"

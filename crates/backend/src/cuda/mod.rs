@@ -138,14 +138,18 @@ struct Kernels {
     /// Prefill attention by head dimension ([`HEAD_DIMS`]).
     attn_prefill: [Function; 3],
     rmsnorm_bf16: Function,
-    gemv: Function,
-    gemv_swiglu: Function,
+    /// Block-split GEMV by rows per block ([`GEMV_ROWS`]).
+    gemv: [Function; 4],
+    /// Block-split gate/up GEMV with SwiGLU by rows per block (1, 2, 4).
+    gemv_swiglu: [Function; 3],
+    /// The warp-per-two-rows GEMVs, kept for one measured comparison (`DRIFTWOOD_CUDA_GEMV=warp`).
+    gemv_warp: Function,
+    gemv_swiglu_warp: Function,
     /// Decode attention by (log2 group, log2 head_dim/32).
     /// Decode attention for fewer than [`ATTN_FEW_SEQS`] sequences, by (group, head_dim) index.
     attn_lanes: [[Function; 3]; 4],
     /// Decode attention for more.
     attn_split: [[Function; 3]; 4],
-    attn_merge: Function,
     swiglu_bf16: Function,
     add_bias: Function,
     scatter_logits: Function,
@@ -205,6 +209,8 @@ pub struct Exec {
     stream: Stream,
     /// Launch kernels as programmatic dependent launches (compute capability 9.0+, unless `DRIFTWOOD_CUDA_PDL=0`).
     early: bool,
+    /// Run the warp-per-two-rows GEMVs instead of the block-split ones (`DRIFTWOOD_CUDA_GEMV=warp`).
+    warp_gemv: bool,
     /// Whether the capture in progress forked work onto `side`.
     forked: bool,
     ctx: Arc<Context>,
@@ -256,18 +262,24 @@ impl CudaBackend {
             swiglu_pairs_bf16: f("swiglu_pairs_bf16")?,
             attn_prefill: [f("attn_prefill_d32")?, f("attn_prefill_d64")?, f("attn_prefill_d128")?],
             rmsnorm_bf16: f("rmsnorm_bf16")?,
-            gemv: f("gemv")?,
-            gemv_swiglu: f("gemv_swiglu")?,
+            gemv: [f("gemv_r1")?, f("gemv_r2")?, f("gemv_r4")?, f("gemv_r8")?],
+            gemv_swiglu: [f("gemv_swiglu_r1")?, f("gemv_swiglu_r2")?, f("gemv_swiglu_r4")?],
+            gemv_warp: f("gemv_warp")?,
+            gemv_swiglu_warp: f("gemv_swiglu_warp")?,
             attn_lanes: attn_table("attn_lanes", &f)?,
             attn_split: attn_table("attn_split", &f)?,
-            attn_merge: f("attn_merge")?,
             swiglu_bf16: f("swiglu_bf16")?,
             add_bias: f("add_bias")?,
             scatter_logits: f("scatter_logits")?,
             kv_stage: f("kv_stage")?,
         };
-        for k in [kernels.gemv, kernels.gemv_swiglu] {
+        for k in [kernels.gemv_warp, kernels.gemv_swiglu_warp] {
             driver::allow_shared(k, 96 << 10)?;
+        }
+        for (row, group) in kernels.attn_split.iter().zip([1, 2, 4, 8]) {
+            for (k, hd) in row.iter().zip(HEAD_DIMS) {
+                driver::allow_shared(*k, attn_split_shared(group, hd, ATTN_MAX_CHUNK) as i32)?;
+            }
         }
         for (k, hd) in kernels.attn_prefill.iter().zip(HEAD_DIMS) {
             driver::allow_shared(*k, prefill_shared(hd) as i32)?;
@@ -289,6 +301,7 @@ impl CudaBackend {
             side: Stream::urgent(&ctx)?,
             stream,
             early,
+            warp_gemv: std::env::var("DRIFTWOOD_CUDA_GEMV").is_ok_and(|v| v == "warp"),
             forked: false,
             ctx: ctx.clone(),
         };
@@ -507,9 +520,41 @@ fn prefill_shared(head_dim: usize) -> usize {
     (prefill_rows(head_dim) + 4 * 64) * head_dim * 2
 }
 
+/// Dynamic shared memory of `attn_split` (4 warps) for `group` query heads per KV head of `head_dim` and
+/// `chunk` keys per split: queries (group, head_dim), scores (group, chunk), cos and sin (head_dim), the warps'
+/// partial sums (4, group, head_dim) and a max and a sum per query head, f32, rounded up to 16 bytes; then the
+/// split's V rows (chunk, head_dim) bf16 (see `kernels/attn_decode.cu`).
+fn attn_split_shared(group: usize, head_dim: usize, chunk: usize) -> usize {
+    let floats = group * head_dim + group * chunk + head_dim + 4 * group * head_dim + 2 * group;
+    floats.next_multiple_of(4) * 4 + chunk * head_dim * 2
+}
+
 /// Grid of a one-warp-per-row kernel with 8 warps per block.
 fn rows_grid(rows: usize) -> (u32, u32, u32) {
     (rows.div_ceil(8) as u32, 1, 1)
+}
+
+/// Rows per block of the block-split GEMV kernels (`gemv_r{R}` in `kernels/gemv.cu`).
+const GEMV_ROWS: [usize; 4] = [1, 2, 4, 8];
+
+/// The shape of a block-split GEMV over `out` rows of `input` inputs (`matrices` weight rows read per output
+/// row: 2 for gate and up): (index into [`GEMV_ROWS`], threads per block).
+///
+/// Threads split a row so that each takes at least two of its 16-byte vectors where the row is long enough
+/// (at most 256 threads); rows per block are then as many as keep a thread's loads in flight at about 8
+/// (the kernels hold 8 / R vectors per row in flight), while leaving at least 2 blocks per SM of a 132-SM
+/// device. Llama-3.2-1B: 2048 inputs → 128 threads, 4 rows; 8192 inputs → 256 threads, 2 rows.
+fn gemv_shape(input: usize, out: usize, matrices: usize) -> (usize, u32) {
+    let vectors = input / 8;
+    let threads = (vectors / 2).next_multiple_of(32).clamp(32, 256);
+    let per_row = vectors.div_ceil(threads).max(1);
+    // gemv_swiglu has no 8-row variant (its two matrices double the loads).
+    let most = if matrices > 1 { 2 } else { GEMV_ROWS.len() - 1 };
+    let mut index = GEMV_ROWS.iter().rposition(|&r| r * per_row <= 8).unwrap_or(0).min(most);
+    while index > 0 && out.div_ceil(GEMV_ROWS[index]) < 264 {
+        index -= 1;
+    }
+    (index, threads as u32)
 }
 
 impl Exec {
@@ -812,7 +857,12 @@ impl Exec {
             Arg::I32(out as i32),
             Arg::I32(accumulate as i32),
         ];
-        self.launch(self.kernels.gemv, rows_grid(out.div_ceil(2)), 256, (input * 4) as u32, &args)
+        if self.warp_gemv {
+            return self.launch(self.kernels.gemv_warp, rows_grid(out.div_ceil(2)), 256, (input * 4) as u32, &args);
+        }
+        let (index, threads) = gemv_shape(input, out, 1);
+        let grid = (out.div_ceil(GEMV_ROWS[index]) as u32, 1, 1);
+        self.launch(self.kernels.gemv[index], grid, threads, 0, &args)
     }
 
     /// y (out) = silu(Wg · rmsnorm(x)) * (Wu · rmsnorm(x)).
@@ -841,28 +891,34 @@ impl Exec {
             Arg::I32(input as i32),
             Arg::I32(out as i32),
         ];
-        self.launch(self.kernels.gemv_swiglu, rows_grid(out), 256, (input * 4) as u32, &args)
+        if self.warp_gemv {
+            return self.launch(self.kernels.gemv_swiglu_warp, rows_grid(out), 256, (input * 4) as u32, &args);
+        }
+        let (index, threads) = gemv_shape(input, out, 2);
+        let grid = (out.div_ceil(GEMV_ROWS[index]) as u32, 1, 1);
+        self.launch(self.kernels.gemv_swiglu[index], grid, threads, 0, &args)
     }
 
     /// Decode attention over each sequence's cache, after RoPE on this step's queries and key (angles from
     /// `inv_freq`, (head_dim / 2) f32) and the key and value stored into each cache at its position `layer`:
     /// att (b, q_dim) f32, or bf16 into `att_bf16` when non-zero. `qkv` (b, q_dim + 2 kv_dim) is the QKV
-    /// projection's output.
-    /// `part` holds (b, heads, splits, head_dim + 2) f32 where splits = ceil(max_seq / chunk). With `stage`
-    /// non-zero (one sequence), rows before the current position come from that copy of the cache
+    /// projection's output. One launch: the context is split, and the last split of each (sequence, KV head)
+    /// to finish merges them. `part` holds (b, heads, splits, head_dim + 2) f32 where splits = ceil(max_seq /
+    /// chunk), `counts` (b, kv_heads) u32, zero before the first step and left zero by every step. With
+    /// `stage` non-zero (one sequence), rows before the current position come from that copy of the cache
     /// ([`Exec::stage_kv`], joined before this call).
     ///
     /// # Safety
     ///
     /// Addresses valid; head_dim 32, 64 or 128; heads / kv_heads 1, 2, 4 or 8 (other shapes are refused with
-    /// an error before any launch).
+    /// an error before any launch); `counts` used by no other launch in flight.
     #[allow(clippy::too_many_arguments)]
     pub unsafe fn attention(
         &self,
         qkv: u64,
         inv_freq: u64,
         stage: u64,
-        part: u64,
+        (part, counts): (u64, u64),
         (att, att_bf16): (u64, u64),
         layer: usize,
         b: usize,
@@ -873,7 +929,7 @@ impl Exec {
         let group = heads / kv_heads;
         let (Some(gi), Some(di)) = (
             [1, 2, 4, 8].iter().position(|&g| g == group && g * kv_heads == heads),
-            [32, 64, 128].iter().position(|&d| d == head_dim),
+            HEAD_DIMS.iter().position(|&d| d == head_dim),
         ) else {
             return Err(BackendError::Unsupported { backend: "cuda", op: "attention with this head shape" });
         };
@@ -888,10 +944,7 @@ impl Exec {
             // The 4 warps' (group, head_dim + 2) partial results.
             (self.kernels.attn_lanes[gi][di], 4 * group * (head_dim + 2) * 4)
         } else {
-            // Queries (group, head_dim), scores (group, chunk), cos and sin (head_dim), the 4 warps' partial sums
-            // (4, group, head_dim), and a max and a sum per query head (see attn_decode.cu).
-            let floats = group * head_dim + group * chunk + head_dim + 4 * group * head_dim + 2 * group;
-            (self.kernels.attn_split[gi][di], floats * 4)
+            (self.kernels.attn_split[gi][di], attn_split_shared(group, head_dim, chunk))
         };
         let args = [
             Arg::Ptr(qkv),
@@ -899,6 +952,9 @@ impl Exec {
             Arg::Ptr(inv_freq),
             Arg::Ptr(stage),
             Arg::Ptr(part),
+            Arg::Ptr(att),
+            Arg::Ptr(att_bf16),
+            Arg::Ptr(counts),
             Arg::I32(layer as i32),
             Arg::I32(kv_heads as i32),
             Arg::I32(chunk as i32),
@@ -906,16 +962,7 @@ impl Exec {
             Arg::I32(window as i32),
             Arg::F32(scale),
         ];
-        self.launch(kernel, (kv_heads as u32, splits as u32, b as u32), 128, shared as u32, &args)?;
-        let args = [
-            Arg::Ptr(part),
-            Arg::Ptr(att),
-            Arg::Ptr(att_bf16),
-            Arg::I32(heads as i32),
-            Arg::I32(head_dim as i32),
-            Arg::I32(splits as i32),
-        ];
-        self.launch(self.kernels.attn_merge, (heads as u32, b as u32, 1), head_dim as u32, 0, &args)
+        self.launch(kernel, (kv_heads as u32, splits as u32, b as u32), 128, shared as u32, &args)
     }
 
     /// y (b, n) bf16 = rmsnorm(x (b, n)) * w.
@@ -1018,5 +1065,40 @@ impl Exec {
     /// A driver error.
     pub fn prefetch_to_device(&self, addr: u64, bytes: usize) -> Result<(), BackendError> {
         driver::prefetch(addr, bytes, Some(self.ctx.device()), &self.stream)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gemv_shapes_keep_about_eight_loads_per_thread_and_enough_blocks() {
+        // Llama-3.2-1B: QKV, O, lm_head (2048 inputs); down (8192); gate and up.
+        assert_eq!(gemv_shape(2048, 3072, 1), (2, 128));
+        assert_eq!(gemv_shape(2048, 128_256, 1), (2, 128));
+        assert_eq!(gemv_shape(8192, 2048, 1), (1, 256));
+        assert_eq!(gemv_shape(2048, 8192, 2), (2, 128));
+        // One vector per row: 8 rows a block, unless that leaves too few blocks.
+        assert_eq!(gemv_shape(256, 100_000, 1), (3, 32));
+        assert_eq!(gemv_shape(256, 512, 1), (0, 32));
+        // Long rows: one row a block, the loop takes the rest.
+        assert_eq!(gemv_shape(65_536, 4096, 1), (0, 256));
+        for (input, out, m) in [(8, 1, 1), (64, 3, 2), (14_336, 4096, 1), (4096, 14_336, 2)] {
+            let (index, threads) = gemv_shape(input, out, m);
+            assert!(index < if m > 1 { 3 } else { 4 } && threads % 32 == 0 && (32..=256).contains(&threads));
+        }
+    }
+
+    #[test]
+    fn attn_split_shared_memory_fits_an_sm() {
+        for group in [1, 2, 4, 8] {
+            for hd in HEAD_DIMS {
+                let bytes = attn_split_shared(group, hd, ATTN_MAX_CHUNK);
+                // The V rows start 16-byte aligned; the largest (8 heads of 128) stays under 99 KiB (sm_86).
+                assert_eq!((bytes - ATTN_MAX_CHUNK * hd * 2) % 16, 0);
+                assert!(bytes <= 99 << 10, "{group} × {hd}: {bytes}");
+            }
+        }
     }
 }

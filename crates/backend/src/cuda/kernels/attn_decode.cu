@@ -1,4 +1,60 @@
-// Decode attention: one new query row per sequence against its own cache, split over the context and merged.
+// Decode attention: one new query row per sequence against its own cache, split over the context, the splits
+// merged by the last block of each (sequence, KV head) to finish (no merge kernel).
+//
+// Splits are fixed per graph (ceil(max_seq / chunk)); a step uses those that hold its keys: [first, last) of
+// `active_splits`. The blocks of the others return at once, so a large cache costs a short context nothing.
+
+// The splits of a step that hold keys: [lo / chunk, ceil(n / chunk)) for keys [lo, n).
+__device__ __forceinline__ void active_splits(const Seq& s, int chunk, int window, int& first, int& last) {
+    int n = s.pos + 1;
+    int lo = window > 0 && n > window ? n - window : 0;
+    first = lo / chunk;
+    last = (n + chunk - 1) / chunk;
+}
+
+// The end of a block of decode attention, called by all its threads after each wrote its share of the block's
+// split to part (b, heads, splits, head_dim + 2): a split's max, sum of exponentials and unnormalized output
+// per query head. The block that finishes last among the (b, kv head)'s active splits [first, last) merges
+// them into att (b, q_dim) f32, or bf16 into att_bf16 when non-null, and resets the (b, kv head)'s counter in
+// `counts` (b, kv_heads) to 0 for the next step. Counters are zero before a step's first launch.
+//
+// Ordering: each thread fences its part writes device-wide before the barrier, thread 0 counts after it; the
+// last block fences again and reads the other blocks' parts from L2 (ld.global.cg), never a stale L1 line.
+template <int GROUP>
+__device__ __forceinline__ void finish_splits(const float* __restrict__ part, float* __restrict__ att,
+                                              bf16* __restrict__ att_bf16, unsigned* __restrict__ counts, int b,
+                                              int kh, int kv_heads, int head_dim, int splits, int first,
+                                              int last) {
+    __shared__ unsigned last_block;
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        unsigned* c = counts + (size_t)b * kv_heads + kh;
+        unsigned done = atomicAdd(c, 1u) + 1u;
+        last_block = done == (unsigned)(last - first);
+        if (last_block) *c = 0u;  // every block of this (b, kv head) has counted: none reads it again this step
+    }
+    __syncthreads();
+    if (!last_block) return;
+    __threadfence();
+    const int heads = kv_heads * GROUP, stride = head_dim + 2;
+    for (int idx = threadIdx.x; idx < GROUP * head_dim; idx += blockDim.x) {
+        int g = idx / head_dim, d = idx % head_dim, h = kh * GROUP + g;
+        const float* p = part + ((size_t)b * heads + h) * splits * stride;
+        float M = -INFINITY;
+        for (int s = first; s < last; s++) M = fmaxf(M, __ldcg(p + s * stride + head_dim));
+        float L = 0.0f, acc = 0.0f;
+        for (int s = first; s < last; s++) {
+            float ms = __ldcg(p + s * stride + head_dim);
+            float f = ms == -INFINITY ? 0.0f : expf(ms - M);
+            L += __ldcg(p + s * stride + head_dim + 1) * f;
+            acc += __ldcg(p + s * stride + d) * f;
+        }
+        float r = acc / L;
+        size_t i = ((size_t)b * heads + h) * head_dim + d;
+        if (att_bf16) att_bf16[i] = to_bf(r); else att[i] = r;
+    }
+}
 
 // Decode attention for a few sequences (batch < 8), split over the context, with this step's RoPE and cache write
 // folded in (the kernel for many sequences, attn_split below, says how): block (kv head,
@@ -19,8 +75,10 @@
 template <int GROUP, int DIMS>
 __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, const Seq* __restrict__ seqs,
                                                 const float* __restrict__ inv_freq, const bf16* __restrict__ stage,
-                                                float* __restrict__ part, int layer, int kv_heads, int chunk,
-                                                int splits, int window, float scale) {
+                                                float* __restrict__ part, float* __restrict__ att,
+                                                bf16* __restrict__ att_bf16, unsigned* __restrict__ counts,
+                                                int layer, int kv_heads, int chunk, int splits, int window,
+                                                float scale) {
     wait_prior();
     allow_next();
     constexpr int head_dim = DIMS * 32;
@@ -34,6 +92,9 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
     int sub = lane % LPK, kg = lane / LPK;  // this lane's 8 dimensions, and which key of a warp load
     int n = s.pos + 1;
     int lo = window > 0 && n > window ? n - window : 0;
+    int first, last;
+    active_splits(s, chunk, window, first, last);
+    if (split < first || split >= last) return;
     int start = max(split * chunk, lo), end = min((split + 1) * chunk, n);
 
     // RoPE (rotate-half) of this lane's 8 dimensions: dimension d pairs with d ± head_dim/2 at angle index
@@ -182,54 +243,68 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
             dst[head_dim + 1] = L;
         }
     }
+    finish_splits<GROUP>(part, att, att_bf16, counts, b, kh, kv_heads, head_dim, splits, first, last);
 }
 
 // Decode attention for many sequences (batch ≥ 8), split over the context, with this step's RoPE and cache
-// write folded in: block (kv head,
-// split, b) handles keys [split·chunk, min((split+1)·chunk, pos+1)) (chunk ≤ ATTN_MAX_CHUNK) for the GROUP
-// query heads sharing that KV head, reading each K and V row once. head_dim = 32·DIMS. qkv (b, q_dim + 2 kv_dim)
-// is the QKV projection as it left it: each block rotates its query heads itself, and the block whose split
-// holds the current position rotates this step's key and writes it and the value into the cache row `pos` of
-// `layer` before reading it back (no other block reads that row this step). Writes the split's max, sum of
-// exponentials and unnormalized output to part (b, heads, splits, head_dim + 2). grid (kv_heads, splits, b),
-// block 128 (4 warps), dynamic shared memory as `Exec::attention` sizes it. Keys and values are
-// bf16. With `stage` non-null (one sequence, its cache in host memory), rows before the current position are
-// read from `stage`, a device copy laid out as the cache that `kv_stage` made during this step.
+// write folded in: block (kv head, split, b) handles keys [split·chunk, min((split+1)·chunk, pos+1)) (chunk ≤
+// ATTN_MAX_CHUNK) for the GROUP query heads sharing that KV head, reading each K and V row once. head_dim =
+// 32·DIMS. qkv (b, q_dim + 2 kv_dim) is the QKV projection as it left it: each block rotates its query heads
+// itself, and the block whose split holds the current position rotates this step's key and writes it and the
+// value into the cache row `pos` of `layer` (no other block reads that row this step). Its split's partial
+// result goes to part, the last split to finish merges them (finish_splits). grid (kv_heads, splits, b), block
+// 128 (4 warps), dynamic shared memory as `Exec::attention` sizes it. Keys and values are bf16. With `stage`
+// non-null (one sequence, its cache in host memory), rows before the current position are read from `stage`,
+// a device copy laid out as the cache that `kv_stage` made during this step.
 //
-// Three phases, so that no work is done per key that could be done per block:
+// Bytes first: the block's V rows (chunk · head_dim · 2 bytes) are copied to shared memory asynchronously
+// (cp.async) from its first instruction, before it waits on the kernel before it (rows before `pos` were written
+// by earlier steps), so their fetch overlaps the scores; every thread's K rows are loaded together. Then three
+// phases, so that no work is done per key that could be done per block:
 //   1. scores: one thread per key reads its whole K row (head_dim/8 16-byte loads in flight) and dots it with
 //      the GROUP query heads held in shared memory (broadcast reads): no shuffles, no per-key exponentials;
 //   2. the split's max and exponentials per query head, once, in shared memory (base 2, log2 e folded into q);
-//   3. values: a row read as 16-byte vectors by head_dim/8 lanes, several keys per warp load, each lane
-//      accumulating its 8 dimensions of every query head; lanes and warps summed at the end.
+//   3. values, from shared memory: a row read as 16-byte vectors by head_dim/8 lanes, several keys per warp
+//      read, each lane accumulating its 8 dimensions of every query head; lanes and warps summed at the end.
 #define ATTN_MAX_CHUNK 256
 template <int GROUP, int DIMS>
 __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, const Seq* __restrict__ seqs,
                                                 const float* __restrict__ inv_freq, const bf16* __restrict__ stage,
-                                                float* __restrict__ part, int layer, int kv_heads, int chunk,
-                                                int splits, int window, float scale) {
-    wait_prior();
-    allow_next();
+                                                float* __restrict__ part, float* __restrict__ att,
+                                                bf16* __restrict__ att_bf16, unsigned* __restrict__ counts,
+                                                int layer, int kv_heads, int chunk, int splits, int window,
+                                                float scale) {
     constexpr int head_dim = DIMS * 32, half = head_dim / 2;
-    constexpr int LPK = head_dim / 8;  // lanes per row in phase 3, 8 bf16 (16 bytes) each
-    constexpr int KPI = 32 / LPK;      // keys per warp load in phase 3
+    constexpr int LPK = head_dim / 8;  // 16-byte vectors per row
+    constexpr int KPI = 32 / LPK;      // keys per warp read in phase 3
     constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
     const int heads = kv_heads * GROUP;
     int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
-    Seq s = seqs[b];
+    Seq s = seqs[b];  // the step records are written before the graph launches, by no kernel
     int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
     int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
     int n = s.pos + 1;
     int lo = window > 0 && n > window ? n - window : 0;
+    int first, last;
+    active_splits(s, chunk, window, first, last);
+    if (split < first || split >= last) {
+        wait_prior();
+        allow_next();
+        return;
+    }
     int start = max(split * chunk, lo), end = min((split + 1) * chunk, n);
-    int keys = max(end - start, 0);
+    int keys = end - start;
 
     extern __shared__ float sh[];
     float* qs = sh;                        // (GROUP, head_dim): rotated queries · scale · log2 e
     float* ps = qs + GROUP * head_dim;     // (GROUP, chunk): scores, then exponentials
     float* cs = ps + GROUP * chunk;        // (half) cos of this position's angles
     float* sn = cs + half;                 // (half) sin
-    float* red = sn + half;                // (warps, GROUP, head_dim) phase-3 partial sums; (GROUP, 2) max, sum
+    float* red = sn + half;                // (warps, GROUP, head_dim) phase-3 partial sums
+    float* stat = red + warps * GROUP * head_dim;  // (GROUP, 2) max, sum
+    // (chunk, head_dim) bf16: the split's V rows, 16-byte aligned after the floats.
+    uint4* vs = (uint4*)(sh + ((GROUP * head_dim + GROUP * chunk + head_dim + warps * GROUP * head_dim +
+                                2 * GROUP + 3) & ~3));
 
     const float* qrow = qkv + (size_t)b * (q_dim + 2 * kv_dim);
     const size_t koff = (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim;
@@ -238,6 +313,15 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     bf16* vcache = (bf16*)s.kv + voff;
     const bf16* kstage = stage ? stage + koff : kcache;
     const bf16* vstage = stage ? stage + voff : vcache;
+
+    // The V rows before pos, into shared memory; row pos comes from qkv below.
+    for (int i = tid; i < keys * LPK; i += blockDim.x) {
+        int j = start + i / LPK, v = i % LPK;
+        if (j < s.pos) cp_async16(vs + i, (const uint4*)(vstage + (size_t)j * kv_dim) + v, true);
+    }
+    cp_async_commit();
+    wait_prior();  // qkv belongs to the kernel before
+    allow_next();
 
     // Phase 0: RoPE angles; rotated queries; this step's key and value into the cache (one block).
     for (int i = tid; i < half; i += blockDim.x) sincosf((float)s.pos * inv_freq[i], &sn[i], &cs[i]);
@@ -251,42 +335,55 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     if (s.pos >= start && s.pos < end) {
         const float* kr = qrow + q_dim + kh * head_dim;
         const float* vr = qrow + q_dim + kv_dim + kh * head_dim;
+        bf16* vrow = (bf16*)(vs + (s.pos - start) * LPK);
         for (int d = tid; d < head_dim; d += blockDim.x) {
             int i = d % half;
             float r = d < half ? kr[d] * cs[i] - kr[d + half] * sn[i] : kr[d] * cs[i] + kr[d - half] * sn[i];
             kcache[(size_t)s.pos * kv_dim + d] = to_bf(r);
-            vcache[(size_t)s.pos * kv_dim + d] = to_bf(vr[d]);
+            bf16 v = to_bf(vr[d]);
+            vcache[(size_t)s.pos * kv_dim + d] = v;
+            vrow[d] = v;
         }
     }
     __syncthreads();  // queries in shared memory; the new cache row visible to the block
 
-    // Phase 1: one thread per key.
-    for (int j = start + tid; j < end; j += blockDim.x) {
-        const uint4* row = (const uint4*)((j < s.pos ? kstage : kcache) + (size_t)j * kv_dim);
-        uint4 kv4[LPK];
+    // Phase 1: one thread per key, the K rows of a thread's two keys loaded together.
+    for (int j0 = start + tid; j0 < end; j0 += 2 * blockDim.x) {
+        uint4 kv4[2][LPK];
 #pragma unroll
-        for (int v = 0; v < LPK; v++) kv4[v] = row[v];
-        float dot[GROUP];
+        for (int u = 0; u < 2; u++) {
+            int j = j0 + u * blockDim.x;
+            if (j < end) {
+                const uint4* row = (const uint4*)((j < s.pos ? kstage : kcache) + (size_t)j * kv_dim);
 #pragma unroll
-        for (int g = 0; g < GROUP; g++) dot[g] = 0.0f;
-#pragma unroll
-        for (int v = 0; v < LPK; v++) {
-            const unsigned w[4] = {kv4[v].x, kv4[v].y, kv4[v].z, kv4[v].w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float k0 = bf_lo(w[e]), k1 = bf_hi(w[e]);
-#pragma unroll
-                for (int g = 0; g < GROUP; g++)
-                    dot[g] += qs[g * head_dim + v * 8 + 2 * e] * k0 + qs[g * head_dim + v * 8 + 2 * e + 1] * k1;
+                for (int v = 0; v < LPK; v++) kv4[u][v] = row[v];
             }
         }
 #pragma unroll
-        for (int g = 0; g < GROUP; g++) ps[g * chunk + (j - start)] = dot[g];
+        for (int u = 0; u < 2; u++) {
+            int j = j0 + u * blockDim.x;
+            if (j >= end) break;
+            float dot[GROUP];
+#pragma unroll
+            for (int g = 0; g < GROUP; g++) dot[g] = 0.0f;
+#pragma unroll
+            for (int v = 0; v < LPK; v++) {
+                const unsigned w[4] = {kv4[u][v].x, kv4[u][v].y, kv4[u][v].z, kv4[u][v].w};
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    float k0 = bf_lo(w[e]), k1 = bf_hi(w[e]);
+#pragma unroll
+                    for (int g = 0; g < GROUP; g++)
+                        dot[g] += qs[g * head_dim + v * 8 + 2 * e] * k0 + qs[g * head_dim + v * 8 + 2 * e + 1] * k1;
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < GROUP; g++) ps[g * chunk + (j - start)] = dot[g];
+        }
     }
     __syncthreads();
 
     // Phase 2: per query head, the split's max and exponentials (a warp per head).
-    float* stat = red + warps * GROUP * head_dim;  // (GROUP, 2)
     for (int g = warp; g < GROUP; g += warps) {
         float* p = ps + g * chunk;
         float m = -INFINITY;
@@ -304,7 +401,8 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
             stat[2 * g + 1] = l;
         }
     }
-    __syncthreads();
+    cp_async_wait<0>();
+    __syncthreads();  // exponentials, and every thread's V copies, visible to the block
 
     // Phase 3: weighted sum of values; this lane's 8 dimensions of every query head.
     int sub = lane % LPK, slot = warp * KPI + lane / LPK, slots = warps * KPI;
@@ -313,28 +411,16 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     for (int g = 0; g < GROUP; g++)
 #pragma unroll
         for (int e = 0; e < 8; e++) o[g][e] = 0.0f;
-    for (int j0 = start + slot; j0 < end; j0 += 4 * slots) {
-        uint4 v4[4];
+    for (int jj = slot; jj < keys; jj += slots) {
+        const uint4 v4 = vs[jj * LPK + sub];
+        const unsigned w[4] = {v4.x, v4.y, v4.z, v4.w};
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int j = j0 + u * slots;
-            v4[u] = uint4{0u, 0u, 0u, 0u};
-            if (j < end) v4[u] = *(const uint4*)((j < s.pos ? vstage : vcache) + (size_t)j * kv_dim + sub * 8);
-        }
+        for (int g = 0; g < GROUP; g++) {
+            float p = ps[g * chunk + jj];
 #pragma unroll
-        for (int u = 0; u < 4; u++) {
-            int j = j0 + u * slots;
-            if (j < end) {
-                const unsigned w[4] = {v4[u].x, v4[u].y, v4[u].z, v4[u].w};
-#pragma unroll
-                for (int g = 0; g < GROUP; g++) {
-                    float p = ps[g * chunk + (j - start)];
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        o[g][2 * e] += p * bf_lo(w[e]);
-                        o[g][2 * e + 1] += p * bf_hi(w[e]);
-                    }
-                }
+            for (int e = 0; e < 4; e++) {
+                o[g][2 * e] += p * bf_lo(w[e]);
+                o[g][2 * e + 1] += p * bf_hi(w[e]);
             }
         }
     }
@@ -360,20 +446,23 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
         float* dst = part + (((size_t)b * heads + kh * GROUP + g) * splits + split) * stride;
         dst[d] = acc;
         if (d == 0) {
-            // Natural-log units for attn_merge; an empty split has max −∞ and sum 0.
-            dst[head_dim] = keys > 0 ? stat[2 * g] * LN2 : -INFINITY;
-            dst[head_dim + 1] = keys > 0 ? stat[2 * g + 1] : 0.0f;
+            // Natural-log units, as attn_lanes writes them.
+            dst[head_dim] = stat[2 * g] * LN2;
+            dst[head_dim + 1] = stat[2 * g + 1];
         }
     }
+    finish_splits<GROUP>(part, att, att_bf16, counts, b, kh, kv_heads, head_dim, splits, first, last);
 }
 
 // The kernels attn_{lanes,split}_g{GROUP}_d{head_dim / 32}, for groups 1, 2, 4, 8 and head widths 32, 64, 128.
 #define ATTN_KERNEL(KIND, G, D)                                                                                  \
     extern "C" __global__ void attn_##KIND##_g##G##_d##D(                                                       \
         const float* __restrict__ qkv, const Seq* __restrict__ seqs, const float* __restrict__ inv_freq,        \
-        const bf16* __restrict__ stage, float* __restrict__ part, int layer, int kv_heads, int chunk,           \
+        const bf16* __restrict__ stage, float* __restrict__ part, float* __restrict__ att,                      \
+        bf16* __restrict__ att_bf16, unsigned* __restrict__ counts, int layer, int kv_heads, int chunk,         \
         int splits, int window, float scale) {                                                                  \
-        attn_##KIND##_impl<G, D>(qkv, seqs, inv_freq, stage, part, layer, kv_heads, chunk, splits, window, scale); \
+        attn_##KIND##_impl<G, D>(qkv, seqs, inv_freq, stage, part, att, att_bf16, counts, layer, kv_heads,      \
+                                 chunk, splits, window, scale);                                                 \
     }
 #define ATTN_KERNELS(KIND)                                                                                      \
     ATTN_KERNEL(KIND, 1, 1) ATTN_KERNEL(KIND, 1, 2) ATTN_KERNEL(KIND, 1, 4)                                     \
@@ -382,29 +471,6 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     ATTN_KERNEL(KIND, 8, 1) ATTN_KERNEL(KIND, 8, 2) ATTN_KERNEL(KIND, 8, 4)
 ATTN_KERNELS(lanes)
 ATTN_KERNELS(split)
-
-// Combines the splits of each (b, head) into att (b, q_dim), as f32 or (att_bf16 non-null) bf16.
-// grid (heads, b), block head_dim.
-extern "C" __global__ void attn_merge(const float* __restrict__ part, float* __restrict__ att,
-                                      bf16* __restrict__ att_bf16, int heads, int head_dim, int splits) {
-    wait_prior();
-    allow_next();
-    int h = blockIdx.x, b = blockIdx.y, d = threadIdx.x;
-    int stride = head_dim + 2;
-    const float* p = part + ((size_t)b * heads + h) * splits * stride;
-    float M = -INFINITY;
-    for (int s = 0; s < splits; s++) M = fmaxf(M, p[s * stride + head_dim]);
-    float L = 0.0f, acc = 0.0f;
-    for (int s = 0; s < splits; s++) {
-        float ms = p[s * stride + head_dim];
-        float f = ms == -INFINITY ? 0.0f : expf(ms - M);
-        L += p[s * stride + head_dim + 1] * f;
-        acc += p[s * stride + d] * f;
-    }
-    float r = acc / L;
-    size_t i = (size_t)b * heads * head_dim + h * head_dim + d;
-    if (att_bf16) att_bf16[i] = to_bf(r); else att[i] = r;
-}
 
 // Copies the rows a step's attention reads before the current position, [max(0, pos + 1 - window), pos), of
 // one layer's keys and values from the sequence's cache (seqs[0], page-locked host memory) to `stage`, laid

@@ -3,9 +3,9 @@
 //!
 //! Batch 1 runs fused GEMV kernels (RMSNorm folded into the projection that follows it, the residual add into
 //! the projection's epilogue, SwiGLU's gate and up in one kernel); larger batches run cuBLAS GEMMs. At every
-//! batch size, decode attention also applies this step's RoPE and writes its key and value into the cache, so
-//! a layer's attention is one split kernel and one merge. Each shape of step is captured once in a CUDA graph
-//! and replayed.
+//! batch size, decode attention also applies this step's RoPE and writes its key and value into the cache, and
+//! the last of its splits to finish merges them, so a layer's attention is one kernel. Each shape of step is
+//! captured once in a CUDA graph and replayed.
 //!
 //! Kernels are programmatic dependent launches on compute capability 9.0+ (`DRIFTWOOD_CUDA_PDL=0` turns it
 //! off): each kernel streams its weights while the one before it finishes (measured on an H200: batch-1 decode
@@ -34,6 +34,7 @@ pub(crate) struct GpuScratch {
     x: DeviceTensor,      // (b, hidden) f32 residual stream
     qkv: DeviceTensor,    // (b, q_dim + 2 kv_dim) f32
     part: DeviceTensor,   // (b, heads, splits, head_dim + 2) f32
+    counts: DeviceTensor, // (b, kv_heads) u32 splits of attention finished, zero between steps
     att: DeviceTensor,    // (b, q_dim) f32
     mlp: DeviceTensor,    // (b, intermediate) f32 (gate, batch 1: activation)
     up: DeviceTensor,     // (b, intermediate) f32
@@ -66,6 +67,7 @@ impl GpuScratch {
             x: z(h, 4)?,
             qkv: z(qd + 2 * kvd, 4)?,
             part: z(c.num_heads * splits * (c.head_dim + 2), 4)?,
+            counts: z(c.num_kv_heads, 4)?,
             att: z(qd, 4)?,
             mlp: z(ff, 4)?,
             up: z(ff, 4)?,
@@ -205,7 +207,7 @@ impl Model {
                         s.qkv.addr(),
                         g.inv_freq.addr(),
                         stage,
-                        s.part.addr(),
+                        (s.part.addr(), s.counts.addr()),
                         (s.att.addr(), 0),
                         l,
                         b,
@@ -227,7 +229,7 @@ impl Model {
                         s.qkv.addr(),
                         g.inv_freq.addr(),
                         0,
-                        s.part.addr(),
+                        (s.part.addr(), s.counts.addr()),
                         (0, s.att_bf.addr()),
                         l,
                         b,
