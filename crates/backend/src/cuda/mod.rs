@@ -209,6 +209,8 @@ pub struct Exec {
     stream: Stream,
     /// Launch kernels as programmatic dependent launches (compute capability 9.0+, unless `DRIFTWOOD_CUDA_PDL=0`).
     early: bool,
+    /// The most dynamic shared memory a block may have on this device, in bytes.
+    max_shared: usize,
     /// Run the warp-per-two-rows GEMVs instead of the block-split ones (`DRIFTWOOD_CUDA_GEMV=warp`).
     warp_gemv: bool,
     /// Whether the capture in progress forked work onto `side`.
@@ -276,9 +278,12 @@ impl CudaBackend {
         for k in [kernels.gemv_warp, kernels.gemv_swiglu_warp] {
             driver::allow_shared(k, 96 << 10)?;
         }
+        use cudarc::driver::sys::CUdevice_attribute as A;
+        // Shapes that need more than the device allows are refused at launch (`Exec::attention`).
+        let max_shared = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
         for (row, group) in kernels.attn_split.iter().zip([1, 2, 4, 8]) {
             for (k, hd) in row.iter().zip(HEAD_DIMS) {
-                driver::allow_shared(*k, attn_split_shared(group, hd, ATTN_MAX_CHUNK) as i32)?;
+                driver::allow_shared(*k, attn_split_shared(group, hd, ATTN_MAX_CHUNK).min(max_shared) as i32)?;
             }
         }
         for (k, hd) in kernels.attn_prefill.iter().zip(HEAD_DIMS) {
@@ -287,7 +292,6 @@ impl CudaBackend {
         let blas = Blas::new(&ctx, &stream)?;
         let steps = MappedHost::new(&ctx, MAX_BATCH * size_of::<SeqStep>())?;
         let tokens = MappedHost::new(&ctx, MAX_PREFILL * size_of::<u32>())?;
-        use cudarc::driver::sys::CUdevice_attribute as A;
         let early =
             ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9 && !opt_out("DRIFTWOOD_CUDA_PDL");
         let exec = Exec {
@@ -301,6 +305,7 @@ impl CudaBackend {
             side: Stream::urgent(&ctx)?,
             stream,
             early,
+            max_shared,
             warp_gemv: std::env::var("DRIFTWOOD_CUDA_GEMV").is_ok_and(|v| v == "warp"),
             forked: false,
             ctx: ctx.clone(),
@@ -521,12 +526,14 @@ fn prefill_shared(head_dim: usize) -> usize {
 }
 
 /// Dynamic shared memory of `attn_split` (4 warps) for `group` query heads per KV head of `head_dim` and
-/// `chunk` keys per split: queries (group, head_dim), scores (group, chunk), cos and sin (head_dim), the warps'
-/// partial sums (4, group, head_dim) and a max and a sum per query head, f32, rounded up to 16 bytes; then the
-/// split's V rows (chunk, head_dim) bf16 (see `kernels/attn_decode.cu`).
+/// `chunk` keys per split: queries (group, head_dim), scores (group, chunk), cos and sin (head_dim) and a max
+/// and a sum per query head, f32, rounded up to 16 bytes; the split's K rows (chunk, head_dim + 8) bf16 (padded
+/// against bank conflicts; later the warps' partial sums (4, group, head_dim) f32 if those are larger); its V
+/// rows (chunk, head_dim) bf16 (see `kernels/attn_decode.cu`).
 fn attn_split_shared(group: usize, head_dim: usize, chunk: usize) -> usize {
-    let floats = group * head_dim + group * chunk + head_dim + 4 * group * head_dim + 2 * group;
-    floats.next_multiple_of(4) * 4 + chunk * head_dim * 2
+    let floats = group * head_dim + group * chunk + head_dim + 2 * group;
+    let k_rows = (chunk * (head_dim + 8) * 2).max(4 * group * head_dim * 4);
+    floats.next_multiple_of(4) * 4 + k_rows + chunk * head_dim * 2
 }
 
 /// Grid of a one-warp-per-row kernel with 8 warps per block.
@@ -946,6 +953,15 @@ impl Exec {
         } else {
             (self.kernels.attn_split[gi][di], attn_split_shared(group, head_dim, chunk))
         };
+        if shared > self.max_shared {
+            return Err(BackendError::OutOfRange {
+                op: "attention",
+                detail: format!(
+                    "{chunk} keys per split need {shared} bytes of shared memory, the device has {}",
+                    self.max_shared
+                ),
+            });
+        }
         let args = [
             Arg::Ptr(qkv),
             Arg::Ptr(self.steps_addr()),
@@ -1095,9 +1111,9 @@ mod tests {
         for group in [1, 2, 4, 8] {
             for hd in HEAD_DIMS {
                 let bytes = attn_split_shared(group, hd, ATTN_MAX_CHUNK);
-                // The V rows start 16-byte aligned; the largest (8 heads of 128) stays under 99 KiB (sm_86).
-                assert_eq!((bytes - ATTN_MAX_CHUNK * hd * 2) % 16, 0);
-                assert!(bytes <= 99 << 10, "{group} × {hd}: {bytes}");
+                // The tiles start 16-byte aligned; the largest (8 heads of 128) stays under 163 KiB (sm_80).
+                assert_eq!(bytes % 16, 0);
+                assert!(bytes <= 163 << 10, "{group} × {hd}: {bytes}");
             }
         }
     }

@@ -69,7 +69,8 @@ __device__ __forceinline__ void finish_splits(const float* __restrict__ part, fl
 // `kv_stage` made during this step.
 //
 // Memory first: a row (head_dim bf16) is read as 16-byte vectors by LPK = head_dim/8 lanes, so one warp load
-// covers KPI = 32/LPK keys, and each lane issues the loads of two such key sets (K and V) before using any.
+// covers KPI = 32/LPK keys, and each lane issues the loads of two such key sets (K and V) before using any; the
+// first two before it waits on the kernel before it, so that they overlap that kernel's tail.
 // Per key, the dot product is reduced over its LPK lanes only (log2 LPK shuffles per query head, not 5), and
 // each lane keeps its own online softmax over the keys it saw; lanes, then warps, are merged at the end.
 template <int GROUP, int DIMS>
@@ -79,8 +80,6 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
                                                 bf16* __restrict__ att_bf16, unsigned* __restrict__ counts,
                                                 int layer, int kv_heads, int chunk, int splits, int window,
                                                 float scale) {
-    wait_prior();
-    allow_next();
     constexpr int head_dim = DIMS * 32;
     constexpr int LPK = head_dim / 8;  // lanes per key row, 8 bf16 (16 bytes) each
     constexpr int KPI = 32 / LPK;      // keys per warp load
@@ -96,6 +95,28 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
     active_splits(s, chunk, window, first, last);
     if (split < first || split >= last) return;
     int start = max(split * chunk, lo), end = min((split + 1) * chunk, n);
+    const size_t koff = (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim + sub * 8;
+    const size_t voff = (size_t)(layer * 2 + 1) * s.max_seq * kv_dim + kh * head_dim + sub * 8;
+    bf16* kcache = (bf16*)s.kv + koff;
+    bf16* vcache = (bf16*)s.kv + voff;
+    const bf16* kstage = stage ? stage + koff : kcache;
+    const bf16* vstage = stage ? stage + voff : vcache;
+    // This warp's first two key sets, before waiting on the kernel before (rows before pos were written by
+    // earlier steps, or staged before this launch); row pos comes from qkv below.
+    const int step = warps * KPI;  // keys between a warp's consecutive loads
+    int j0 = start + warp * KPI;
+    uint4 kr[2], vr[2];
+#pragma unroll
+    for (int u = 0; u < 2; u++) {
+        int j = j0 + u * step + kg;
+        kr[u] = vr[u] = uint4{0u, 0u, 0u, 0u};
+        if (j < end && j != s.pos) {
+            kr[u] = *(const uint4*)(kstage + (size_t)j * kv_dim);
+            vr[u] = *(const uint4*)(vstage + (size_t)j * kv_dim);
+        }
+    }
+    wait_prior();  // qkv belongs to the kernel before
+    allow_next();
 
     // RoPE (rotate-half) of this lane's 8 dimensions: dimension d pairs with d ± head_dim/2 at angle index
     // d mod head_dim/2. A lane's 8 dimensions lie in one half (head_dim/2 is a multiple of 8).
@@ -135,31 +156,19 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
         kcur = uint4{kp[0], kp[1], kp[2], kp[3]};
         vcur = uint4{vp[0], vp[1], vp[2], vp[3]};
     }
-    const size_t koff = (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim + sub * 8;
-    const size_t voff = (size_t)(layer * 2 + 1) * s.max_seq * kv_dim + kh * head_dim + sub * 8;
-    bf16* kcache = (bf16*)s.kv + koff;
-    bf16* vcache = (bf16*)s.kv + voff;
-    const bf16* kstage = stage ? stage + koff : kcache;
-    const bf16* vstage = stage ? stage + voff : vcache;
     if (s.pos >= start && s.pos < end && warp == 0 && kg == 0) {
         *(uint4*)(kcache + (size_t)s.pos * kv_dim) = kcur;
         *(uint4*)(vcache + (size_t)s.pos * kv_dim) = vcur;
     }
-    const int step = warps * KPI;  // keys between a warp's consecutive loads
-    for (int j0 = start + warp * KPI; j0 < end; j0 += 2 * step) {
-        uint4 kr[2], vr[2];
+    for (; j0 < end; j0 += 2 * step) {
         bool ok[2];
 #pragma unroll
         for (int u = 0; u < 2; u++) {
             int j = j0 + u * step + kg;
             ok[u] = j < end;
-            kr[u] = vr[u] = uint4{0u, 0u, 0u, 0u};
             if (j == s.pos) {
                 kr[u] = kcur;
                 vr[u] = vcur;
-            } else if (ok[u]) {
-                kr[u] = *(const uint4*)(kstage + (size_t)j * kv_dim);
-                vr[u] = *(const uint4*)(vstage + (size_t)j * kv_dim);
             }
         }
 #pragma unroll
@@ -191,6 +200,18 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
                         o[g][2 * w + 1] = o[g][2 * w + 1] * corr + p * bf_hi(vw[w]);
                     }
                     m[g] = mn;
+                }
+            }
+        }
+        // The warp's next two key sets.
+        if (j0 + 2 * step < end) {
+#pragma unroll
+            for (int u = 0; u < 2; u++) {
+                int j = j0 + 2 * step + u * step + kg;
+                kr[u] = vr[u] = uint4{0u, 0u, 0u, 0u};
+                if (j < end && j != s.pos) {
+                    kr[u] = *(const uint4*)(kstage + (size_t)j * kv_dim);
+                    vr[u] = *(const uint4*)(vstage + (size_t)j * kv_dim);
                 }
             }
         }
@@ -257,15 +278,17 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
 // non-null (one sequence, its cache in host memory), rows before the current position are read from `stage`,
 // a device copy laid out as the cache that `kv_stage` made during this step.
 //
-// Bytes first: the block's V rows (chunk · head_dim · 2 bytes) are copied to shared memory asynchronously
-// (cp.async) from its first instruction, before it waits on the kernel before it (rows before `pos` were written
-// by earlier steps), so their fetch overlaps the scores; every thread's K rows are loaded together. Then three
-// phases, so that no work is done per key that could be done per block:
-//   1. scores: one thread per key reads its whole K row (head_dim/8 16-byte loads in flight) and dots it with
-//      the GROUP query heads held in shared memory (broadcast reads): no shuffles, no per-key exponentials;
+// Bytes first: the block's K and V rows (2 · chunk · head_dim · 2 bytes) are copied to shared memory by cp.async,
+// coalesced (head_dim/8 consecutive threads per row), from the block's first instructions, before it waits on
+// the kernel before it (rows before `pos` were written by earlier steps, or staged before this launch), so the
+// whole split is in flight at once and its fetch overlaps that kernel's tail. K rows are padded by 16 bytes in
+// shared memory so that phase 1's one-row-per-thread reads do not conflict on banks. Then three phases, so
+// that no work is done per key that could be done per block:
+//   1. scores: one thread per key reads its K row and dots it with the GROUP query heads held in shared memory
+//      (broadcast reads): no shuffles, no per-key exponentials;
 //   2. the split's max and exponentials per query head, once, in shared memory (base 2, log2 e folded into q);
-//   3. values, from shared memory: a row read as 16-byte vectors by head_dim/8 lanes, several keys per warp
-//      read, each lane accumulating its 8 dimensions of every query head; lanes and warps summed at the end.
+//   3. values: a row read as 16-byte vectors by head_dim/8 lanes, several keys per warp read, each lane
+//      accumulating its 8 dimensions of every query head; lanes and warps summed at the end.
 #define ATTN_MAX_CHUNK 256
 template <int GROUP, int DIMS>
 __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, const Seq* __restrict__ seqs,
@@ -300,11 +323,14 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     float* ps = qs + GROUP * head_dim;     // (GROUP, chunk): scores, then exponentials
     float* cs = ps + GROUP * chunk;        // (half) cos of this position's angles
     float* sn = cs + half;                 // (half) sin
-    float* red = sn + half;                // (warps, GROUP, head_dim) phase-3 partial sums
-    float* stat = red + warps * GROUP * head_dim;  // (GROUP, 2) max, sum
-    // (chunk, head_dim) bf16: the split's V rows, 16-byte aligned after the floats.
-    uint4* vs = (uint4*)(sh + ((GROUP * head_dim + GROUP * chunk + head_dim + warps * GROUP * head_dim +
-                                2 * GROUP + 3) & ~3));
+    float* stat = sn + half;               // (GROUP, 2) max, sum
+    // (chunk, LPK + 1) uint4: the split's K rows, padded; after phase 1 the same bytes hold the phase-3 partial
+    // sums red (warps, GROUP, head_dim) f32. Then (chunk, LPK) uint4: its V rows. Both 16-byte aligned.
+    constexpr int KROW = LPK + 1;
+    uint4* ks = (uint4*)(sh + ((GROUP * head_dim + GROUP * chunk + head_dim + 2 * GROUP + 3) & ~3));
+    float* red = (float*)ks;
+    const int kbytes = max(chunk * KROW * 16, warps * GROUP * head_dim * 4);
+    uint4* vs = ks + kbytes / 16;
 
     const float* qrow = qkv + (size_t)b * (q_dim + 2 * kv_dim);
     const size_t koff = (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim;
@@ -314,7 +340,12 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     const bf16* kstage = stage ? stage + koff : kcache;
     const bf16* vstage = stage ? stage + voff : vcache;
 
-    // The V rows before pos, into shared memory; row pos comes from qkv below.
+    // The K rows, then the V rows, before pos into shared memory (two groups); row pos comes from qkv below.
+    for (int i = tid; i < keys * LPK; i += blockDim.x) {
+        int jj = i / LPK, v = i % LPK, j = start + jj;
+        if (j < s.pos) cp_async16(ks + jj * KROW + v, (const uint4*)(kstage + (size_t)j * kv_dim) + v, true);
+    }
+    cp_async_commit();
     for (int i = tid; i < keys * LPK; i += blockDim.x) {
         int j = start + i / LPK, v = i % LPK;
         if (j < s.pos) cp_async16(vs + i, (const uint4*)(vstage + (size_t)j * kv_dim) + v, true);
@@ -323,7 +354,7 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     wait_prior();  // qkv belongs to the kernel before
     allow_next();
 
-    // Phase 0: RoPE angles; rotated queries; this step's key and value into the cache (one block).
+    // Phase 0: RoPE angles; rotated queries; this step's key and value into the cache and the tiles (one block).
     for (int i = tid; i < half; i += blockDim.x) sincosf((float)s.pos * inv_freq[i], &sn[i], &cs[i]);
     __syncthreads();
     for (int idx = tid; idx < GROUP * head_dim; idx += blockDim.x) {
@@ -335,53 +366,43 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     if (s.pos >= start && s.pos < end) {
         const float* kr = qrow + q_dim + kh * head_dim;
         const float* vr = qrow + q_dim + kv_dim + kh * head_dim;
+        bf16* krow = (bf16*)(ks + (s.pos - start) * KROW);
         bf16* vrow = (bf16*)(vs + (s.pos - start) * LPK);
         for (int d = tid; d < head_dim; d += blockDim.x) {
             int i = d % half;
             float r = d < half ? kr[d] * cs[i] - kr[d + half] * sn[i] : kr[d] * cs[i] + kr[d - half] * sn[i];
-            kcache[(size_t)s.pos * kv_dim + d] = to_bf(r);
-            bf16 v = to_bf(vr[d]);
+            bf16 k = to_bf(r), v = to_bf(vr[d]);
+            kcache[(size_t)s.pos * kv_dim + d] = k;
             vcache[(size_t)s.pos * kv_dim + d] = v;
+            krow[d] = k;
             vrow[d] = v;
         }
     }
-    __syncthreads();  // queries in shared memory; the new cache row visible to the block
+    cp_async_wait<1>();  // this thread's K copies
+    __syncthreads();     // queries, every thread's K copies and the new rows visible to the block
 
-    // Phase 1: one thread per key, the K rows of a thread's two keys loaded together.
-    for (int j0 = start + tid; j0 < end; j0 += 2 * blockDim.x) {
-        uint4 kv4[2][LPK];
+    // Phase 1: one thread per key.
+    for (int jj = tid; jj < keys; jj += blockDim.x) {
+        const uint4* row = ks + jj * KROW;
+        float dot[GROUP];
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            int j = j0 + u * blockDim.x;
-            if (j < end) {
-                const uint4* row = (const uint4*)((j < s.pos ? kstage : kcache) + (size_t)j * kv_dim);
+        for (int g = 0; g < GROUP; g++) dot[g] = 0.0f;
 #pragma unroll
-                for (int v = 0; v < LPK; v++) kv4[u][v] = row[v];
+        for (int v = 0; v < LPK; v++) {
+            const uint4 k4 = row[v];
+            const unsigned w[4] = {k4.x, k4.y, k4.z, k4.w};
+#pragma unroll
+            for (int e = 0; e < 4; e++) {
+                float k0 = bf_lo(w[e]), k1 = bf_hi(w[e]);
+#pragma unroll
+                for (int g = 0; g < GROUP; g++)
+                    dot[g] += qs[g * head_dim + v * 8 + 2 * e] * k0 + qs[g * head_dim + v * 8 + 2 * e + 1] * k1;
             }
         }
 #pragma unroll
-        for (int u = 0; u < 2; u++) {
-            int j = j0 + u * blockDim.x;
-            if (j >= end) break;
-            float dot[GROUP];
-#pragma unroll
-            for (int g = 0; g < GROUP; g++) dot[g] = 0.0f;
-#pragma unroll
-            for (int v = 0; v < LPK; v++) {
-                const unsigned w[4] = {kv4[u][v].x, kv4[u][v].y, kv4[u][v].z, kv4[u][v].w};
-#pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    float k0 = bf_lo(w[e]), k1 = bf_hi(w[e]);
-#pragma unroll
-                    for (int g = 0; g < GROUP; g++)
-                        dot[g] += qs[g * head_dim + v * 8 + 2 * e] * k0 + qs[g * head_dim + v * 8 + 2 * e + 1] * k1;
-                }
-            }
-#pragma unroll
-            for (int g = 0; g < GROUP; g++) ps[g * chunk + (j - start)] = dot[g];
-        }
+        for (int g = 0; g < GROUP; g++) ps[g * chunk + jj] = dot[g];
     }
-    __syncthreads();
+    __syncthreads();  // scores complete; the K tile is free (red reuses it)
 
     // Phase 2: per query head, the split's max and exponentials (a warp per head).
     for (int g = warp; g < GROUP; g += warps) {

@@ -24,7 +24,15 @@ use crate::{EngineError, Model};
 /// many blocks (32 measured best for `attn_lanes` at batch 1); for many, 256, which fill the device anyway (64
 /// sequences × 1024 tokens stepped in 2.76 ms at 256 keys per split, 3.20 at 128; H200, Llama-3.2-1B-shaped).
 fn attn_chunk(batch: usize) -> usize {
-    if batch < ATTN_FEW_SEQS { 32 } else { ATTN_MAX_CHUNK }
+    if batch < ATTN_FEW_SEQS {
+        return 32;
+    }
+    // For one measured comparison of split sizes (DRIFTWOOD_CUDA_ATTN_CHUNK=128).
+    std::env::var("DRIFTWOOD_CUDA_ATTN_CHUNK")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|c| (1..=ATTN_MAX_CHUNK).contains(c))
+        .unwrap_or(ATTN_MAX_CHUNK)
 }
 
 /// Scratch of a step for up to `batch` sequences (device memory).
