@@ -21,7 +21,8 @@
 #             plus transformers' golden logits (scripts/device/peers/torch_peers.sh)
 #   llama1b   `bench gpu` on that model: logits and greedy tokens against the CPU backend and against the
 #             golden logits, prefill of 16/128/1024 tokens against the CPU, prefill times at 24/128/1024/4096,
-#             128-token prompt + 256 generated per placement, 64 sequences × 1024 tokens
+#             128-token prompt + 256 generated per placement, then batched decode of 1, 8, 32, 64, 128 and 256
+#             sequences × 1024 tokens (each batch size's greedy tokens checked against the CPU backend)
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned and managed actors) at 24, 1024,
 #             4096 tokens
 #   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU: $out/resume.txt
@@ -86,7 +87,7 @@ for stage in $stages; do
             [ -f "$g" ] && { golden=(--golden "$g"); break; }
         done
         run "$bin" bench gpu --model "$models/llama1b" --prompt-tokens 128 --gen-tokens 256 --check-tokens 8 \
-            --batch 64 --context 1024 --batch-steps 32 "${golden[@]}" --out "$out/gpu-llama1b.json" \
+            --batch 1,8,32,64,128,256 --context 1024 --batch-steps 32 "${golden[@]}" --out "$out/gpu-llama1b.json" \
             > /dev/null 2> "$out/gpu-llama1b.log"
         ;;
     snapshot)

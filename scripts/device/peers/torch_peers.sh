@@ -9,11 +9,12 @@
 #                        eager and the static-cache CUDA-graph decoder (bench/peers/torch_decode.py)
 #   golden.json          transformers' last-position logits for the fixed 16-token prompt and
 #                        their .npy files, with a 16-token greedy continuation
-#   torch_batched.json   batch 64, 1024-token context, 32 timed steps (bench/peers/torch_batched.py)
+#   torch_batched.json   batches 1, 8, 32, 64, 128, 256 (BATCHES), 1024-token context, 32 timed steps
+#                        (bench/peers/torch_batched.py)
 #   torch_prefill.json   prefill of 24/128/1024/4096 tokens (transformers with SDPA, the static decoder) and
 #                        safetensors.torch.load_file onto the GPU of the same sessions' bf16 KV
 #                        (bench/peers/torch_prefill.py)
-# and a log of each step. Knobs: PYTHON (python3), BATCHES (64), SEED (model seed, default the
+# and a log of each step. Knobs: PYTHON (python3), BATCHES (1,8,32,64,128,256), SEED (model seed, default the
 # generator's own).
 set -euo pipefail
 out=${1:?usage: torch_peers.sh OUTDIR [MODEL_DIR]}
@@ -28,7 +29,7 @@ if [ ! -f "$model/model.safetensors" ]; then
 fi
 $py "$here/bench/peers/torch_decode.py" --model "$model" --prompt-tokens 128 --gen-tokens 256 \
     --out "$out/torch_decode.json" --golden "$out/golden.json" --golden-prompt-tokens 16 2>&1 | tee "$out/torch_decode.log"
-$py "$here/bench/peers/torch_batched.py" --model "$model" --batch "${BATCHES:-64}" --context 1024 --steps 32 \
+$py "$here/bench/peers/torch_batched.py" --model "$model" --batch "${BATCHES:-1,8,32,64,128,256}" --context 1024 --steps 32 \
     --out "$out/torch_batched.json" 2>&1 | tee "$out/torch_batched.log"
 $py "$here/bench/peers/torch_prefill.py" --model "$model" --tokens 24,128,1024,4096 \
     --out "$out/torch_prefill.json" 2>&1 | tee "$out/torch_prefill.log"

@@ -4,9 +4,16 @@
 //!    placement under test): max |Δlogit| after the prompt and the greedy continuation, token by token.
 //! 2. Batch-1 decode: a prompt of `--prompt-tokens`, then `--gen-tokens` greedy steps; ms/token per placement,
 //!    against the floor (weight bytes / measured device copy bandwidth).
-//! 3. Batched decode: `--batch` sequences with `--context`-token caches (managed placement) stepping together;
-//!    aggregate tokens/s against the roofline (weights once plus every sequence's KV, per step).
+//! 3. Batched decode, for each batch size B of `--batch` (a comma-separated sweep): B sequences with
+//!    `--context`-token caches (managed placement) stepping together, `--batch-steps` steps timed (median);
+//!    aggregate tokens/s against the roofline (weights once plus every sequence's KV, per step). Then, unless
+//!    `--skip-cpu` or `--batch-check-tokens 0`, B fresh sequences with distinct 8-token prompts, fed one token
+//!    per batched step, then `--batch-check-tokens` greedy steps, all B together (the batched kernels of exactly
+//!    that batch size): the greedy tokens of sequences 0, B/2 and B−1 against the CPU backend's from the same
+//!    prompts. They may part only at a near tie of the CPU's top two logits, as in the batch-1 check.
 
+use std::collections::HashMap;
+use std::collections::hash_map::Entry;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -35,9 +42,13 @@ pub struct GpuArgs {
     /// Tokens compared against the CPU backend.
     #[arg(long, default_value_t = 16)]
     check_tokens: usize,
-    /// Sequences of the batched run (0 skips it).
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
+    /// Batch sizes of the batched runs, comma-separated, each measured in turn (0 or an empty list skips them;
+    /// at most the backend's maximum batch).
+    #[arg(long, value_delimiter = ',', default_value = "64", value_parser = batch_size)]
+    batch: Vec<usize>,
+    /// Greedy tokens of sampled sequences of each batch size compared against the CPU backend (0 skips).
+    #[arg(long, default_value_t = 8)]
+    batch_check_tokens: usize,
     /// Context of each sequence in the batched run.
     #[arg(long, default_value_t = 1024)]
     context: usize,
@@ -108,6 +119,8 @@ struct PrefillRun {
     tflops: f64,
 }
 
+/// One batch size of the batched sweep: step time against the roofline, and greedy tokens of sampled sequences
+/// against the CPU backend (the `greedy_*` fields are absent when that check is skipped).
 #[derive(Serialize, Debug)]
 struct BatchRun {
     batch: usize,
@@ -115,6 +128,38 @@ struct BatchRun {
     step_ms: f64,
     tokens_per_s: f64,
     roofline_tokens_per_s: f64,
+    /// The sequences (indices in the batch) whose greedy tokens were compared with the CPU's.
+    greedy_checked_seqs: Option<Vec<usize>>,
+    /// The fewest leading greedy tokens equal to the CPU's, over the checked sequences.
+    greedy_tokens_equal_cpu: Option<usize>,
+    greedy_tokens_compared: Option<usize>,
+    /// The CPU's top-1 minus top-2 logit where the worst sequence's tokens part (absent when none part).
+    cpu_top2_gap_at_divergence: Option<f32>,
+    /// Each checked sequence.
+    greedy_seqs: Option<Vec<SeqGreedy>>,
+}
+
+/// One sequence of a batched greedy check against the CPU backend.
+#[derive(Serialize, Debug)]
+struct SeqGreedy {
+    seq: usize,
+    /// Leading greedy tokens equal to the CPU's.
+    tokens_equal_cpu: usize,
+    /// The CPU's top-1 minus top-2 logit where the tokens part.
+    cpu_top2_gap_at_divergence: Option<f32>,
+    /// After the 8-token prompt: the GPU's logits against the CPU's (recorded, not checked), and the CPU's
+    /// largest |logit|, for scale.
+    max_abs_logit_diff_vs_cpu: f32,
+    max_abs_logit_cpu: f32,
+}
+
+/// The CPU backend's greedy continuation of one sequence's prompt.
+struct CpuGreedy {
+    /// Logits after the prompt.
+    first: Vec<f32>,
+    tokens: Vec<u32>,
+    /// The top-2 gap of the logits each token was chosen from.
+    gaps: Vec<f32>,
 }
 
 #[derive(Serialize, Debug)]
@@ -138,7 +183,8 @@ struct GpuResults {
     prefill_checks: Vec<PrefillCheck>,
     prefill: Vec<PrefillRun>,
     golden: Option<GoldenCheck>,
-    batched: Option<BatchRun>,
+    /// One run per batch size of `--batch`, in its order.
+    batched: Vec<BatchRun>,
 }
 
 /// The GPU's logits and greedy tokens against `transformers` on the same weights and prompt.
@@ -266,7 +312,26 @@ fn prompt(n: usize, vocab: usize) -> Vec<u32> {
     (0..n).map(|i| ((i * 7919 + 13) % vocab.max(1)) as u32).collect()
 }
 
+/// Prompt tokens of each sequence in the batched greedy check.
+const BATCH_PROMPT: usize = 8;
+
+/// The batched greedy check's prompt of sequence `i`: `prompt`'s tokens `i..i + 8`, different for every sequence.
+fn seq_prompt(i: usize, vocab: usize) -> Vec<u32> {
+    prompt(BATCH_PROMPT + i, vocab)[i..].to_vec()
+}
+
+/// One `--batch` size: a number, or nothing (as 0, skipped).
+fn batch_size(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    if s.is_empty() { Ok(0) } else { s.parse().map_err(|e| format!("`{s}` is not a batch size: {e}")) }
+}
+
+/// Runs `driftwood bench gpu` (see the module docs).
 pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
+    let batches: Vec<usize> = args.batch.iter().copied().filter(|&b| b > 0).collect();
+    if let Some(b) = batches.iter().find(|&&b| b > driftwood_backend::cuda::MAX_BATCH) {
+        bail!("--batch {b}: the CUDA backend steps at most {} sequences together", driftwood_backend::cuda::MAX_BATCH);
+    }
     let dir = args.model.clone().unwrap_or_else(bundled_model_dir);
     let model: Arc<Model> = load_model(&dir)?;
     let c = model.config().clone();
@@ -356,7 +421,23 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         Some(path) => Some(golden_check(&model, cuda, &device, path)?),
         None => None,
     };
-    let batched = if args.batch > 0 { Some(batched(&model, cuda, args, copy_gb_s)?) } else { None };
+    let mut batched_runs = vec![];
+    // CPU greedy continuations by sequence index, shared by the batch sizes.
+    let mut cpu_refs = HashMap::new();
+    for &b in &batches {
+        let mut run = batched(&model, cuda, args, b, copy_gb_s)?;
+        if !args.skip_cpu && args.batch_check_tokens > 0 {
+            let seqs = batch_greedy_check(&model, cuda, b, args.batch_check_tokens, &mut cpu_refs)?;
+            let worst = seqs.iter().min_by_key(|s| s.tokens_equal_cpu);
+            run.greedy_checked_seqs = Some(seqs.iter().map(|s| s.seq).collect());
+            run.greedy_tokens_equal_cpu = worst.map(|s| s.tokens_equal_cpu);
+            run.greedy_tokens_compared = Some(args.batch_check_tokens);
+            run.cpu_top2_gap_at_divergence = worst.and_then(|s| s.cpu_top2_gap_at_divergence);
+            run.greedy_seqs = Some(seqs);
+        }
+        eprintln!("{run:?}");
+        batched_runs.push(run);
+    }
     let results = GpuResults {
         model: dir.display().to_string(),
         device: cuda.device_name().to_string(),
@@ -374,7 +455,7 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         prefill_checks,
         prefill,
         golden,
-        batched,
+        batched: batched_runs,
     };
     let failures = check_failures(&results);
     emit("gpu", "gpu-cuda", &args.output, results)?;
@@ -415,6 +496,19 @@ fn check_failures(r: &GpuResults) -> Vec<String> {
             out.push(format!("prefill against the CPU: {p:?}"));
         }
     }
+    for b in &r.batched {
+        for s in b.greedy_seqs.iter().flatten() {
+            let tolerance = TOLERANCE.max(REL_TOLERANCE * s.max_abs_logit_cpu);
+            let near_tie = s.cpu_top2_gap_at_divergence.is_some_and(|gap| gap <= tolerance);
+            let compared = b.greedy_tokens_compared.unwrap_or(0);
+            if s.tokens_equal_cpu < compared && !near_tie {
+                out.push(format!(
+                    "batch {}, sequence {}: {} of {compared} greedy tokens equal the CPU's (its top-2 gap there: {:?})",
+                    b.batch, s.seq, s.tokens_equal_cpu, s.cpu_top2_gap_at_divergence
+                ));
+            }
+        }
+    }
     if let Some(g) = &r.golden
         && (g.greedy_equal_f32 < g.greedy_compared || !g.argmax_equal_f32 || g.max_abs_diff_top64_vs_f32 > TOLERANCE)
     {
@@ -423,10 +517,17 @@ fn check_failures(r: &GpuResults) -> Vec<String> {
     out
 }
 
-fn batched(model: &Model, cuda: &CudaBackend, args: &GpuArgs, copy_gb_s: f64) -> anyhow::Result<BatchRun> {
+/// `batch` sequences filled to `--context` tokens, then `--batch-steps` timed steps of all of them together.
+fn batched(
+    model: &Model,
+    cuda: &CudaBackend,
+    args: &GpuArgs,
+    batch: usize,
+    copy_gb_s: f64,
+) -> anyhow::Result<BatchRun> {
     let c = model.config();
     let max_seq = args.context + args.batch_steps + 1;
-    let seqs: Vec<SeqMemory> = (0..args.batch)
+    let seqs: Vec<SeqMemory> = (0..batch)
         .map(|_| SeqMemory::new(model, Some(cuda), Placement::CudaManaged, max_seq))
         .collect::<anyhow::Result<_>>()?;
     {
@@ -437,7 +538,7 @@ fn batched(model: &Model, cuda: &CudaBackend, args: &GpuArgs, copy_gb_s: f64) ->
         exec.synchronize()?;
     }
     // Fill every cache to `context` tokens, all sequences stepping together.
-    eprintln!("batched: filling {} caches to {} tokens", args.batch, args.context);
+    eprintln!("batched: filling {batch} caches to {} tokens", args.context);
     let tokens = prompt(args.context, c.vocab_size);
     for (pos, &tok) in tokens.iter().enumerate() {
         let steps: Vec<SeqStep> =
@@ -456,17 +557,99 @@ fn batched(model: &Model, cuda: &CudaBackend, args: &GpuArgs, copy_gb_s: f64) ->
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let step_ms = median(&mut times);
-    let kv_bytes_per_step = args.batch * model.kv_bytes(args.context, DType::BF16);
+    let kv_bytes_per_step = batch * model.kv_bytes(args.context, DType::BF16);
     let roofline_step_s = (model.weight_bytes_per_token() + kv_bytes_per_step) as f64 / (copy_gb_s * 1e9);
     let run = BatchRun {
-        batch: args.batch,
+        batch,
         context: args.context,
         step_ms,
-        tokens_per_s: args.batch as f64 / (step_ms / 1e3),
-        roofline_tokens_per_s: args.batch as f64 / roofline_step_s,
+        tokens_per_s: batch as f64 / (step_ms / 1e3),
+        roofline_tokens_per_s: batch as f64 / roofline_step_s,
+        greedy_checked_seqs: None,
+        greedy_tokens_equal_cpu: None,
+        greedy_tokens_compared: None,
+        cpu_top2_gap_at_divergence: None,
+        greedy_seqs: None,
     };
-    eprintln!("{run:?}");
+    eprintln!("batched: {batch} sequences at {:.3} ms/step, {:.0} tokens/s", run.step_ms, run.tokens_per_s);
     Ok(run)
+}
+
+/// The CPU backend's greedy continuation (`n` tokens) of sequence `seq`'s prompt in the batched greedy check.
+fn cpu_greedy(model: &Model, seq: usize, n: usize) -> anyhow::Result<CpuGreedy> {
+    let cpu = Device::cpu();
+    let tokens = seq_prompt(seq, model.config().vocab_size);
+    let mem = SeqMemory::new(model, None, Placement::Host, BATCH_PROMPT + n + 1)?;
+    let mut scratch = Scratch::default();
+    let mut logits = mem.forward(model, &cpu, 0, &tokens, &mut scratch)?;
+    let first = logits.clone();
+    let (mut greedy, mut gaps) = (vec![], vec![]);
+    for i in 0..n {
+        let next = argmax(&logits);
+        greedy.push(next);
+        gaps.push(top2_gap(&logits));
+        logits = mem.forward(model, &cpu, tokens.len() + i, &[next], &mut scratch)?;
+    }
+    Ok(CpuGreedy { first, tokens: greedy, gaps })
+}
+
+/// `batch` fresh sequences (managed placement) with distinct 8-token prompts, fed one prompt token per batched
+/// step, then `n` greedy steps of all of them together, each sequence fed its own argmax; sequences 0, batch/2
+/// and batch−1 against the CPU's greedy continuations (computed once per sequence index into `cpu_refs`).
+fn batch_greedy_check(
+    model: &Model,
+    cuda: &CudaBackend,
+    batch: usize,
+    n: usize,
+    cpu_refs: &mut HashMap<usize, CpuGreedy>,
+) -> anyhow::Result<Vec<SeqGreedy>> {
+    let vocab = model.config().vocab_size;
+    eprintln!("batched: greedy check of {batch} sequences, {n} tokens");
+    let max_seq = BATCH_PROMPT + n + 1;
+    let seqs: Vec<SeqMemory> = (0..batch)
+        .map(|_| SeqMemory::new(model, Some(cuda), Placement::CudaManaged, max_seq))
+        .collect::<anyhow::Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = (0..batch).map(|i| seq_prompt(i, vocab)).collect();
+    for pos in 0..BATCH_PROMPT {
+        let steps: Vec<SeqStep> = seqs.iter().zip(&prompts).map(|(s, p)| s.step(pos, p[pos])).collect();
+        model.decode_step_cuda(cuda, &steps)?;
+    }
+    let mut logits: Vec<Vec<f32>> = seqs.iter().map(SeqMemory::logits).collect();
+    let after_prompt = logits.clone();
+    let mut generated: Vec<Vec<u32>> = vec![vec![]; batch];
+    for i in 0..n {
+        let next: Vec<u32> = logits.iter().map(|l| argmax(l)).collect();
+        for (g, &t) in generated.iter_mut().zip(&next) {
+            g.push(t);
+        }
+        let steps: Vec<SeqStep> = seqs.iter().zip(&next).map(|(s, &t)| s.step(BATCH_PROMPT + i, t)).collect();
+        model.decode_step_cuda(cuda, &steps)?;
+        logits = seqs.iter().map(SeqMemory::logits).collect();
+    }
+    drop(seqs);
+    let mut sampled = vec![0, batch / 2, batch - 1];
+    sampled.dedup();
+    let mut out = vec![];
+    for seq in sampled {
+        let r = match cpu_refs.entry(seq) {
+            Entry::Occupied(e) => e.into_mut(),
+            Entry::Vacant(e) => {
+                eprintln!("batched: CPU greedy reference of sequence {seq}");
+                e.insert(cpu_greedy(model, seq, n)?)
+            }
+        };
+        let equal = r.tokens.iter().zip(&generated[seq]).take_while(|(a, b)| a == b).count();
+        let check = SeqGreedy {
+            seq,
+            tokens_equal_cpu: equal,
+            cpu_top2_gap_at_divergence: r.gaps.get(equal).copied(),
+            max_abs_logit_diff_vs_cpu: max_abs_diff(&r.first, &after_prompt[seq]),
+            max_abs_logit_cpu: max_abs(&r.first),
+        };
+        eprintln!("{check:?}");
+        out.push(check);
+    }
+    Ok(out)
 }
 
 /// Matrix-product and attention FLOPs of a prefill of `t` tokens from position 0 (the last token's logits only).
@@ -611,4 +794,106 @@ fn golden_check(
     };
     eprintln!("{check:?}");
     Ok(check)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn results(batched: Vec<BatchRun>) -> GpuResults {
+        GpuResults {
+            model: String::new(),
+            device: String::new(),
+            early_launch: false,
+            stages_pinned_kv: false,
+            weight_bytes_per_token: 0,
+            copy_bandwidth_gb_s: 0.0,
+            floor_ms_per_token: 0.0,
+            prompt_tokens: 0,
+            gen_tokens: 0,
+            kv_bytes_per_token: 0,
+            kv_bytes_per_token_f32: 0,
+            prefill_chunk: 0,
+            runs: vec![],
+            prefill_checks: vec![],
+            prefill: vec![],
+            golden: None,
+            batched,
+        }
+    }
+
+    fn batch_run(batch: usize, seqs: Vec<SeqGreedy>) -> BatchRun {
+        BatchRun {
+            batch,
+            context: 16,
+            step_ms: 1.0,
+            tokens_per_s: 1.0,
+            roofline_tokens_per_s: 1.0,
+            greedy_checked_seqs: Some(seqs.iter().map(|s| s.seq).collect()),
+            greedy_tokens_equal_cpu: seqs.iter().map(|s| s.tokens_equal_cpu).min(),
+            greedy_tokens_compared: Some(8),
+            cpu_top2_gap_at_divergence: None,
+            greedy_seqs: Some(seqs),
+        }
+    }
+
+    fn seq(seq: usize, equal: usize, gap: Option<f32>) -> SeqGreedy {
+        SeqGreedy {
+            seq,
+            tokens_equal_cpu: equal,
+            cpu_top2_gap_at_divergence: gap,
+            max_abs_logit_diff_vs_cpu: 0.0,
+            max_abs_logit_cpu: 1.0,
+        }
+    }
+
+    #[test]
+    fn batch_sizes_parse_with_empty_entries_as_zero() {
+        assert_eq!(batch_size(" 64 "), Ok(64));
+        assert_eq!(batch_size(""), Ok(0));
+        assert!(batch_size("x").is_err());
+    }
+
+    #[test]
+    fn sequence_prompts_differ_and_have_eight_tokens() {
+        let prompts: Vec<Vec<u32>> = (0..256).map(|i| seq_prompt(i, 128256)).collect();
+        assert!(prompts.iter().all(|p| p.len() == BATCH_PROMPT));
+        for (i, a) in prompts.iter().enumerate() {
+            assert!(prompts[i + 1..].iter().all(|b| a != b), "prompt {i} repeats");
+        }
+    }
+
+    #[test]
+    fn batched_tokens_may_part_only_at_a_near_tie() {
+        let ok = results(vec![
+            batch_run(1, vec![seq(0, 8, None)]),
+            batch_run(8, vec![seq(0, 8, None), seq(4, 3, Some(0.01))]),
+        ]);
+        assert!(check_failures(&ok).is_empty(), "{:?}", check_failures(&ok));
+        // Any one sequence parting at a clear CPU choice fails the run, even when another parts earlier at a tie.
+        let bad = results(vec![batch_run(64, vec![seq(0, 2, Some(0.01)), seq(32, 8, None), seq(63, 5, Some(1.5))])]);
+        let failures = check_failures(&bad);
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert!(failures[0].contains("batch 64, sequence 63"), "{failures:?}");
+        // Skipped checks fail nothing.
+        let mut skipped = batch_run(256, vec![]);
+        (skipped.greedy_seqs, skipped.greedy_tokens_compared) = (None, None);
+        assert!(check_failures(&results(vec![skipped])).is_empty());
+    }
+
+    #[test]
+    fn cpu_greedy_reference_of_the_bundled_model() -> anyhow::Result<()> {
+        let model = load_model(&bundled_model_dir())?;
+        let vocab = model.config().vocab_size;
+        let (a, b) = (cpu_greedy(&model, 0, 4)?, cpu_greedy(&model, 5, 4)?);
+        for r in [&a, &b] {
+            assert_eq!((r.first.len(), r.tokens.len(), r.gaps.len()), (vocab, 4, 4));
+            assert_eq!(r.tokens[0], argmax(&r.first));
+            assert!(r.gaps.iter().all(|g| *g >= 0.0));
+        }
+        assert_ne!(a.first, b.first, "different prompts, different logits");
+        // Deterministic: the same sequence index gives the same continuation.
+        assert_eq!(cpu_greedy(&model, 0, 4)?.tokens, a.tokens);
+        Ok(())
+    }
 }

@@ -31,7 +31,8 @@ pub enum BenchCommand {
     Snapshot(snapshot::SnapshotArgs),
     /// Live actors per memory budget, zero-copy vs a copy path; hibernated actors' size and wake latency.
     Density(density::DensityArgs),
-    /// The CUDA backend: logits vs the CPU, batch-1 decode ms/token per placement vs the floor, batched decode.
+    /// The CUDA backend: logits vs the CPU, batch-1 decode ms/token per placement vs the floor, batched decode over
+    /// a sweep of batch sizes.
     Gpu(gpu::GpuArgs),
     /// Regenerate the README's benchmark tables from bench/results/*.json.
     Readme(readme::ReadmeArgs),

@@ -203,26 +203,7 @@ fn gpu_table(v: &Value, peers_decode: Option<&Value>, peers_batched: Option<&Val
         num(r, "copy_bandwidth_gb_s"),
         r["device"].as_str().unwrap_or("?")
     );
-    let b = &r["batched"];
-    if b.is_object() {
-        t += &format!(
-            "\nBatched: {} sequences with {}-token contexts (managed memory) step together at {:.0} tokens/s \
-             ({:.2} ms/step; roofline {:.0} tokens/s for weights plus every sequence's bf16 KV per step)",
-            num(b, "batch"),
-            num(b, "context"),
-            num(b, "tokens_per_s"),
-            num(b, "step_ms"),
-            num(b, "roofline_tokens_per_s")
-        );
-        if let Some(p) = peers_batched {
-            let batch = num(b, "batch");
-            let same = p["results"].as_array().into_iter().flatten().find(|x| num(x, "batch") == batch);
-            if let Some(x) = same {
-                t += &format!("; PyTorch (static cache, CUDA graph, compiled): {:.0} tokens/s", num(x, "tokens_per_s"));
-            }
-        }
-        t += ".\n";
-    }
+    t += &batch_table(r, peers_batched);
     let g = &r["golden"];
     if g.is_object() {
         t += &format!(
@@ -236,6 +217,72 @@ fn gpu_table(v: &Value, peers_decode: Option<&Value>, peers_batched: Option<&Val
         );
     }
     t + &provenance(v)
+}
+
+/// Where the README links the batch-scaling curve that `bench/plot.sh` draws (relative to the README).
+const SCALING_PNG: &str = "bench/results/gpu-scaling.png";
+
+/// The batched sweep of `gpu-cuda.json` (`results.batched`: one run per batch size; an object in older files)
+/// next to the PyTorch batched peer at the same batch sizes, and the link to the curve.
+fn batch_table(r: &Value, peers_batched: Option<&Value>) -> String {
+    let runs: Vec<&Value> = match &r["batched"] {
+        Value::Array(a) => a.iter().collect(),
+        b @ Value::Object(_) => vec![b],
+        _ => vec![],
+    };
+    if runs.is_empty() {
+        return String::new();
+    }
+    let peer = |batch: f64| {
+        peers_batched
+            .and_then(|p| p["results"].as_array())
+            .and_then(|rows| rows.iter().find(|x| num(x, "batch") == batch))
+    };
+    let mut t = String::from(
+        "\n| actors (batch) | Driftwood tokens/s | ms/step | roofline tokens/s | % of roofline | PyTorch compiled \
+         tokens/s | ratio | greedy = CPU |\n|---:|---:|---:|---:|---:|---:|---:|---|\n",
+    );
+    for b in &runs {
+        let (batch, ours) = (num(b, "batch"), num(b, "tokens_per_s"));
+        let roof = num(b, "roofline_tokens_per_s");
+        let (torch, ratio) = match peer(batch) {
+            Some(x) => {
+                let tps = num(x, "tokens_per_s");
+                // The headline is the faster variant; say so when that is not the compiled one.
+                let variant =
+                    x["variant"].as_str().filter(|v| *v != "compiled").map_or(String::new(), |v| format!(" ({v})"));
+                (format!("{tps:.0}{variant}"), format!("{:.2}×", ours / tps))
+            }
+            None => ("—".into(), "—".into()),
+        };
+        let greedy = match (b["greedy_tokens_equal_cpu"].as_u64(), b["greedy_tokens_compared"].as_u64()) {
+            (Some(equal), Some(compared)) => {
+                let seqs = b["greedy_checked_seqs"].as_array().map_or(0, Vec::len);
+                let gap = b["cpu_top2_gap_at_divergence"]
+                    .as_f64()
+                    .map_or(String::new(), |g| format!("; parts where the CPU's top-2 gap is {g:.3}"));
+                let seqs = if seqs == 1 { "1 sequence".to_string() } else { format!("{seqs} sequences") };
+                format!("{equal} of {compared} ({seqs}{gap})")
+            }
+            _ => "—".into(),
+        };
+        t += &format!(
+            "| {batch} | {ours:.0} | {:.2} | {roof:.0} | {:.0} % | {torch} | {ratio} | {greedy} |\n",
+            num(b, "step_ms"),
+            100.0 * ours / roof,
+        );
+    }
+    t += &format!(
+        "\nBatched decode: that many actors (managed memory), each with a {}-token context, step together; median \
+         step time. Roofline: the weights once plus every sequence's bf16 KV per step at the measured copy \
+         bandwidth. PyTorch: the same model with a static cache, the step compiled (torch.compile) and replayed \
+         as a CUDA graph (`bench/peers/torch_batched.py`; its faster variant, named when not the compiled one); \
+         ratio: Driftwood over PyTorch. Greedy = CPU: leading greedy tokens equal to the CPU backend's, fewest \
+         over sequences 0, B/2 and B−1 of a batch of fresh 8-token prompts.\n\n\
+         ![Decode tokens/s against batch size]({SCALING_PNG})\n",
+        num(runs[0], "context")
+    );
+    t
 }
 
 /// GPU prefill from position 0 (last token's logits only): ours per placement next to transformers and the
@@ -360,4 +407,55 @@ pub fn run(args: &ReadmeArgs) -> anyhow::Result<()> {
     std::fs::write(&args.readme, doc).with_context(|| format!("cannot write {}", args.readme.display()))?;
     eprintln!("updated {}", args.readme.display());
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    #[test]
+    fn batch_table_rows_per_batch_size_with_peers_by_batch() {
+        let r = json!({"batched": [
+            {"batch": 1, "context": 1024, "step_ms": 1.5, "tokens_per_s": 666.7, "roofline_tokens_per_s": 1600.0,
+             "greedy_checked_seqs": [0], "greedy_tokens_equal_cpu": 8, "greedy_tokens_compared": 8,
+             "cpu_top2_gap_at_divergence": null},
+            {"batch": 64, "context": 1024, "step_ms": 2.84, "tokens_per_s": 22561.0, "roofline_tokens_per_s": 58729.0,
+             "greedy_checked_seqs": [0, 32, 63], "greedy_tokens_equal_cpu": 5, "greedy_tokens_compared": 8,
+             "cpu_top2_gap_at_divergence": 0.01}
+        ]});
+        let peers = json!({"results": [
+            {"batch": 64, "tokens_per_s": 26307.8, "variant": "compiled"},
+            {"batch": 1, "tokens_per_s": 800.0, "variant": "plain"}
+        ]});
+        let t = batch_table(&r, Some(&peers));
+        assert!(t.contains("| 1 | 667 | 1.50 | 1600 | 42 % | 800 (plain) | 0.83× | 8 of 8 (1 sequence) |"), "{t}");
+        assert!(t.contains("| 64 | 22561 | 2.84 | 58729 | 38 % | 26308 | 0.86× | 5 of 8 (3 sequences; parts"), "{t}");
+        assert!(t.contains("1024-token context"), "{t}");
+        assert!(t.contains(&format!("]({SCALING_PNG})")), "{t}");
+    }
+
+    #[test]
+    fn batch_table_reads_the_old_single_object_and_nothing() {
+        let old = json!({"batched": {"batch": 64, "context": 1024, "step_ms": 2.84, "tokens_per_s": 22561.0,
+                                     "roofline_tokens_per_s": 58729.0}});
+        let t = batch_table(&old, None);
+        assert!(t.contains("| 64 | 22561 | 2.84 | 58729 | 38 % | — | — | — |"), "{t}");
+        assert_eq!(batch_table(&json!({"batched": null}), None), "");
+        assert_eq!(batch_table(&json!({"batched": []}), None), "");
+    }
+
+    #[test]
+    fn gpu_table_stays_between_its_markers() {
+        let gpu = json!({"results": {"floor_ms_per_token": 0.5, "runs": [], "device": "GPU",
+                                     "batched": [{"batch": 8, "context": 256, "step_ms": 1.0, "tokens_per_s": 8000.0,
+                                                  "roofline_tokens_per_s": 16000.0}]}});
+        let doc = "intro\n<!-- bench:gpu -->\nold\n<!-- /bench:gpu -->\noutro\n";
+        let new = replace_between(doc, "gpu", &gpu_table(&gpu, None, None)).expect("markers");
+        assert!(new.starts_with("intro\n<!-- bench:gpu -->\n| |"), "{new}");
+        assert!(new.ends_with("_\n<!-- /bench:gpu -->\noutro\n"), "{new}");
+        assert!(new.contains("| 8 | 8000 | 1.00 | 16000 | 50 % |"), "{new}");
+        assert!(!new.contains("old"), "{new}");
+    }
 }
