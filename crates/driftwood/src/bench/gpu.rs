@@ -350,24 +350,8 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
 
     let max_seq = args.prompt_tokens + args.gen_tokens + 1;
     let tokens = prompt(args.prompt_tokens, c.vocab_size);
-    let cpu = Device::cpu();
     // CPU reference: the prompt, then greedy tokens.
-    let reference = if args.skip_cpu {
-        None
-    } else {
-        let mem = SeqMemory::new(&model, None, Placement::Host, max_seq)?;
-        let mut scratch = Scratch::default();
-        let mut logits = mem.forward(&model, &cpu, 0, &tokens, &mut scratch)?;
-        let first = logits.clone();
-        let (mut greedy, mut gaps) = (vec![], vec![]);
-        for i in 0..args.check_tokens {
-            let next = argmax(&logits);
-            greedy.push(next);
-            gaps.push(top2_gap(&logits));
-            logits = mem.forward(&model, &cpu, tokens.len() + i, &[next], &mut scratch)?;
-        }
-        Some((first, greedy, gaps))
-    };
+    let reference = if args.skip_cpu { None } else { Some(cpu_greedy(&model, &tokens, max_seq, args.check_tokens)?) };
 
     let mut runs = vec![];
     for placement in [Placement::CudaPinned, Placement::CudaManaged] {
@@ -376,7 +360,7 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         let t = Instant::now();
         let mut logits = mem.forward(&model, &device, 0, &tokens, &mut scratch)?;
         let prompt_ms = t.elapsed().as_secs_f64() * 1e3;
-        let diff = reference.as_ref().map(|(first, _, _)| max_abs_diff(first, &logits));
+        let diff = reference.as_ref().map(|r| max_abs_diff(&r.first, &logits));
         let mut generated = vec![];
         let mut times = vec![];
         for i in 0..args.gen_tokens {
@@ -388,11 +372,9 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
             times.push(t.elapsed().as_secs_f64() * 1e3);
             logits = mem.logits();
         }
-        let equal =
-            reference.as_ref().map(|(_, greedy, _)| greedy.iter().zip(&generated).take_while(|(a, b)| a == b).count());
+        let equal = reference.as_ref().map(|r| r.tokens.iter().zip(&generated).take_while(|(a, b)| a == b).count());
         // Where the tokens part, how close the CPU's own top two logits were at that step.
-        let cpu_top2_gap_at_divergence =
-            reference.as_ref().zip(equal).and_then(|((_, _, gaps), k)| gaps.get(k).copied());
+        let cpu_top2_gap_at_divergence = reference.as_ref().zip(equal).and_then(|(r, k)| r.gaps.get(k).copied());
         let p90 = {
             let mut s = times.clone();
             s.sort_by(f64::total_cmp);
@@ -401,7 +383,7 @@ pub fn run(args: &GpuArgs) -> anyhow::Result<()> {
         let run = PlacementRun {
             placement: placement.name(),
             max_abs_logit_diff_vs_cpu: diff,
-            max_abs_logit_cpu: reference.as_ref().map(|(first, _, _)| max_abs(first)),
+            max_abs_logit_cpu: reference.as_ref().map(|r| max_abs(&r.first)),
             greedy_tokens_equal_cpu: equal,
             cpu_top2_gap_at_divergence,
             greedy_tokens_compared: args.check_tokens.min(args.gen_tokens),
@@ -575,13 +557,12 @@ fn batched(
     Ok(run)
 }
 
-/// The CPU backend's greedy continuation (`n` tokens) of sequence `seq`'s prompt in the batched greedy check.
-fn cpu_greedy(model: &Model, seq: usize, n: usize) -> anyhow::Result<CpuGreedy> {
+/// The CPU backend's greedy continuation (`n` tokens) of `tokens`, in a cache of `max_seq` positions.
+fn cpu_greedy(model: &Model, tokens: &[u32], max_seq: usize, n: usize) -> anyhow::Result<CpuGreedy> {
     let cpu = Device::cpu();
-    let tokens = seq_prompt(seq, model.config().vocab_size);
-    let mem = SeqMemory::new(model, None, Placement::Host, BATCH_PROMPT + n + 1)?;
+    let mem = SeqMemory::new(model, None, Placement::Host, max_seq)?;
     let mut scratch = Scratch::default();
-    let mut logits = mem.forward(model, &cpu, 0, &tokens, &mut scratch)?;
+    let mut logits = mem.forward(model, &cpu, 0, tokens, &mut scratch)?;
     let first = logits.clone();
     let (mut greedy, mut gaps) = (vec![], vec![]);
     for i in 0..n {
@@ -635,7 +616,7 @@ fn batch_greedy_check(
             Entry::Occupied(e) => e.into_mut(),
             Entry::Vacant(e) => {
                 eprintln!("batched: CPU greedy reference of sequence {seq}");
-                e.insert(cpu_greedy(model, seq, n)?)
+                e.insert(cpu_greedy(model, &seq_prompt(seq, vocab), max_seq, n)?)
             }
         };
         let equal = r.tokens.iter().zip(&generated[seq]).take_while(|(a, b)| a == b).count();
@@ -885,7 +866,8 @@ mod tests {
     fn cpu_greedy_reference_of_the_bundled_model() -> anyhow::Result<()> {
         let model = load_model(&bundled_model_dir())?;
         let vocab = model.config().vocab_size;
-        let (a, b) = (cpu_greedy(&model, 0, 4)?, cpu_greedy(&model, 5, 4)?);
+        let greedy = |seq| cpu_greedy(&model, &seq_prompt(seq, vocab), BATCH_PROMPT + 5, 4);
+        let (a, b) = (greedy(0)?, greedy(5)?);
         for r in [&a, &b] {
             assert_eq!((r.first.len(), r.tokens.len(), r.gaps.len()), (vocab, 4, 4));
             assert_eq!(r.tokens[0], argmax(&r.first));
@@ -893,7 +875,7 @@ mod tests {
         }
         assert_ne!(a.first, b.first, "different prompts, different logits");
         // Deterministic: the same sequence index gives the same continuation.
-        assert_eq!(cpu_greedy(&model, 0, 4)?.tokens, a.tokens);
+        assert_eq!(greedy(0)?.tokens, a.tokens);
         Ok(())
     }
 }
