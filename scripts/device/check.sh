@@ -29,8 +29,8 @@
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
 #   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with each step option
-#             against the defaults: early launch off (DRIFTWOOD_CUDA_PDL=0), the warp-per-row GEMVs
-#             (DRIFTWOOD_CUDA_GEMV=warp), the pinned-KV stage on (DRIFTWOOD_CUDA_KV_STAGE=1): $out/ab.json
+#             against the defaults: early launch off (DRIFTWOOD_CUDA_PDL=0), the pinned-KV stage on
+#             (DRIFTWOOD_CUDA_KV_STAGE=1): $out/ab.json
 #   profile   (not in the default set) Nsight Compute per-kernel time and DRAM bytes of decode: batch 1, and 64
 #             sequences (attention at ~1024 tokens, GEMMs): $out/ncu-*.csv
 set -uo pipefail
@@ -134,13 +134,13 @@ for stage in $stages; do
         # The first run, with the defaults, also checks logits and greedy tokens against the CPU backend (bench
         # gpu exits non-zero on disagreement); every run's greedy tokens must equal the others'.
         cpu=()
-        for v in "1 0 block" "0 0 block" "1 0 warp" "1 1 block"; do
+        for v in "1 0" "0 0" "1 1"; do
             set -- $v
-            step "batch 1, DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 DRIFTWOOD_CUDA_GEMV=$3"
-            DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 DRIFTWOOD_CUDA_GEMV=$3 run "$bin" bench gpu \
+            step "batch 1, DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2"
+            DRIFTWOOD_CUDA_PDL=$1 DRIFTWOOD_CUDA_KV_STAGE=$2 run "$bin" bench gpu \
                 --model "$models/llama1b" "${cpu[@]}" --check-tokens 8 --prompt-tokens 128 --gen-tokens 256 \
                 --batch 0 --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 \
-                --out "/tmp/ab-pdl$1-stage$2-gemv_$3.json" > /dev/null 2>> /tmp/ab.log
+                --out "/tmp/ab-pdl$1-stage$2.json" > /dev/null 2>> /tmp/ab.log
             cpu=(--skip-cpu)
         done
         python3 -c 'import json,sys; json.dump({f.split("/ab-")[1][:-5]: json.load(open(f)) for f in sys.argv[1:]}, sys.stdout, indent=1)' \

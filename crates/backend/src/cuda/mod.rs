@@ -142,9 +142,6 @@ struct Kernels {
     gemv: [Function; 4],
     /// Block-split gate/up GEMV with SwiGLU by rows per block (1, 2, 4).
     gemv_swiglu: [Function; 3],
-    /// The warp-per-two-rows GEMVs, kept for one measured comparison (`DRIFTWOOD_CUDA_GEMV=warp`).
-    gemv_warp: Function,
-    gemv_swiglu_warp: Function,
     /// Decode attention by (log2 group, log2 head_dim/32).
     /// Decode attention for fewer than [`ATTN_FEW_SEQS`] sequences, by (group, head_dim) index.
     attn_lanes: [[Function; 3]; 4],
@@ -211,8 +208,6 @@ pub struct Exec {
     early: bool,
     /// The most dynamic shared memory a block may have on this device, in bytes.
     max_shared: usize,
-    /// Run the warp-per-two-rows GEMVs instead of the block-split ones (`DRIFTWOOD_CUDA_GEMV=warp`).
-    warp_gemv: bool,
     /// Whether the capture in progress forked work onto `side`.
     forked: bool,
     ctx: Arc<Context>,
@@ -266,8 +261,6 @@ impl CudaBackend {
             rmsnorm_bf16: f("rmsnorm_bf16")?,
             gemv: [f("gemv_r1")?, f("gemv_r2")?, f("gemv_r4")?, f("gemv_r8")?],
             gemv_swiglu: [f("gemv_swiglu_r1")?, f("gemv_swiglu_r2")?, f("gemv_swiglu_r4")?],
-            gemv_warp: f("gemv_warp")?,
-            gemv_swiglu_warp: f("gemv_swiglu_warp")?,
             attn_lanes: attn_table("attn_lanes", &f)?,
             attn_split: attn_table("attn_split", &f)?,
             swiglu_bf16: f("swiglu_bf16")?,
@@ -275,9 +268,6 @@ impl CudaBackend {
             scatter_logits: f("scatter_logits")?,
             kv_stage: f("kv_stage")?,
         };
-        for k in [kernels.gemv_warp, kernels.gemv_swiglu_warp] {
-            driver::allow_shared(k, 96 << 10)?;
-        }
         use cudarc::driver::sys::CUdevice_attribute as A;
         // Shapes that need more than the device allows are refused at launch (`Exec::attention`).
         let max_shared = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
@@ -306,7 +296,6 @@ impl CudaBackend {
             stream,
             early,
             max_shared,
-            warp_gemv: std::env::var("DRIFTWOOD_CUDA_GEMV").is_ok_and(|v| v == "warp"),
             forked: false,
             ctx: ctx.clone(),
         };
@@ -534,11 +523,6 @@ fn attn_split_shared(group: usize, head_dim: usize, chunk: usize) -> usize {
     let floats = group * head_dim + group * chunk + head_dim + 2 * group;
     let k_rows = (chunk * (head_dim + 8) * 2).max(4 * group * head_dim * 4);
     floats.next_multiple_of(4) * 4 + k_rows + chunk * head_dim * 2
-}
-
-/// Grid of a one-warp-per-row kernel with 8 warps per block.
-fn rows_grid(rows: usize) -> (u32, u32, u32) {
-    (rows.div_ceil(8) as u32, 1, 1)
 }
 
 /// Rows per block of the block-split GEMV kernels (`gemv_r{R}` in `kernels/gemv.cu`).
@@ -864,9 +848,6 @@ impl Exec {
             Arg::I32(out as i32),
             Arg::I32(accumulate as i32),
         ];
-        if self.warp_gemv {
-            return self.launch(self.kernels.gemv_warp, rows_grid(out.div_ceil(2)), 256, (input * 4) as u32, &args);
-        }
         let (index, threads) = gemv_shape(input, out, 1);
         let grid = (out.div_ceil(GEMV_ROWS[index]) as u32, 1, 1);
         self.launch(self.kernels.gemv[index], grid, threads, 0, &args)
@@ -898,9 +879,6 @@ impl Exec {
             Arg::I32(input as i32),
             Arg::I32(out as i32),
         ];
-        if self.warp_gemv {
-            return self.launch(self.kernels.gemv_swiglu_warp, rows_grid(out), 256, (input * 4) as u32, &args);
-        }
         let (index, threads) = gemv_shape(input, out, 2);
         let grid = (out.div_ceil(GEMV_ROWS[index]) as u32, 1, 1);
         self.launch(self.kernels.gemv_swiglu[index], grid, threads, 0, &args)
