@@ -26,6 +26,9 @@
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned and managed actors) at 24, 1024,
 #             4096 tokens
 #   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU: $out/resume.txt
+#   serve     (not in the default set) 64 sessions x 5 turns through the server's continuous batching on the
+#             GPU (serve_load), beside `bench gpu` at 64 sequences x 256 tokens: $out/serve-cuda.json,
+#             $out/gpu-serve-raw.json
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
 #   ab        (not in the default set) batch-1 decode of the Llama-3.2-1B-shaped model with each step option
@@ -120,6 +123,21 @@ for stage in $stages; do
               echo "  unbroken: $whole"; echo "  resumed:  $joined"; } >> "$out/resume.txt"
         done
         cat "$out/resume.txt" >&2
+        ;;
+    serve)
+        # Serving on the GPU next to the raw batched bench: 64 sessions × 5 turns through the server's
+        # continuous batching (serve_load, built here: cargo build --release -p driftwood-serve --example
+        # serve_load, stripped to target/device/serve_load), then `bench gpu` at 64 sequences × 256 tokens,
+        # about the sessions' contexts.
+        llama1b_model
+        step "serve_load --backend cuda (Llama-3.2-1B-shaped, 64 sessions x 5 turns)"
+        run "${SERVE_LOAD_BIN:-target/device/serve_load}" --backend cuda --model "$models/llama1b" --sessions 64 \
+            --turns 5 --workers 64 --max-tokens 32 --out "$out/serve-cuda.json" > /dev/null 2> "$out/serve-cuda.log"
+        tail -2 "$out/serve-cuda.log" >&2
+        step "bench gpu: 64 sequences x 256 tokens"
+        run "$bin" bench gpu --model "$models/llama1b" --skip-cpu --prompt-tokens 16 --gen-tokens 16 \
+            --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 --batch 64 --context 256 \
+            --batch-steps 32 --out "$out/gpu-serve-raw.json" > /dev/null 2> "$out/gpu-serve-raw.log"
         ;;
     ttft)
         llama1b_model

@@ -44,6 +44,9 @@ pub struct BatchStats {
     /// Passes by size: `sizes[i]` counts passes of more than `BATCH_SIZE_BOUNDS[i - 1]` and at most
     /// `BATCH_SIZE_BOUNDS[i]` sequences; the last entry counts passes larger than every bound.
     pub sizes: [u64; BATCH_SIZE_BOUNDS.len() + 1],
+    /// Wall time spent inside those passes, in nanoseconds: `sequences` over it is the decode throughput
+    /// while decoding, apart from the time the batcher waits to gather steps.
+    pub pass_nanos: u64,
 }
 
 impl BatchStats {
@@ -52,8 +55,9 @@ impl BatchStats {
         if self.passes == 0 { 0.0 } else { self.sequences as f64 / self.passes as f64 }
     }
 
-    fn record(&mut self, size: usize) {
+    fn record(&mut self, size: usize, took: Duration) {
         let size = size as u64;
+        self.pass_nanos = self.pass_nanos.saturating_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
         self.passes += 1;
         self.sequences += size;
         if size > 1 {
@@ -290,8 +294,9 @@ impl Batcher {
                 // SAFETY: every step's submitter is blocked in `decode` until its ticket is posted, which
                 // happens after this pass returns (the invariant of `decode`); each step is viewed once here.
                 let mut seqs: Vec<BatchSeq<'_>> = members.iter().map(|&i| unsafe { steps[i].step.view() }).collect();
+                let started = Instant::now();
                 let result = model.decode_batch(&self.device, &mut seqs, scratch).map_err(|e| e.to_string());
-                self.stats.lock().unwrap_or_else(|p| p.into_inner()).record(members.len());
+                self.stats.lock().unwrap_or_else(|p| p.into_inner()).record(members.len(), started.elapsed());
                 result
             };
             match pass(group, &mut scratch) {

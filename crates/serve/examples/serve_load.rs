@@ -5,17 +5,22 @@
 //! ```sh
 //! cargo run --release -p driftwood-serve --example serve_load -- --out bench/results/serve-cpu.json
 //! cargo run --release -p driftwood-serve --example serve_load -- --hibernate --out bench/results/serve-hibernate-cpu.json
+//! serve_load --backend cuda --model DIR --workers 64 --max-tokens 32 --out bench/results/serve-cuda.json
 //! ```
 //!
 //! The server runs in this process on an ephemeral loopback port with a fresh store; with `--hibernate`
 //! every actor is released after each turn and restored from its snapshot on the next. Decode steps are
 //! batched with the server's default window; `--batch-window-ms 0` runs every turn's steps alone.
+//! `decode_tokens_per_s` is the decode steps over the time spent inside decode passes (the server's
+//! `driftwood_decode_pass_seconds_total`): the number to set beside `bench gpu`'s batched decode.
+//! Defaults: the bundled model, the server's default backend, 512 tokens per session.
 
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
+use driftwood_backend::BackendKind;
 use driftwood_serve::{ServeConfig, Server};
 use serde_json::{Value, json};
 
@@ -27,6 +32,9 @@ struct Options {
     hibernate: bool,
     /// Milliseconds; `None`: the server's default.
     batch_window_ms: Option<f64>,
+    backend: BackendKind,
+    model: PathBuf,
+    max_seq: u32,
     out: Option<PathBuf>,
 }
 
@@ -38,6 +46,9 @@ fn parse() -> anyhow::Result<Options> {
         workers: 4,
         hibernate: false,
         batch_window_ms: None,
+        backend: BackendKind::Auto,
+        model: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini"),
+        max_seq: 512,
         out: None,
     };
     let mut args = std::env::args().skip(1);
@@ -50,12 +61,15 @@ fn parse() -> anyhow::Result<Options> {
             "--workers" => o.workers = value()?.parse()?,
             "--hibernate" => o.hibernate = true,
             "--batch-window-ms" => o.batch_window_ms = Some(value()?.parse()?),
+            "--backend" => o.backend = BackendKind::parse(&value()?).map_err(anyhow::Error::msg)?,
+            "--model" => o.model = value()?.into(),
+            "--max-seq" => o.max_seq = value()?.parse()?,
             "--out" => o.out = Some(value()?.into()),
             other => bail!("unknown option {other}"),
         }
     }
-    if o.sessions == 0 || o.turns == 0 || o.max_tokens == 0 || o.workers == 0 {
-        bail!("--sessions, --turns, --max-tokens and --workers must be positive");
+    if o.sessions == 0 || o.turns == 0 || o.max_tokens == 0 || o.workers == 0 || o.max_seq == 0 {
+        bail!("--sessions, --turns, --max-tokens, --workers and --max-seq must be positive");
     }
     if o.batch_window_ms.is_some_and(|w| !(w.is_finite() && (0.0..=1000.0).contains(&w))) {
         bail!("--batch-window-ms must be between 0 and 1000");
@@ -76,7 +90,7 @@ async fn session(
     let (mut latencies, mut tokens, mut errors, mut lost) = (vec![], 0, vec![], false);
     for turn in 0..o.turns {
         messages.push(json!({"role": "user", "content": format!("{} ({id})", questions[turn % questions.len()])}));
-        let body = json!({"model": "driftwood-mini", "messages": messages, "max_tokens": o.max_tokens,
+        let body = json!({"model": "default", "messages": messages, "max_tokens": o.max_tokens,
                           "temperature": 0.7, "seed": id});
         let started = Instant::now();
         let sent =
@@ -146,12 +160,12 @@ fn commit() -> String {
 async fn main() -> anyhow::Result<()> {
     let o = Arc::new(parse()?);
     let store = tempfile::tempdir()?;
-    let model = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini");
-    let mut config = ServeConfig::new(model, store.path().to_path_buf());
+    let mut config = ServeConfig::new(o.model.clone(), store.path().to_path_buf());
     config.addr = "127.0.0.1:0".parse()?;
+    config.backend = o.backend;
     config.workers = o.workers;
     config.queue = o.sessions;
-    config.max_seq = 512;
+    config.max_seq = o.max_seq;
     if o.hibernate {
         config.hibernate_after = Duration::ZERO;
     }
@@ -187,7 +201,10 @@ async fn main() -> anyhow::Result<()> {
     }
     latencies.sort_by(f64::total_cmp);
     let results = json!({
-        "model": "models/driftwood-mini",
+        // The directory's name: a full path would name this machine's folders.
+        "model": o.model.file_name().map(|n| n.to_string_lossy().into_owned()),
+        "backend": format!("{:?}", o.backend).to_lowercase(),
+        "max_seq": o.max_seq,
         "sessions": o.sessions,
         "turns_per_session": o.turns,
         "max_tokens": o.max_tokens,
@@ -212,6 +229,9 @@ async fn main() -> anyhow::Result<()> {
         "decode_steps": metric("driftwood_decode_batch_size_sum"),
         "decode_batch_mean": metric("driftwood_decode_batch_size_sum") / metric("driftwood_decode_batch_size_count"),
         "batched_decode_passes": metric("driftwood_batched_decode_passes_total"),
+        "decode_pass_seconds": metric("driftwood_decode_pass_seconds_total"),
+        "decode_tokens_per_s":
+            metric("driftwood_decode_batch_size_sum") / metric("driftwood_decode_pass_seconds_total"),
     });
     server.shutdown().await?;
     let command = format!(

@@ -136,6 +136,13 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
+            "# HELP driftwood_decode_pass_seconds_total Time spent in decode passes (continuous batching).\n\
+             # TYPE driftwood_decode_pass_seconds_total counter\n\
+             driftwood_decode_pass_seconds_total {}",
+            batch.pass_nanos as f64 * 1e-9
+        );
+        let _ = writeln!(
+            out,
             "# HELP driftwood_requests_rejected_total Requests refused before running.\n\
              # TYPE driftwood_requests_rejected_total counter\n\
              driftwood_requests_rejected_total{{reason=\"queue_full\"}} {}\n\

@@ -152,6 +152,8 @@ async fn three_turns_across_a_restart_evaluate_only_new_messages() {
     assert_eq!(metric(&metrics, "driftwood_decode_batch_size_sum"), passes);
     assert_eq!(metric(&metrics, "driftwood_decode_batch_size_bucket{le=\"1\"}"), passes);
     assert_eq!(metric(&metrics, "driftwood_batched_decode_passes_total"), 0.0);
+    let pass_seconds = metric(&metrics, "driftwood_decode_pass_seconds_total");
+    assert!(pass_seconds > 0.0 && pass_seconds.is_finite(), "{pass_seconds} s in decode passes");
     server.shutdown().await.expect("shutdown");
 }
 
