@@ -128,11 +128,12 @@ for stage in $stages; do
         # Serving on the GPU next to the raw batched bench: 64 sessions × 5 turns through the server's
         # continuous batching (serve_load, built here: cargo build --release -p driftwood-serve --example
         # serve_load, stripped to target/device/serve_load), then `bench gpu` at 64 sequences × 256 tokens,
-        # about the sessions' contexts.
+        # about the sessions' contexts. Sessions hold 2048 tokens (the random-weight model's replies tokenize
+        # long, and five turns pass 512) in 160 MiB of managed memory each (64 MiB of it KV cache).
         llama1b_model
         step "serve_load --backend cuda (Llama-3.2-1B-shaped, 64 sessions x 5 turns)"
         run "${SERVE_LOAD_BIN:-target/device/serve_load}" --backend cuda --model "$models/llama1b" --sessions 64 \
-            --turns 5 --workers 64 --max-tokens 32 --out "$out/serve-cuda.json" > /dev/null 2> "$out/serve-cuda.log"
+            --turns 5 --workers 64 --max-tokens 32 --max-seq 2048 --memory-mib 160 --out "$out/serve-cuda.json" > /dev/null 2> "$out/serve-cuda.log"
         tail -2 "$out/serve-cuda.log" >&2
         step "bench gpu: 64 sequences x 256 tokens"
         run "$bin" bench gpu --model "$models/llama1b" --skip-cpu --prompt-tokens 16 --gen-tokens 16 \

@@ -73,3 +73,27 @@ pub enum BackendError {
         shape: String,
     },
 }
+
+impl BackendError {
+    /// Whether the device ran out of memory: the driver refused an allocation (`CUDA_ERROR_OUT_OF_MEMORY`) or
+    /// cuBLAS could not allocate (`CUBLAS_STATUS_ALLOC_FAILED`). Such a failure says nothing about the request
+    /// that met it: the same call may succeed once other work has given memory back.
+    pub fn is_out_of_memory(&self) -> bool {
+        matches!(self, BackendError::Driver { reason, .. }
+            if reason.contains("out of memory") || reason.contains("ALLOC_FAILED"))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_memory_is_told_apart_from_other_driver_errors() {
+        let driver = |call, reason: &str| BackendError::Driver { backend: "cuda", call, reason: reason.into() };
+        assert!(driver("cuMemAlloc", "out of memory").is_out_of_memory());
+        assert!(driver("cublasGemmEx", "CublasError(CUBLAS_STATUS_ALLOC_FAILED)").is_out_of_memory());
+        assert!(!driver("cuLaunchKernel", "an illegal memory access was encountered").is_out_of_memory());
+        assert!(!BackendError::OutOfRange { op: "decode", detail: "out of memory".into() }.is_out_of_memory());
+    }
+}

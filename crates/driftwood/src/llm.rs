@@ -28,7 +28,7 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
     backend: BackendKind,
     /// Actor memory placement: host (CPU), or pinned / managed with the CUDA backend (default: host on the
-    /// CPU, pinned on a GPU).
+    /// CPU, managed on a GPU).
     #[arg(long, value_parser = driftwood_memory::Placement::parse)]
     placement: Option<driftwood_memory::Placement>,
     /// Tokens the session's KV cache holds (0: the model's context length).
@@ -151,7 +151,7 @@ impl ChatSession {
             batch_window: None,
             kv_dtype: args.kv_dtype,
         })?;
-        runtime.register_model("default", model);
+        runtime.add_model("default", model)?;
         let mut actor = runtime.instantiate(driftwood_actors::CHAT)?;
         actor.call::<u32, ()>("init", args.max_seq)?;
         actor.call::<(f32, u32, f32, f32, f32, u64), ()>(

@@ -48,6 +48,11 @@ pub struct ServeArgs {
     /// Backend: auto, cpu or cuda.
     #[arg(long, default_value = "auto", value_parser = BackendKind::parse)]
     backend: BackendKind,
+    /// Actor memory placement with the CUDA backend: managed (the default; device memory: each actor reserves
+    /// its whole --memory-mib on the GPU when it is created, so size that to a session: its KV cache plus a few
+    /// tens of MiB) or pinned (host memory the GPU reads across the bus, every step).
+    #[arg(long, value_parser = driftwood_memory::Placement::parse)]
+    placement: Option<driftwood_memory::Placement>,
     /// Tokens each session holds (0: the model's context length).
     #[arg(long, default_value_t = 0)]
     max_seq: u32,
@@ -113,6 +118,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     config.addr = args.addr;
     config.model_id = args.model_id.clone();
     config.backend = args.backend;
+    config.placement = args.placement;
     config.max_seq = args.max_seq;
     config.default_max_tokens = args.default_max_tokens;
     config.limits = ActorLimits {

@@ -49,6 +49,16 @@ pub enum EngineError {
     Backend(#[from] driftwood_backend::BackendError),
 }
 
+impl EngineError {
+    /// Whether the backend ran out of device memory ([`BackendError::is_out_of_memory`]): a failure of the
+    /// moment (the device is full), not of the request, which may succeed once memory is given back.
+    ///
+    /// [`BackendError::is_out_of_memory`]: driftwood_backend::BackendError::is_out_of_memory
+    pub fn is_device_out_of_memory(&self) -> bool {
+        matches!(self, EngineError::Backend(e) if e.is_out_of_memory())
+    }
+}
+
 pub(crate) fn invalid(path: impl Into<PathBuf>, message: impl Into<String>) -> EngineError {
     EngineError::Invalid { path: path.into(), message: message.into() }
 }

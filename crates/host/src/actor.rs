@@ -11,8 +11,8 @@ use driftwood_memory::{CopyKind, CopyLedger, LedgerSnapshot, SharedRegion};
 use wasmtime::{Instance, Memory, Module, Store, Trap, WasmParams, WasmResults};
 
 use crate::limits::{
-    HostAllowanceExceeded, HostDeadline, HostShutdown, Limiter, MAX_MODEL_HANDLES, MODEL_HANDLE_BYTES,
-    MemoryCapExceeded,
+    HostAllowanceExceeded, HostDeadline, HostDeviceMemory, HostShutdown, Limiter, MAX_MODEL_HANDLES,
+    MODEL_HANDLE_BYTES, MemoryCapExceeded,
 };
 use crate::runtime::{EPOCH_TICK, ModelRegistry};
 use crate::{ActorError, ActorLimits, LogMode, Runtime, abi};
@@ -110,6 +110,10 @@ pub(crate) struct ActorState {
     pub(crate) kv_dtype: driftwood_backend::DType,
     /// Whether the actor's memory is CUDA managed memory (restored pages are then prefetched to the device).
     pub(crate) managed: bool,
+    /// With managed memory: the KV cache (offsets in the actor's memory) its last `forward` named, moved back
+    /// to the device after a snapshot has read it from the CPU ([`ActorState::return_to_device`]). A hint
+    /// about where the device's next work is, not session state: nothing depends on it being right.
+    pub(crate) kv_hint: Option<std::ops::Range<usize>>,
 }
 
 /// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
@@ -165,7 +169,24 @@ impl ActorState {
             shutdown,
             kv_dtype: crate::CPU_KV_DTYPE,
             managed: false,
+            kv_hint: None,
         }
+    }
+
+    /// With managed memory on the CUDA backend: asks the driver to move `range` of the actor's memory (whose
+    /// first byte is at `base`), a KV cache the CPU has just read, back to the device, on the stream the next
+    /// step runs on. The driver migrates every page the CPU reads to host memory, and the region is mapped for
+    /// the device wherever its pages are (`SET_ACCESSED_BY`), so without this the device would read those
+    /// rows across the bus at every later step and never fault them back. Only a hint: if the driver refuses,
+    /// the pages stay where they are and every step still computes the same results.
+    pub(crate) fn return_to_device(&self, base: *const u8, range: &std::ops::Range<usize>) {
+        if !self.managed || range.is_empty() {
+            return;
+        }
+        let Device::Cuda(cuda) = &*self.device else { return };
+        let start = base as u64 + range.start as u64;
+        // Ignored on purpose (see above); the next step reports a real driver fault if there is one.
+        let _ = cuda.exec().and_then(|exec| exec.prefetch_to_device(start, range.len()));
     }
 
     /// Stops a long host call between two pieces of its work: `Err` once the running call's deadline has
@@ -477,8 +498,10 @@ impl Actor {
         metadata: std::collections::BTreeMap<String, String>,
     ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
         let image = self.snapshot_image(metadata)?;
-        let stats = driftwood_snapshot::write_actor(path, &image, self.memory.data(&self.store))
-            .map_err(|e| ActorError::Host(format!("cannot write actor snapshot {}: {e}", path.display())))?;
+        let written = driftwood_snapshot::write_actor(path, &image, self.memory.data(&self.store));
+        self.return_kv_to_device();
+        let stats =
+            written.map_err(|e| ActorError::Host(format!("cannot write actor snapshot {}: {e}", path.display())))?;
         self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
         Ok(stats)
     }
@@ -495,10 +518,22 @@ impl Actor {
         metadata: std::collections::BTreeMap<String, String>,
     ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
         let image = self.snapshot_image(metadata)?;
-        let stats = driftwood_snapshot::write_actor_to(w, &image, self.memory.data(&self.store))
-            .map_err(|e| ActorError::Host(format!("cannot write actor snapshot: {e}")))?;
+        let written = driftwood_snapshot::write_actor_to(w, &image, self.memory.data(&self.store));
+        self.return_kv_to_device();
+        let stats = written.map_err(|e| ActorError::Host(format!("cannot write actor snapshot: {e}")))?;
         self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
         Ok(stats)
+    }
+
+    /// After a whole-actor snapshot read every committed page from the CPU: with managed memory, the KV cache
+    /// of the actor's last forward goes back to the device ([`ActorState::return_to_device`]).
+    fn return_kv_to_device(&self) {
+        let state = self.store.data();
+        if let Some(kv) = &state.kv_hint
+            && kv.end <= self.memory.data_size(&self.store)
+        {
+            state.return_to_device(self.memory.data_ptr(&self.store), kv);
+        }
     }
 
     /// Everything of a snapshot but the memory's contents.
@@ -745,8 +780,16 @@ fn classify(export: &str, err: wasmtime::Error, deadline: Duration, instantiatin
     if let Some(over) = err.chain().find_map(|e| e.downcast_ref::<HostAllowanceExceeded>()) {
         return ActorError::HostAllowance { export: export.into(), message: over.to_string() };
     }
+    if let Some(oom) = err.chain().find_map(|e| e.downcast_ref::<HostDeviceMemory>()) {
+        return ActorError::DeviceMemory { export: export.into(), message: oom.to_string() };
+    }
     if instantiating && err.downcast_ref::<Trap>().is_none() {
-        return ActorError::Instantiate(format!("{err:#}"));
+        let message = format!("{err:#}");
+        // The region creator's refusal to place the memory on a full device (its text carries the marker).
+        if message.contains(driftwood_memory::OUT_OF_DEVICE_MEMORY) {
+            return ActorError::DeviceMemory { export: export.into(), message };
+        }
+        return ActorError::Instantiate(message);
     }
     ActorError::Trap { export: export.into(), message: err.root_cause().to_string() }
 }

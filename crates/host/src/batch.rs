@@ -10,6 +10,12 @@
 //! for actors that are setting up a turn, prefilling or finishing one, only for those between two steps of
 //! a generation loop (sampling from their logits).
 //!
+//! Passes run one at a time. A leader that gathers while a pass runs keeps gathering until that pass is
+//! over (the device is busy with it anyway), and its window starts only then: the actors of the pass that
+//! just ended are the ones it waits for. Otherwise a leader that timed out while a pass ran would start a
+//! second, small pass queued behind the first on the device, and the actors would settle into groups that
+//! alternate passes and never merge.
+//!
 //! # The invariant that makes this sound
 //!
 //! A step carries raw addresses into its actor's linear memory (the cache and the logits). The actor's thread
@@ -24,7 +30,7 @@ use std::thread::Thread;
 use std::time::{Duration, Instant};
 
 use driftwood_backend::{DType, Device, TensorMut};
-use driftwood_engine::{BatchScratch, BatchSeq, KvCache, Model};
+use driftwood_engine::{BatchScratch, BatchSeq, EngineError, KvCache, Model};
 
 /// Upper bounds of the batch-size histogram's buckets ([`BatchStats::sizes`]); the last bucket holds larger
 /// passes.
@@ -104,12 +110,34 @@ impl Step {
     }
 }
 
+/// Why a batched decode step failed.
+#[derive(Clone, Debug)]
+pub(crate) struct StepError {
+    /// What failed, for the actor's trap message.
+    pub message: String,
+    /// Whether the device ran out of memory ([`EngineError::is_device_out_of_memory`]): the host then reports
+    /// it as such, not as a fault of the actor's request.
+    pub device_memory: bool,
+}
+
+impl StepError {
+    fn other(message: impl Into<String>) -> Self {
+        StepError { message: message.into(), device_memory: false }
+    }
+}
+
+impl From<EngineError> for StepError {
+    fn from(e: EngineError) -> Self {
+        StepError { device_memory: e.is_device_out_of_memory(), message: e.to_string() }
+    }
+}
+
 /// Where a submitter waits for its own result (parked, woken by the leader).
 struct Ticket {
     /// The submitter's thread.
     owner: Thread,
     posted: AtomicBool,
-    result: Mutex<Option<Result<(), String>>>,
+    result: Mutex<Option<Result<(), StepError>>>,
 }
 
 impl Ticket {
@@ -118,7 +146,7 @@ impl Ticket {
     }
 
     /// Posts `result` unless one was posted already, and wakes the submitter.
-    fn post(&self, result: Result<(), String>) {
+    fn post(&self, result: Result<(), StepError>) {
         let mut slot = self.result.lock().unwrap_or_else(|p| p.into_inner());
         if slot.is_none() && !self.posted.load(Ordering::Acquire) {
             *slot = Some(result);
@@ -129,12 +157,12 @@ impl Ticket {
     }
 
     /// Waits for the result; called by the submitter's thread only.
-    fn wait(&self) -> Result<(), String> {
+    fn wait(&self) -> Result<(), StepError> {
         while !self.posted.load(Ordering::Acquire) {
             std::thread::park();
         }
         let result = self.result.lock().unwrap_or_else(|p| p.into_inner()).take();
-        result.unwrap_or_else(|| Err("the batched decode pass posted no result".into()))
+        result.unwrap_or_else(|| Err(StepError::other("the batched decode pass posted no result")))
     }
 }
 
@@ -150,7 +178,9 @@ struct Release(Vec<Pending>);
 impl Drop for Release {
     fn drop(&mut self) {
         for p in &self.0 {
-            p.ticket.post(Err("the batched decode pass did not complete (the thread running it panicked)".into()));
+            p.ticket.post(Err(StepError::other(
+                "the batched decode pass did not complete (the thread running it panicked)",
+            )));
         }
     }
 }
@@ -161,8 +191,11 @@ struct Gathering {
     decoding: usize,
     /// Steps waiting for the next pass; the first one's submitter leads it.
     pending: Vec<Pending>,
-    /// Whether that leader is waiting for the others (and needs waking when they are all there).
+    /// Whether that leader is waiting for the others (and needs waking when they are all there, or when the
+    /// running pass ends).
     leader_waiting: bool,
+    /// Whether a pass is running (its leader took the steps and released the lock to run them).
+    running: bool,
 }
 
 impl Gathering {
@@ -181,6 +214,20 @@ pub(crate) struct Batcher {
     changed: Condvar,
     scratch: Mutex<BatchScratch>,
     stats: Mutex<BatchStats>,
+}
+
+/// Marks the batcher's pass as over when dropped (also when the pass panics), and wakes the leader gathering
+/// the next one.
+struct Running<'a>(&'a Batcher);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        let mut g = self.0.lock();
+        g.running = false;
+        if g.leader_waiting {
+            self.0.changed.notify_one();
+        }
+    }
 }
 
 /// An actor inside a call; dropped when the call returns (or unwinds), which ends its decoding.
@@ -253,7 +300,7 @@ impl Batcher {
     /// f32s, both 4-byte aligned, disjoint, inside the memory of the actor whose thread calls this, and nothing
     /// else reads or writes them until this returns. The caller is that actor's host call: it stays blocked
     /// here until the pass that computes on those bytes is complete (see the module documentation).
-    pub(crate) unsafe fn decode(&self, step: Step, decoding: &AtomicBool) -> Result<(), String> {
+    pub(crate) unsafe fn decode(&self, step: Step, decoding: &AtomicBool) -> Result<(), StepError> {
         let ticket = Arc::new(Ticket::new());
         let mut g = self.lock();
         if !decoding.swap(true, Ordering::Relaxed) {
@@ -261,19 +308,28 @@ impl Batcher {
         }
         g.pending.push(Pending { step, ticket: ticket.clone() });
         if g.pending.len() == 1 {
-            // Lead: wait for every decoding actor, at most the window.
-            let deadline = Instant::now() + self.window;
+            // Lead: wait for the running pass, if any, to end; then for every decoding actor, at most the
+            // window (counted from the end of that pass, when the actors it carried start sampling again).
             g.leader_waiting = true;
+            let mut deadline = None;
             loop {
+                if g.running {
+                    // Woken by `Running` when the pass ends (no timeout: the pass is bounded by its own work).
+                    g = self.changed.wait(g).unwrap_or_else(|p| p.into_inner());
+                    continue;
+                }
                 let now = Instant::now();
-                if g.complete() || now >= deadline {
+                let until = *deadline.get_or_insert(now + self.window);
+                if g.complete() || now >= until {
                     break;
                 }
-                g = self.changed.wait_timeout(g, deadline - now).unwrap_or_else(|p| p.into_inner()).0;
+                g = self.changed.wait_timeout(g, until - now).unwrap_or_else(|p| p.into_inner()).0;
             }
             g.leader_waiting = false;
+            g.running = true;
             let batch = std::mem::take(&mut g.pending);
             drop(g);
+            let _running = Running(self);
             self.run(Release(batch));
         } else {
             self.wake_leader(&g);
@@ -295,7 +351,7 @@ impl Batcher {
                 // happens after this pass returns (the invariant of `decode`); each step is viewed once here.
                 let mut seqs: Vec<BatchSeq<'_>> = members.iter().map(|&i| unsafe { steps[i].step.view() }).collect();
                 let started = Instant::now();
-                let result = model.decode_batch(&self.device, &mut seqs, scratch).map_err(|e| e.to_string());
+                let result = model.decode_batch(&self.device, &mut seqs, scratch).map_err(StepError::from);
                 self.stats.lock().unwrap_or_else(|p| p.into_inner()).record(members.len(), started.elapsed());
                 result
             };

@@ -55,6 +55,18 @@ pub enum ActorError {
         /// The export that was running.
         export: String,
     },
+    /// The device ran out of memory: a host call's device work could not allocate (the GPU is full of other
+    /// actors' memory, or a batch or prompt needs more scratch than is left), or, at instantiation, the
+    /// actor's memory could not be placed on the device. Nothing is wrong with the actor's request; it may
+    /// succeed once memory is given back (fewer actors, a smaller memory limit). The call was stopped, so the
+    /// actor's state is that of a trap.
+    #[error("actor call `{export}` stopped: the device is out of memory: {message}")]
+    DeviceMemory {
+        /// The export that was running (`(instantiation)` when the actor's memory could not be created).
+        export: String,
+        /// What could not be allocated, and how much was free.
+        message: String,
+    },
     /// The guest trapped (including a host call that rejected its arguments).
     #[error("actor call `{export}` trapped: {message}")]
     Trap {

@@ -46,6 +46,8 @@ mod runtime;
 pub use actor::{Actor, InferenceStats, LogLine};
 pub use batch::{BATCH_SIZE_BOUNDS, BatchStats};
 pub use driftwood_backend::Backend;
+/// Where actor memory lives ([`RuntimeConfig::placement`]).
+pub use driftwood_memory::Placement;
 pub use error::ActorError;
 pub use hibernate::{ActorStore, Hibernated};
 pub use limits::{ActorLimits, MAX_DEADLINE, MAX_MODEL_HANDLES, MIN_HOST_BYTES, MODEL_HANDLE_BYTES};

@@ -115,6 +115,15 @@ pub(crate) struct HostAllowanceExceeded {
     pub detail: String,
 }
 
+/// A host call whose device work could not get device memory (the GPU is full); reported as
+/// `ActorError::DeviceMemory`.
+#[derive(Debug, thiserror::Error)]
+#[error("{call}: {detail}")]
+pub(crate) struct HostDeviceMemory {
+    pub call: &'static str,
+    pub detail: String,
+}
+
 pub(crate) struct Limiter {
     pub limits: ActorLimits,
 }

@@ -5,6 +5,12 @@ use std::ptr::NonNull;
 
 use crate::Placement;
 
+/// The words a [`DeviceMemory`] provider puts in a refusal caused by exhausted device memory (rather than by a
+/// driver fault or a misconfiguration), so that the host can tell a caller "the device is full now, try again
+/// later or with fewer actors" apart from "this can never work". The provider's messages are plain strings
+/// (wasmtime's `MemoryCreator` returns them), so the marker is part of the text.
+pub const OUT_OF_DEVICE_MEMORY: &str = "out of device memory";
+
 /// How a [`SharedRegion`](crate::SharedRegion) of a device placement gets its memory and makes it addressable by
 /// the device. Implemented by GPU backends (the CUDA backend provides one per CUDA placement); the memory
 /// layer calls it and never links a driver itself.

@@ -40,7 +40,7 @@ mod region;
 pub mod rss;
 
 pub use creator::RegionCreator;
-pub use device_memory::DeviceMemory;
+pub use device_memory::{DeviceMemory, OUT_OF_DEVICE_MEMORY};
 pub use ledger::{CopyKind, CopyLedger, LedgerSnapshot};
 pub use placement::Placement;
 pub use region::{RegionError, SharedRegion, page_size};

@@ -13,7 +13,10 @@
 //! batched with the server's default window; `--batch-window-ms 0` runs every turn's steps alone.
 //! `decode_tokens_per_s` is the decode steps over the time spent inside decode passes (the server's
 //! `driftwood_decode_pass_seconds_total`): the number to set beside `bench gpu`'s batched decode.
-//! Defaults: the bundled model, the server's default backend, 512 tokens per session.
+//! Defaults: the bundled model, the server's default backend and placement, 512 tokens per session,
+//! temperature 0.7 (`--temperature 0`: greedy), the server's actor memory limit (1 GiB; with managed
+//! placement, CUDA's default, each actor reserves that much of the GPU, so pass `--memory-mib` sized to a
+//! session, e.g. 128 for 2048 tokens of a Llama-3.2-1B-shaped model).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -21,6 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use driftwood_backend::BackendKind;
+use driftwood_host::Placement;
 use driftwood_serve::{ServeConfig, Server};
 use serde_json::{Value, json};
 
@@ -33,8 +37,14 @@ struct Options {
     /// Milliseconds; `None`: the server's default.
     batch_window_ms: Option<f64>,
     backend: BackendKind,
+    /// `None`: the server's default for the backend.
+    placement: Option<Placement>,
+    /// Each actor's memory limit in MiB; `None`: the server's default.
+    memory_mib: Option<u64>,
     model: PathBuf,
     max_seq: u32,
+    /// Sampling temperature of every request (0: greedy).
+    temperature: f32,
     out: Option<PathBuf>,
 }
 
@@ -47,8 +57,11 @@ fn parse() -> anyhow::Result<Options> {
         hibernate: false,
         batch_window_ms: None,
         backend: BackendKind::Auto,
+        placement: None,
+        memory_mib: None,
         model: PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini"),
         max_seq: 512,
+        temperature: 0.7,
         out: None,
     };
     let mut args = std::env::args().skip(1);
@@ -62,14 +75,23 @@ fn parse() -> anyhow::Result<Options> {
             "--hibernate" => o.hibernate = true,
             "--batch-window-ms" => o.batch_window_ms = Some(value()?.parse()?),
             "--backend" => o.backend = BackendKind::parse(&value()?).map_err(anyhow::Error::msg)?,
+            "--placement" => o.placement = Some(Placement::parse(&value()?).map_err(anyhow::Error::msg)?),
+            "--memory-mib" => o.memory_mib = Some(value()?.parse()?),
             "--model" => o.model = value()?.into(),
             "--max-seq" => o.max_seq = value()?.parse()?,
+            "--temperature" => o.temperature = value()?.parse()?,
             "--out" => o.out = Some(value()?.into()),
             other => bail!("unknown option {other}"),
         }
     }
+    if !(0.0..=2.0).contains(&o.temperature) {
+        bail!("--temperature must be between 0 and 2");
+    }
     if o.sessions == 0 || o.turns == 0 || o.max_tokens == 0 || o.workers == 0 || o.max_seq == 0 {
         bail!("--sessions, --turns, --max-tokens, --workers and --max-seq must be positive");
+    }
+    if o.memory_mib.is_some_and(|m| !(1..=4096).contains(&m)) {
+        bail!("--memory-mib must be between 1 and 4096 (a wasm32 memory holds at most 4 GiB)");
     }
     if o.batch_window_ms.is_some_and(|w| !(w.is_finite() && (0.0..=1000.0).contains(&w))) {
         bail!("--batch-window-ms must be between 0 and 1000");
@@ -91,7 +113,7 @@ async fn session(
     for turn in 0..o.turns {
         messages.push(json!({"role": "user", "content": format!("{} ({id})", questions[turn % questions.len()])}));
         let body = json!({"model": "default", "messages": messages, "max_tokens": o.max_tokens,
-                          "temperature": 0.7, "seed": id});
+                          "temperature": o.temperature, "seed": id});
         let started = Instant::now();
         let sent =
             client.post(format!("{base}/v1/chat/completions")).header("X-Session-Id", &key).json(&body).send().await;
@@ -163,6 +185,10 @@ async fn main() -> anyhow::Result<()> {
     let mut config = ServeConfig::new(o.model.clone(), store.path().to_path_buf());
     config.addr = "127.0.0.1:0".parse()?;
     config.backend = o.backend;
+    config.placement = o.placement;
+    if let Some(mib) = o.memory_mib {
+        config.limits.memory_bytes = usize::try_from(mib << 20)?;
+    }
     config.workers = o.workers;
     config.queue = o.sessions;
     config.max_seq = o.max_seq;
@@ -204,7 +230,10 @@ async fn main() -> anyhow::Result<()> {
         // The directory's name: a full path would name this machine's folders.
         "model": o.model.file_name().map(|n| n.to_string_lossy().into_owned()),
         "backend": format!("{:?}", o.backend).to_lowercase(),
+        "placement": o.placement.map(|p| p.name()),
+        "memory_mib": o.memory_mib,
         "max_seq": o.max_seq,
+        "temperature": o.temperature,
         "sessions": o.sessions,
         "turns_per_session": o.turns,
         "max_tokens": o.max_tokens,

@@ -55,7 +55,7 @@ use anyhow::Context;
 use driftwood_backend::BackendKind;
 use driftwood_cluster::{Etcd, Node, SnapshotStore, valid_session};
 use driftwood_engine::Model;
-use driftwood_host::{ActorLimits, LogMode, Runtime, RuntimeConfig};
+use driftwood_host::{ActorLimits, LogMode, Placement, Runtime, RuntimeConfig};
 use tokio::sync::oneshot;
 
 use metrics::Metrics;
@@ -124,6 +124,12 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     /// Backend.
     pub backend: BackendKind,
+    /// Where actor memory lives; `None`: [`RuntimeConfig::default_placement`] for the backend (managed
+    /// memory on CUDA). With `CudaManaged` each actor reserves its whole memory limit of device memory when it
+    /// is created (the house rule: never more than the device has free, counting the other actors'
+    /// reservations), so set [`limits`](Self::limits)' `memory_bytes` to what a session needs: its KV cache
+    /// (`max_seq` × the model's KV bytes per token) and some tens of MiB for the actor's heap.
+    pub placement: Option<Placement>,
     /// Tokens each session holds (0: the model's context length).
     pub max_seq: u32,
     /// `max_tokens` when a request gives none.
@@ -223,6 +229,7 @@ impl ServeConfig {
             store,
             addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             backend: BackendKind::Auto,
+            placement: None,
             max_seq: 0,
             default_max_tokens: 256,
             limits: ActorLimits { memory_bytes: 1 << 30, deadline: Duration::from_secs(120), ..Default::default() },
@@ -292,13 +299,14 @@ impl Server {
             .unwrap_or_else(|| config.model_dir.file_name().and_then(|n| n.to_str()).unwrap_or("default").to_string());
         let runtime = Runtime::new(RuntimeConfig {
             backend: config.backend,
-            placement: RuntimeConfig::default_placement(config.backend),
+            placement: config.placement.unwrap_or(RuntimeConfig::default_placement(config.backend)),
             log: LogMode::Capture,
             limits: config.limits,
             batch_window: config.batch_window,
             ..Default::default()
         })?;
-        runtime.register_model("default", model.clone());
+        // On a GPU the weights go to the device now, once, before any actor runs (see `Runtime::add_model`).
+        runtime.add_model("default", model.clone())?;
         let store = match config.store.to_str() {
             Some(url) if url.contains("://") => SnapshotStore::open(url)?,
             _ => SnapshotStore::local(&config.store)?,

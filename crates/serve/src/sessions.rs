@@ -120,6 +120,18 @@ pub struct Sessions {
 
 fn actor_error(err: ActorError) -> ApiError {
     match &err {
+        // The device is full now (too many actors, or a large batch or prompt): not the request's fault, and
+        // it may succeed once memory is given back. The session continues from its last snapshot.
+        ActorError::DeviceMemory { .. } => {
+            let mut e = ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "device_memory_exhausted",
+                format!("the GPU is out of memory; retry later: {err}"),
+            );
+            e.retry_after = Some(1);
+            e
+        }
         ActorError::Trap { .. }
         | ActorError::Deadline { .. }
         | ActorError::MemoryCap { .. }

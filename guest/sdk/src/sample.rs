@@ -120,6 +120,30 @@ impl Sampler {
         if !(c.temperature > 0.0) {
             return argmax(logits);
         }
+        if c.top_k == 0 && c.top_p >= 1.0 && c.min_p <= 0.0 {
+            // Every token stays a candidate: one pass in vocabulary order, no list and no sort of the
+            // vocabulary (128k entries cost milliseconds a token). The distribution is the sorted walk's below;
+            // the token one random draw lands on is not.
+            let inv = 1.0 / c.temperature;
+            let max = logits.iter().fold(f32::NEG_INFINITY, |m, &l| m.max(l)) * inv;
+            let mut sum = 0.0f32;
+            for l in logits.iter_mut() {
+                *l = (*l * inv - max).exp();
+                sum += *l;
+            }
+            let mut r = self.rng.next_f32() * sum;
+            let mut last = 0;
+            for (i, &p) in logits.iter().enumerate() {
+                if p > 0.0 {
+                    last = i;
+                }
+                if r < p {
+                    return i as u32;
+                }
+                r -= p;
+            }
+            return last as u32;
+        }
         let cand = &mut self.candidates;
         cand.clear();
         cand.extend(logits.iter().enumerate().map(|(i, &l)| (i as u32, l / c.temperature)));

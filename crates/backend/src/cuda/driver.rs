@@ -30,6 +30,7 @@ pub(crate) fn probe() -> Result<(), String> {
             ("libcuda (the NVIDIA driver)", sys::is_culib_present()),
             ("libnvrtc", cudarc::nvrtc::sys::is_culib_present()),
             ("libcublas", cudarc::cublas::sys::is_culib_present()),
+            ("libcublasLt", cudarc::cublaslt::sys::is_culib_present()),
         ]
     };
     let missing: Vec<&str> = present.iter().filter(|(_, ok)| !ok).map(|(name, _)| *name).collect();
@@ -381,6 +382,20 @@ pub(crate) fn allow_shared(f: Function, bytes: i32) -> Result<(), BackendError> 
     .map_err(|e| driver_err("cuFuncSetAttribute", e))
 }
 
+/// Asks that SMs running `f` give all of their L1 / shared memory split to shared memory, so that as many
+/// blocks fit as its dynamic shared memory allows (the driver's default split may fit fewer).
+pub(crate) fn prefer_shared(f: Function) -> Result<(), BackendError> {
+    // SAFETY: a plain attribute on a live function; 100 is the percentage of the maximum, a valid value.
+    unsafe {
+        result::function::set_function_attribute(
+            f.0,
+            sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_PREFERRED_SHARED_MEMORY_CARVEOUT,
+            100,
+        )
+    }
+    .map_err(|e| driver_err("cuFuncSetAttribute", e))
+}
+
 /// Host memory the device can read and write at the same address: a small page-locked allocation.
 #[derive(Debug)]
 pub(crate) struct MappedHost {
@@ -622,7 +637,7 @@ unsafe impl Send for Blas {}
 unsafe impl Sync for Blas {}
 
 /// Element types cuBLAS reads and writes here.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum BlasType {
     F32,
     Bf16,
@@ -720,9 +735,309 @@ impl Drop for Blas {
     }
 }
 
+/// One product shape of [`Lt::matmul`]: row-major `c (m, n) = beta·c + a (m, k) · wᵀ`, `w` stored (n, k).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct LtShape {
+    pub(crate) m: usize,
+    pub(crate) n: usize,
+    pub(crate) k: usize,
+    /// The output's type (operands are bf16).
+    pub(crate) out: BlasType,
+}
+
+/// A shape's cuBLASLt descriptors and the algorithm measured fastest for it.
+struct LtPlan {
+    desc: cudarc::cublaslt::sys::cublasLtMatmulDesc_t,
+    w: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    a: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    c: cudarc::cublaslt::sys::cublasLtMatrixLayout_t,
+    algo: cudarc::cublaslt::sys::cublasLtMatmulAlgo_t,
+}
+
+impl Drop for LtPlan {
+    fn drop(&mut self) {
+        // SAFETY: created by `Lt::plan`, destroyed once (condition 4).
+        unsafe {
+            let _ = cudarc::cublaslt::result::destroy_matrix_layout(self.c);
+            let _ = cudarc::cublaslt::result::destroy_matrix_layout(self.a);
+            let _ = cudarc::cublaslt::result::destroy_matrix_layout(self.w);
+            let _ = cudarc::cublaslt::result::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
+fn lt_err(call: &'static str, e: cudarc::cublaslt::result::CublasError) -> BackendError {
+    BackendError::Driver { backend: "cuda", call, reason: format!("{e:?}") }
+}
+
+/// Decode's matrix products through cuBLASLt, each shape run with the algorithm that measured fastest on this
+/// device among those its heuristic offers (cuBLAS's default choice for a few rows spreads a 2048-wide
+/// product over too few SMs to stream its weights at bandwidth). Shapes are planned by [`Lt::plan`], outside
+/// any capture; [`Lt::matmul`] only launches.
+pub(crate) struct Lt {
+    handle: cudarc::cublaslt::sys::cublasLtHandle_t,
+    workspace: DeviceBuffer,
+    /// Output of the trial runs, and bytes written between them so that each trial reads its weights from
+    /// memory, not from L2, as a step does.
+    scratch: DeviceBuffer,
+    plans: std::collections::HashMap<LtShape, LtPlan>,
+    ctx: Arc<Context>,
+}
+
+// SAFETY: used by one owner at a time (the backend's `Exec` behind its mutex).
+unsafe impl Send for Lt {}
+
+/// Trials per candidate algorithm (the median counts).
+const LT_TRIALS: usize = 3;
+/// Candidates asked of the heuristic.
+const LT_CANDIDATES: usize = 16;
+
+impl Lt {
+    pub(crate) fn new(ctx: &Arc<Context>) -> Result<Self, BackendError> {
+        ctx.bind()?;
+        let handle = cudarc::cublaslt::result::create_handle().map_err(|e| lt_err("cublasLtCreate", e))?;
+        let workspace = DeviceBuffer::new(ctx, 32 << 20)?;
+        let scratch = DeviceBuffer::new(ctx, 64 << 20)?;
+        Ok(Lt { handle, workspace, scratch, plans: Default::default(), ctx: ctx.clone() })
+    }
+
+    /// Whether `shape`'s output fits the trial buffer, so that [`Lt::plan`] can measure it.
+    pub(crate) fn fits(&self, shape: &LtShape) -> bool {
+        shape.m * shape.n * if shape.out == BlasType::F32 { 4 } else { 2 } <= self.scratch.bytes
+    }
+
+    /// Whether `shape` has a plan.
+    pub(crate) fn planned(&self, shape: &LtShape) -> bool {
+        self.plans.contains_key(shape)
+    }
+
+    /// Measures the heuristic's candidates for `shape` on `stream` with the weights `w` and activations `a`
+    /// (their values do not matter; outputs go to scratch) and keeps the fastest. Not while `stream` captures.
+    ///
+    /// # Safety
+    ///
+    /// Condition 2 for `a` (m, k) and `w` (n, k) bf16.
+    pub(crate) unsafe fn plan(&mut self, shape: LtShape, a: u64, w: u64, stream: &Stream) -> Result<(), BackendError> {
+        use cudarc::cublaslt::{result as lt, sys as ls};
+        if self.plans.contains_key(&shape) {
+            return Ok(());
+        }
+        let LtShape { m, n, k, out } = shape;
+        if !self.fits(&shape) {
+            return Err(BackendError::OutOfRange { op: "matmul plan", detail: format!("m={m} n={n}: output too big") });
+        }
+        let dt = |t: BlasType| match t {
+            BlasType::F32 => ls::cudaDataType::CUDA_R_32F,
+            BlasType::Bf16 => ls::cudaDataType::CUDA_R_16BF,
+        };
+        self.ctx.bind()?;
+        // Column-major view (as `Blas::gemm`): cᵀ (n, m) = op(w')ᵀ · a' with w' = (k, n) of ld k transposed,
+        // a' = (k, m) of ld k.
+        let (m64, n64, k64) = (m as u64, n as u64, k as u64);
+        let desc = lt::create_matmul_desc(ls::cublasComputeType_t::CUBLAS_COMPUTE_32F, ls::cudaDataType::CUDA_R_32F)
+            .map_err(|e| lt_err("cublasLtMatmulDescCreate", e))?;
+        let plan_w = lt::create_matrix_layout(dt(BlasType::Bf16), k64, n64, k as i64);
+        let plan_a = lt::create_matrix_layout(dt(BlasType::Bf16), k64, m64, k as i64);
+        let plan_c = lt::create_matrix_layout(dt(out), n64, m64, n as i64);
+        // Destroyed with the plan, also on the error paths below.
+        let mut plan = LtPlan {
+            desc,
+            w: plan_w.map_err(|e| lt_err("cublasLtMatrixLayoutCreate", e))?,
+            a: plan_a.map_err(|e| lt_err("cublasLtMatrixLayoutCreate", e))?,
+            c: plan_c.map_err(|e| lt_err("cublasLtMatrixLayoutCreate", e))?,
+            algo: ls::cublasLtMatmulAlgo_t { data: [0; 8] },
+        };
+        let trans = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
+        let workspace_bytes = self.workspace.bytes;
+        let pref = lt::create_matmul_pref().map_err(|e| lt_err("cublasLtMatmulPreferenceCreate", e))?;
+        let mut found = vec![
+            ls::cublasLtMatmulHeuristicResult_t {
+                algo: ls::cublasLtMatmulAlgo_t { data: [0; 8] },
+                workspaceSize: 0,
+                state: ls::cublasStatus_t::CUBLAS_STATUS_SUCCESS,
+                wavesCount: 0.0,
+                reserved: [0; 4],
+            };
+            LT_CANDIDATES
+        ];
+        let mut count = 0i32;
+        // SAFETY: live descriptors (condition 4); attribute buffers of the sizes given; `found` holds
+        // LT_CANDIDATES results.
+        let asked = unsafe {
+            lt::set_matmul_desc_attribute(
+                plan.desc,
+                ls::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_TRANSA,
+                (&trans as *const cudarc::cublas::sys::cublasOperation_t).cast(),
+                size_of::<cudarc::cublas::sys::cublasOperation_t>(),
+            )
+            .and_then(|()| {
+                lt::set_matmul_pref_attribute(
+                    pref,
+                    ls::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                    (&workspace_bytes as *const usize).cast(),
+                    size_of::<usize>(),
+                )
+            })
+            .and_then(|()| {
+                ls::cublasLtMatmulAlgoGetHeuristic(
+                    self.handle,
+                    plan.desc,
+                    plan.w,
+                    plan.a,
+                    plan.c,
+                    plan.c,
+                    pref,
+                    LT_CANDIDATES as i32,
+                    found.as_mut_ptr(),
+                    &mut count,
+                )
+                .result()
+            })
+        };
+        // SAFETY: created above, destroyed once.
+        unsafe {
+            let _ = lt::destroy_matmul_pref(pref);
+        }
+        asked.map_err(|e| lt_err("cublasLtMatmulAlgoGetHeuristic", e))?;
+        let (start, end) = (Event::new()?, Event::new()?);
+        let mut best: Option<(f32, ls::cublasLtMatmulAlgo_t)> = None;
+        for cand in found.iter().take(count.max(0) as usize) {
+            if cand.state != ls::cublasStatus_t::CUBLAS_STATUS_SUCCESS || cand.workspaceSize > workspace_bytes {
+                continue;
+            }
+            let mut times = vec![];
+            for _ in 0..=LT_TRIALS {
+                // Overwrite L2 (the scratch is larger than it), then time one run.
+                // SAFETY: the scratch is ours and `bytes` long; the value is any pattern.
+                unsafe { result::memset_d8_async(self.scratch.ptr, 0, self.scratch.bytes, stream.raw) }
+                    .map_err(|e| driver_err("cuMemsetD8Async", e))?;
+                start.record(stream)?;
+                // SAFETY: the caller's condition for a and w; the scratch holds the output (checked above).
+                let ran = unsafe { self.launch(&plan, &cand.algo, a, w, self.scratch.ptr, 0.0, stream) };
+                if ran.is_err() {
+                    times.clear();
+                    break;
+                }
+                end.record(stream)?;
+                times.push(start.elapsed_ms(&end)?);
+            }
+            if times.len() <= LT_TRIALS {
+                continue; // this candidate failed to launch
+            }
+            times.remove(0); // the first run loads the kernel
+            times.sort_by(f32::total_cmp);
+            let t = times[times.len() / 2];
+            if best.is_none_or(|(bt, _)| t < bt) {
+                best = Some((t, cand.algo));
+            }
+        }
+        let Some((_, algo)) = best else {
+            return Err(BackendError::Unsupported { backend: "cuda", op: "matmul: no cuBLASLt algorithm ran" });
+        };
+        plan.algo = algo;
+        self.plans.insert(shape, plan);
+        Ok(())
+    }
+
+    /// Launches the planned product `c = beta·c + a · wᵀ` of `shape` on `stream` (capturable).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Unsupported`] when `shape` was not planned; a cuBLASLt error.
+    ///
+    /// # Safety
+    ///
+    /// Condition 2 for `a` (m, k), `w` (n, k) bf16 and `c` (m, n) of the shape's output type.
+    pub(crate) unsafe fn matmul(
+        &self,
+        shape: &LtShape,
+        a: u64,
+        w: u64,
+        c: u64,
+        beta: f32,
+        stream: &Stream,
+    ) -> Result<(), BackendError> {
+        let Some(plan) = self.plans.get(shape) else {
+            return Err(BackendError::Unsupported { backend: "cuda", op: "matmul of an unplanned shape" });
+        };
+        self.ctx.bind()?;
+        // SAFETY: the caller's condition.
+        unsafe { self.launch(plan, &plan.algo, a, w, c, beta, stream) }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn launch(
+        &self,
+        plan: &LtPlan,
+        algo: &cudarc::cublaslt::sys::cublasLtMatmulAlgo_t,
+        a: u64,
+        w: u64,
+        c: u64,
+        beta: f32,
+        stream: &Stream,
+    ) -> Result<(), BackendError> {
+        let alpha = 1.0f32;
+        // SAFETY: the callers' condition 2; host scalars (the default pointer mode); the workspace is ours.
+        unsafe {
+            cudarc::cublaslt::result::matmul(
+                self.handle,
+                plan.desc,
+                (&alpha as *const f32).cast(),
+                (&beta as *const f32).cast(),
+                w as *const c_void,
+                plan.w,
+                a as *const c_void,
+                plan.a,
+                c as *const c_void,
+                plan.c,
+                c as *mut c_void,
+                plan.c,
+                algo,
+                self.workspace.ptr as *mut c_void,
+                self.workspace.bytes,
+                stream.raw.cast(),
+            )
+        }
+        .map_err(|e| lt_err("cublasLtMatmul", e))
+    }
+}
+
+impl Drop for Lt {
+    fn drop(&mut self) {
+        if self.ctx.bind().is_ok() {
+            self.plans.clear();
+            // SAFETY: created in `new`, destroyed once, after its plans.
+            unsafe {
+                let _ = cudarc::cublaslt::result::destroy_handle(self.handle);
+            }
+        }
+    }
+}
+
 /// Device-to-device copy on `stream`.
 pub(crate) fn copy(src: u64, dst: u64, bytes: usize, stream: &Stream) -> Result<(), BackendError> {
     // SAFETY: callers pass two live device buffers of at least `bytes` (`Exec::copy` is used on backend-owned
     // buffers only).
     unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.raw) }.map_err(|e| driver_err("cuMemcpyDtoD", e))
+}
+
+/// Copies `bytes` from the page-locked host buffer `src` to the device buffer `dst` on `stream` (a memcpy node
+/// when captured: each replay copies what `src` holds then).
+///
+/// # Safety
+///
+/// 1. `src` is a live [`MappedHost`] of at least `bytes`, not written while the copy may run.
+/// 2. `dst` is a live device buffer of at least `bytes`.
+pub(crate) unsafe fn copy_from_host(
+    src: &MappedHost,
+    dst: u64,
+    bytes: usize,
+    stream: &Stream,
+) -> Result<(), BackendError> {
+    // SAFETY: conditions 1 and 2; the slice covers `bytes` of the live mapping.
+    unsafe {
+        let host = std::slice::from_raw_parts(src.ptr.cast_const(), bytes);
+        result::memcpy_htod_async(dst, host, stream.raw)
+    }
+    .map_err(|e| driver_err("cuMemcpyHtoDAsync", e))
 }

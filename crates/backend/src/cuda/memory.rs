@@ -118,12 +118,11 @@ unsafe impl DeviceMemory for ManagedMemory {
     }
 
     fn allocate(&self, bytes: usize) -> Result<Option<NonNull<u8>>, String> {
-        let (free, _total) = self.ctx.mem_info().map_err(|e| e.to_string())?;
-        if bytes > free {
-            return Err(format!(
-                "an actor memory of {bytes} bytes exceeds the device's {free} free bytes; lower the actor memory limit"
-            ));
-        }
+        // Held across the check and the allocation, so that actors created together cannot all pass the check
+        // against the same free memory.
+        let mut account = managed_account();
+        let (free, total) = self.ctx.mem_info().map_err(|e| e.to_string())?;
+        account.admit(bytes, free, total)?;
         let ptr = driver::managed_alloc(bytes).map_err(|e| e.to_string())?;
         if !(ptr as usize).is_multiple_of(driftwood_memory::page_size()) {
             // SAFETY: just allocated, unused.
@@ -132,15 +131,27 @@ unsafe impl DeviceMemory for ManagedMemory {
         }
         // Map the whole allocation into the device's page tables: pages the guest touches (tokens, logits) can
         // then be read and written by the device where they are, instead of migrating back and forth each step.
-        driver::advise_accessed_by_device(&self.ctx, ptr, bytes).map_err(|e| e.to_string())?;
-        NonNull::new(ptr as *mut u8).map(Some).ok_or_else(|| "the driver returned a null pointer".into())
+        // (The flip side: a page the CPU touched stays in host memory and the device reads it across the bus
+        // until something moves it back; see `abi::session` and `Actor::write_snapshot_to` in the host.)
+        if let Err(e) = driver::advise_accessed_by_device(&self.ctx, ptr, bytes) {
+            // SAFETY: just allocated, unused.
+            unsafe { driver::managed_free(ptr) };
+            return Err(e.to_string());
+        }
+        let Some(base) = NonNull::new(ptr as *mut u8) else {
+            return Err("the driver returned a null pointer".into());
+        };
+        account.reserved += bytes;
+        Ok(Some(base))
     }
 
-    unsafe fn free(&self, base: NonNull<u8>, _bytes: usize) {
+    unsafe fn free(&self, base: NonNull<u8>, bytes: usize) {
         if self.ctx.bind().is_ok() {
             // SAFETY: `base` came from `allocate` and is no longer used (the region's promise).
             unsafe { driver::managed_free(base.as_ptr() as u64) };
         }
+        let mut account = managed_account();
+        account.reserved = account.reserved.saturating_sub(bytes);
     }
 
     unsafe fn commit(&self, ptr: NonNull<u8>, len: usize) -> Result<(), String> {
@@ -148,11 +159,70 @@ unsafe impl DeviceMemory for ManagedMemory {
         // the ones the guest touches migrate to the host on demand.
         driver::managed_zero(&self.ctx, ptr.as_ptr() as u64, len).map_err(|e| e.to_string())?;
         self.ranges.insert(ptr.as_ptr() as usize, len, false);
+        managed_account().committed += len;
         Ok(())
     }
 
-    unsafe fn release(&self, ptr: NonNull<u8>, _len: usize) {
+    unsafe fn release(&self, ptr: NonNull<u8>, len: usize) {
         self.ranges.remove(ptr.as_ptr() as usize);
+        let mut account = managed_account();
+        account.committed = account.committed.saturating_sub(len);
+    }
+}
+
+/// The managed memory that live actor regions of this process hold: every region is on device 0, the only
+/// device [`CudaBackend::new`](super::CudaBackend::new) opens, so one account serves every provider (and every
+/// runtime) of the process.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct ManagedAccount {
+    /// Bytes reserved by `cuMemAllocManaged` for regions not yet freed.
+    reserved: usize,
+    /// Of those, bytes committed. A committed range is zeroed by the device, so it is resident there (and
+    /// already counted as used by `cuMemGetInfo`) when it is committed.
+    committed: usize,
+}
+
+static MANAGED: Mutex<ManagedAccount> = Mutex::new(ManagedAccount { reserved: 0, committed: 0 });
+
+fn managed_account() -> std::sync::MutexGuard<'static, ManagedAccount> {
+    // Two counters updated together under the lock: a panic elsewhere cannot leave them half-written.
+    MANAGED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Device memory left free for what the backend allocates itself while actors run (weights of a model opened
+/// later, decode and prefill scratch, captured graphs, cuBLAS): 1 GiB, or 1/32 of the device when that is more.
+fn managed_headroom(total: usize) -> usize {
+    (1usize << 30).max(total / 32)
+}
+
+impl ManagedAccount {
+    /// Whether a new region of `bytes` may be reserved on a device with `free` of `total` bytes free: the house
+    /// rule is never to ask for more managed memory than the device has free, counting the reservations
+    /// already made. A managed allocation takes no device memory until its pages are touched, so `free` does
+    /// not yet count the uncommitted part of earlier reservations; it is added here, so that every live region
+    /// could grow to its full size (and the backend's own allocations still succeed) without the driver
+    /// evicting pages to the host or refusing the backend memory.
+    ///
+    /// Committed pages that have since migrated to the host are counted as resident (they would return on
+    /// the device's next access): a slight over-admission, bounded by what the guests touch from the CPU.
+    ///
+    /// # Errors
+    ///
+    /// A message, containing [`OUT_OF_DEVICE_MEMORY`](driftwood_memory::OUT_OF_DEVICE_MEMORY), naming the
+    /// sizes and what to lower.
+    fn admit(&self, bytes: usize, free: usize, total: usize) -> Result<(), String> {
+        let outstanding = self.reserved.saturating_sub(self.committed);
+        let headroom = managed_headroom(total);
+        let needed = bytes.saturating_add(outstanding).saturating_add(headroom);
+        if needed <= free {
+            return Ok(());
+        }
+        Err(format!(
+            "{}: an actor memory of {bytes} bytes, with the {outstanding} bytes the managed memories of live actors \
+             may still take and {headroom} bytes kept for the backend, exceeds the device's {free} free bytes; lower \
+             the actor memory limit (--memory-mib) or run fewer actors at once",
+            driftwood_memory::OUT_OF_DEVICE_MEMORY
+        ))
     }
 }
 
@@ -172,6 +242,28 @@ mod tests {
         assert!(!a.contains(usize::MAX, 2));
         a.remove(0x2000);
         assert!(!a.contains(0x1000, 0x1001));
+    }
+
+    #[test]
+    fn managed_reservations_count_what_live_regions_may_still_take() {
+        const GIB: usize = 1 << 30;
+        let total = 80 * GIB;
+        let headroom = managed_headroom(total);
+        assert_eq!(headroom, total / 32);
+        assert_eq!(managed_headroom(8 * GIB), GIB, "at least 1 GiB");
+        let empty = ManagedAccount::default();
+        assert!(empty.admit(GIB, GIB + headroom, total).is_ok());
+        assert!(empty.admit(GIB, GIB + headroom - 1, total).is_err());
+        // 64 actors of 1 GiB, 64 MiB of each committed: their untouched 60 GiB still count against 70 GiB free.
+        let live = ManagedAccount { reserved: 64 * GIB, committed: 64 * (64 << 20) };
+        let free = 70 * GIB;
+        let err = live.admit(8 * GIB, free, total).unwrap_err();
+        assert!(err.contains(driftwood_memory::OUT_OF_DEVICE_MEMORY) && err.contains("--memory-mib"), "{err}");
+        assert!(live.admit(GIB, free, total).is_ok());
+        // Committed bytes are in `free` already: not counted twice.
+        let resident = ManagedAccount { reserved: 8 * GIB, committed: 8 * GIB };
+        assert!(resident.admit(GIB, GIB + headroom, total).is_ok());
+        assert!(ManagedAccount { reserved: usize::MAX, committed: 0 }.admit(1, usize::MAX - 1, total).is_err());
     }
 
     #[test]

@@ -16,7 +16,7 @@ use driftwood_memory::{DeviceMemory, Placement};
 
 use crate::device::{Backend, MatmulDims, OperandTrace};
 use crate::{BackendError, DType, TensorMut, TensorRef};
-use driver::{Arg, Blas, BlasType, Context, DeviceBuffer, Function, MappedHost, Module, Stream};
+use driver::{Arg, Blas, BlasType, Context, DeviceBuffer, Function, Lt, LtShape, MappedHost, Module, Stream};
 use memory::{Addressable, ManagedMemory, PinnedMemory};
 
 pub use driver::Graph;
@@ -37,7 +37,7 @@ pub const MAX_BATCH: usize = 256;
 pub const MAX_PREFILL: usize = 4096;
 
 /// Decode attention for fewer sequences than this runs `attn_lanes` (one online softmax per lane, two key sets in
-/// flight: the latency of few, short reads); for this many or more, `attn_split` (three phases per split: the
+/// flight: the latency of few, short reads); for this many or more, `attn_split` (a pipeline of tiles per split: the
 /// bandwidth of many). H200, Llama-3.2-1B-shaped: at batch 1, `attn_lanes` decoded at 1.20 (managed) and 1.29 ms
 /// per token (pinned) against 1.20 and 1.38 for `attn_split` with the same splits; 64 sequences × 1024 tokens
 /// stepped in 2.76 ms with `attn_split` and 2.98 with `attn_lanes`.
@@ -58,7 +58,8 @@ fn attn_table(
 }
 
 /// The most keys per split of decode attention ([`Exec::attention`]; `ATTN_MAX_CHUNK` in
-/// `kernels/attn_decode.cu`): its scores of a split sit in shared memory.
+/// `kernels/attn_decode.cu`), and the split of many sequences: enough keys per block that a tile pipeline fills,
+/// few enough that a 1024-token context still spreads 64 sequences over four splits.
 pub const ATTN_MAX_CHUNK: usize = 256;
 
 /// Head dimensions the attention kernels are built for.
@@ -192,7 +193,13 @@ pub struct Exec {
     // Field order is drop order: launches and handles before the streams they use.
     kernels: Kernels,
     blas: Blas,
+    /// Decode's products, each shape with its measured-fastest algorithm ([`Exec::plan_gemm_bf16`]).
+    lt: Lt,
+    /// A step's records as the host writes them ([`Exec::set_steps`]; page-locked, mapped), [`MAX_BATCH`] of
+    /// them, and their device copy that the kernels read ([`Exec::load_steps`]): a read of mapped host memory
+    /// crosses the bus (a microsecond or more) at the start of every block that needs its sequence.
     steps: MappedHost,
+    steps_dev: DeviceBuffer,
     /// A prefill pass's token ids (page-locked host memory the device maps), [`MAX_PREFILL`] of them.
     tokens: MappedHost,
     _module: Module,
@@ -210,6 +217,8 @@ pub struct Exec {
     max_shared: usize,
     /// Whether the capture in progress forked work onto `side`.
     forked: bool,
+    /// While [`Exec::time_marks`] runs: an event per [`Exec::mark`], with the name of the launches after it.
+    marks: Option<Vec<(&'static str, driver::Event)>>,
     ctx: Arc<Context>,
 }
 
@@ -273,21 +282,26 @@ impl CudaBackend {
         let max_shared = ctx.attribute(A::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)?.max(0) as usize;
         for (row, group) in kernels.attn_split.iter().zip([1, 2, 4, 8]) {
             for (k, hd) in row.iter().zip(HEAD_DIMS) {
-                driver::allow_shared(*k, attn_split_shared(group, hd, ATTN_MAX_CHUNK).min(max_shared) as i32)?;
+                driver::allow_shared(*k, attn_split_shared(group, hd).min(max_shared) as i32)?;
+                driver::prefer_shared(*k)?;
             }
         }
         for (k, hd) in kernels.attn_prefill.iter().zip(HEAD_DIMS) {
             driver::allow_shared(*k, prefill_shared(hd) as i32)?;
         }
         let blas = Blas::new(&ctx, &stream)?;
+        let lt = Lt::new(&ctx)?;
         let steps = MappedHost::new(&ctx, MAX_BATCH * size_of::<SeqStep>())?;
+        let steps_dev = DeviceBuffer::new(&ctx, MAX_BATCH * size_of::<SeqStep>())?;
         let tokens = MappedHost::new(&ctx, MAX_PREFILL * size_of::<u32>())?;
         let early =
             ctx.attribute(A::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? >= 9 && !opt_out("DRIFTWOOD_CUDA_PDL");
         let exec = Exec {
             kernels,
             blas,
+            lt,
             steps,
+            steps_dev,
             tokens,
             _module: module,
             fork: driver::Event::marker()?,
@@ -297,6 +311,7 @@ impl CudaBackend {
             early,
             max_shared,
             forked: false,
+            marks: None,
             ctx: ctx.clone(),
         };
         Ok(CudaBackend {
@@ -514,15 +529,19 @@ fn prefill_shared(head_dim: usize) -> usize {
     (prefill_rows(head_dim) + 4 * 64) * head_dim * 2
 }
 
-/// Dynamic shared memory of `attn_split` (4 warps) for `group` query heads per KV head of `head_dim` and
-/// `chunk` keys per split: queries (group, head_dim), scores (group, chunk), cos and sin (head_dim) and a max
-/// and a sum per query head, f32, rounded up to 16 bytes; the split's K rows (chunk, head_dim + 8) bf16 (padded
-/// against bank conflicts; later the warps' partial sums (4, group, head_dim) f32 if those are larger); its V
-/// rows (chunk, head_dim) bf16 (see `kernels/attn_decode.cu`).
-fn attn_split_shared(group: usize, head_dim: usize, chunk: usize) -> usize {
-    let floats = group * head_dim + group * chunk + head_dim + 2 * group;
-    let k_rows = (chunk * (head_dim + 8) * 2).max(4 * group * head_dim * 4);
-    floats.next_multiple_of(4) * 4 + k_rows + chunk * head_dim * 2
+/// Keys per tile of `attn_split`'s ring, and its stages (`ATTN_TILE`, `ATTN_STAGES` in
+/// `kernels/attn_decode.cu`).
+const ATTN_TILE: usize = 64;
+const ATTN_STAGES: usize = 3;
+
+/// Dynamic shared memory of `attn_split` for `group` query heads per KV head of `head_dim`: its ring of
+/// [`ATTN_STAGES`] tiles of [`ATTN_TILE`] K rows (padded by 16 bytes against bank conflicts) and V rows, bf16;
+/// this step's key and value, bf16; then f32: the queries (group, head_dim + 8), the tile's scores (tile,
+/// group), a running max, sum and factor per query head, cos and sin (head_dim). See `kernels/attn_decode.cu`.
+fn attn_split_shared(group: usize, head_dim: usize) -> usize {
+    let ring = ATTN_STAGES * ATTN_TILE * ((head_dim * 2 + 16) + head_dim * 2);
+    let floats = group * (head_dim + 8) + ATTN_TILE * group + 3 * group + head_dim;
+    ring + 2 * head_dim * 2 + floats * 4
 }
 
 /// Rows per block of the block-split GEMV kernels (`gemv_r{R}` in `kernels/gemv.cu`).
@@ -570,7 +589,25 @@ impl Exec {
 
     /// The device address of the step records.
     pub fn steps_addr(&self) -> u64 {
-        self.steps.ptr as u64
+        self.steps_dev.ptr
+    }
+
+    /// Copies the first `b` records of [`Exec::set_steps`] to the device copy that kernels read: the first
+    /// launch of a step (in its graph, a memcpy node that copies the records of each replay).
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::OutOfRange`] past [`MAX_BATCH`]; a driver error.
+    pub fn load_steps(&self, b: usize) -> Result<(), BackendError> {
+        if b > MAX_BATCH {
+            return Err(BackendError::OutOfRange {
+                op: "decode",
+                detail: format!("{b} sequences, at most {MAX_BATCH}"),
+            });
+        }
+        // SAFETY: both buffers hold MAX_BATCH records; the host writes `steps` only in `set_steps`, after
+        // synchronizing the stream, so never while this copy may run.
+        unsafe { driver::copy_from_host(&self.steps, self.steps_dev.ptr, b * size_of::<SeqStep>(), &self.stream) }
     }
 
     /// Waits for every launch so far.
@@ -619,6 +656,48 @@ impl Exec {
         let r = f(self)?;
         b.record(&self.stream)?;
         Ok((r, a.elapsed_ms(&b)?))
+    }
+
+    /// Runs `f` (launches, not a capture) with [`Exec::mark`] recording events, then returns the device time
+    /// between each mark and the next (or the end of `f`'s launches), summed by mark name in first-seen order.
+    /// Early launch is off meanwhile, so that kernels do not overlap across a mark.
+    ///
+    /// # Errors
+    ///
+    /// A driver error, or `f`'s.
+    pub fn time_marks(
+        &mut self,
+        f: impl FnOnce(&mut Self) -> Result<(), BackendError>,
+    ) -> Result<Vec<(&'static str, f32)>, BackendError> {
+        let early = std::mem::replace(&mut self.early, false);
+        self.marks = Some(vec![]);
+        let ran = f(self).and_then(|()| self.mark("end"));
+        self.early = early;
+        let marks = self.marks.take().unwrap_or_default();
+        ran?;
+        let mut sums: Vec<(&'static str, f32)> = vec![];
+        for pair in marks.windows(2) {
+            let ms = pair[0].1.elapsed_ms(&pair[1].1)?;
+            match sums.iter_mut().find(|(n, _)| *n == pair[0].0) {
+                Some((_, t)) => *t += ms,
+                None => sums.push((pair[0].0, ms)),
+            }
+        }
+        Ok(sums)
+    }
+
+    /// Inside [`Exec::time_marks`]: the launches from here to the next mark are timed under `name`. Otherwise
+    /// (a capture, a plain step) nothing.
+    ///
+    /// # Errors
+    ///
+    /// A driver error.
+    pub fn mark(&mut self, name: &'static str) -> Result<(), BackendError> {
+        let Some(marks) = &mut self.marks else { return Ok(()) };
+        let event = driver::Event::new()?;
+        event.record(&self.stream)?;
+        marks.push((name, event));
+        Ok(())
     }
 
     fn launch(
@@ -929,13 +1008,13 @@ impl Exec {
             // The 4 warps' (group, head_dim + 2) partial results.
             (self.kernels.attn_lanes[gi][di], 4 * group * (head_dim + 2) * 4)
         } else {
-            (self.kernels.attn_split[gi][di], attn_split_shared(group, head_dim, chunk))
+            (self.kernels.attn_split[gi][di], attn_split_shared(group, head_dim))
         };
         if shared > self.max_shared {
             return Err(BackendError::OutOfRange {
                 op: "attention",
                 detail: format!(
-                    "{chunk} keys per split need {shared} bytes of shared memory, the device has {}",
+                    "{group} query heads of {head_dim} need {shared} bytes of shared memory, the device has {}",
                     self.max_shared
                 ),
             });
@@ -977,14 +1056,14 @@ impl Exec {
         self.launch(self.kernels.rmsnorm_bf16, (b as u32, 1, 1), 256, 0, &args)
     }
 
-    /// act (b, ff) bf16 = silu(g) * u for g, u (b, ff) f32.
+    /// act (b, ff) bf16 = silu(gate) * up for gu (b, 2 ff) f32, each row [gate (ff) | up (ff)].
     ///
     /// # Safety
     ///
     /// Addresses valid for those extents.
-    pub unsafe fn swiglu_bf16(&self, g: u64, u: u64, act: u64, b: usize, ff: usize) -> Result<(), BackendError> {
+    pub unsafe fn swiglu_bf16(&self, gu: u64, act: u64, b: usize, ff: usize) -> Result<(), BackendError> {
         let total = b * ff;
-        let args = [Arg::Ptr(g), Arg::Ptr(u), Arg::Ptr(act), Arg::I32(total as i32)];
+        let args = [Arg::Ptr(gu), Arg::Ptr(act), Arg::I32(b as i32), Arg::I32(ff as i32)];
         self.launch(self.kernels.swiglu_bf16, (total.div_ceil(256).min(4096) as u32, 1, 1), 256, 0, &args)
     }
 
@@ -1022,8 +1101,41 @@ impl Exec {
         (m, n, k): (usize, usize, usize),
         beta: f32,
     ) -> Result<(), BackendError> {
+        let shape = LtShape { m, n, k, out: BlasType::F32 };
         // SAFETY: the caller's promise.
-        unsafe { self.blas.gemm((m, n, k), a, w, true, c, (BlasType::Bf16, BlasType::F32), beta) }
+        unsafe {
+            if self.lt.planned(&shape) {
+                self.lt.matmul(&shape, a, w, c, beta, &self.stream)
+            } else {
+                self.blas.gemm((m, n, k), a, w, true, c, (BlasType::Bf16, BlasType::F32), beta)
+            }
+        }
+    }
+
+    /// Measures cuBLASLt's candidate algorithms for [`Exec::gemm_bf16`] of this shape (with `a` (m, k) and
+    /// `w` (n, k) bf16 as operands; their values do not matter) and runs that shape with the fastest from
+    /// then on. Shapes whose output would not fit the trial buffer keep cuBLAS's default. Call outside a
+    /// capture; a planned shape returns at once.
+    ///
+    /// # Errors
+    ///
+    /// A driver or cuBLASLt error.
+    ///
+    /// # Safety
+    ///
+    /// Addresses valid for those extents.
+    pub unsafe fn plan_gemm_bf16(
+        &mut self,
+        a: u64,
+        w: u64,
+        (m, n, k): (usize, usize, usize),
+    ) -> Result<(), BackendError> {
+        let shape = LtShape { m, n, k, out: BlasType::F32 };
+        if self.lt.planned(&shape) || !self.lt.fits(&shape) {
+            return Ok(());
+        }
+        // SAFETY: the caller's promise; not capturing (the caller's contract).
+        unsafe { self.lt.plan(shape, a, w, &self.stream) }
     }
 
     /// Row-major c (m, n) bf16 = a (m, k) bf16 · w (n, k)ᵀ bf16 (f32 accumulation), with cuBLAS: for products
@@ -1088,11 +1200,12 @@ mod tests {
     fn attn_split_shared_memory_fits_an_sm() {
         for group in [1, 2, 4, 8] {
             for hd in HEAD_DIMS {
-                let bytes = attn_split_shared(group, hd, ATTN_MAX_CHUNK);
-                // The tiles start 16-byte aligned; the largest (8 heads of 128) stays under 163 KiB (sm_80).
-                assert_eq!(bytes % 16, 0);
+                let bytes = attn_split_shared(group, hd);
+                // The largest (8 heads of 128) stays under 163 KiB (sm_80's opt-in limit).
                 assert!(bytes <= 163 << 10, "{group} × {hd}: {bytes}");
             }
         }
+        // Llama-3.2-1B (4 heads of 64 per KV head): four blocks fit an H100's 228 KiB SM.
+        assert!(4 * (attn_split_shared(4, 64) + 1024) <= 228 << 10);
     }
 }

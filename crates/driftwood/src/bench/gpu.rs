@@ -137,6 +137,16 @@ struct BatchRun {
     cpu_top2_gap_at_divergence: Option<f32>,
     /// Each checked sequence.
     greedy_seqs: Option<Vec<SeqGreedy>>,
+    /// One more step with its kernels launched one by one between timing events: device milliseconds per part
+    /// of the step, summed over layers (launch gaps not counted, so the sum is below `step_ms`).
+    kernel_ms: Vec<PartTime>,
+}
+
+/// Device time of one part of a decode step (see [`BatchRun::kernel_ms`]).
+#[derive(Serialize, Debug)]
+struct PartTime {
+    part: &'static str,
+    ms: f32,
 }
 
 /// One sequence of a batched greedy check against the CPU backend.
@@ -539,6 +549,13 @@ fn batched(
         times.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let step_ms = median(&mut times);
+    let steps: Vec<SeqStep> =
+        seqs.iter().enumerate().map(|(i, s)| s.step(args.context + args.batch_steps, i as u32)).collect();
+    let kernel_ms: Vec<PartTime> = model
+        .decode_step_cuda_kernel_times(cuda, &steps)?
+        .into_iter()
+        .map(|(part, ms)| PartTime { part, ms })
+        .collect();
     let kv_bytes_per_step = batch * model.kv_bytes(args.context, DType::BF16);
     let roofline_step_s = (model.weight_bytes_per_token() + kv_bytes_per_step) as f64 / (copy_gb_s * 1e9);
     let run = BatchRun {
@@ -552,8 +569,11 @@ fn batched(
         greedy_tokens_compared: None,
         cpu_top2_gap_at_divergence: None,
         greedy_seqs: None,
+        kernel_ms,
     };
     eprintln!("batched: {batch} sequences at {:.3} ms/step, {:.0} tokens/s", run.step_ms, run.tokens_per_s);
+    let parts: Vec<String> = run.kernel_ms.iter().map(|p| format!("{} {:.3}", p.part, p.ms)).collect();
+    eprintln!("batched: kernel ms by part: {}", parts.join(", "));
     Ok(run)
 }
 
@@ -815,6 +835,7 @@ mod tests {
             greedy_tokens_compared: Some(8),
             cpu_top2_gap_at_divergence: None,
             greedy_seqs: Some(seqs),
+            kernel_ms: vec![],
         }
     }
 

@@ -30,6 +30,7 @@ use wasmtime::{Caller, Linker};
 use super::validate::{check_range, disjoint};
 use super::{AbiError, MODULE, guest_memory};
 use crate::actor::ActorState;
+use crate::limits::HostDeviceMemory;
 
 /// Words written by `model_info`.
 pub const MODEL_INFO_WORDS: usize = driftwood_abi::MODEL_INFO_WORDS;
@@ -260,6 +261,9 @@ fn forward(
     disjoint(CALL, ("kv", &kv), ("tokens", &tokens))?;
     disjoint(CALL, ("logits", &logits), ("tokens", &tokens))?;
     disjoint(CALL, ("logits", &logits), ("kv", &kv))?;
+    if state.managed {
+        state.kv_hint = Some(kv.clone());
+    }
     let base = data.as_mut_ptr();
     if let Some(batcher) = state.batcher.clone()
         && n == 1
@@ -284,7 +288,13 @@ fn forward(
         // the actor's own, inside its host call: the guest is suspended and `data` stays borrowed until
         // `decode` returns, which it does only after the pass computing on these bytes is complete. So no
         // one else touches them while the leader's thread does.
-        unsafe { batcher.decode(step, &state.decoding) }.map_err(|e| AbiError::new(CALL, e))?;
+        unsafe { batcher.decode(step, &state.decoding) }.map_err(|e| -> wasmtime::Error {
+            if e.device_memory {
+                HostDeviceMemory { call: CALL, detail: e.message }.into()
+            } else {
+                AbiError::new(CALL, e.message).into()
+            }
+        })?;
         state.stats.record_forward(1, started.elapsed());
         return Ok(());
     }
@@ -318,6 +328,9 @@ fn forward(
     match result {
         Ok(()) => {}
         Err(EngineError::Cancelled) => return Err(state.interrupt_error(CALL)),
+        Err(e) if e.is_device_out_of_memory() => {
+            return Err(HostDeviceMemory { call: CALL, detail: e.to_string() }.into());
+        }
         Err(e) => return Err(AbiError::new(CALL, e.to_string()).into()),
     }
     state.stats.record_forward(n as usize, started.elapsed());

@@ -99,6 +99,7 @@ fn session_save(
     };
     let c = model.config();
     let row = c.kv_dim() * kv_dtype.size();
+    let kv_range = kv.clone();
     let kv_bytes = &data[kv];
     let rows = |l: usize, which: usize| {
         let at = kv_offset(&model, l, which, max_seq as usize, kv_dtype);
@@ -136,6 +137,8 @@ fn session_save(
             Err(e) => Err(format!("cannot save the session to {}: {e}", path.display())),
         }
     };
+    // The rows were read by the CPU: with managed memory, back to the device for the next steps.
+    state.return_to_device(data.as_ptr(), &kv_range);
     match result {
         Ok(()) => Ok(0),
         Err(e) => {

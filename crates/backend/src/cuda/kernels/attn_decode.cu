@@ -268,28 +268,34 @@ __device__ __forceinline__ void attn_lanes_impl(const float* __restrict__ qkv, c
 }
 
 // Decode attention for many sequences (batch ≥ 8), split over the context, with this step's RoPE and cache
-// write folded in: block (kv head, split, b) handles keys [split·chunk, min((split+1)·chunk, pos+1)) (chunk ≤
-// ATTN_MAX_CHUNK) for the GROUP query heads sharing that KV head, reading each K and V row once. head_dim =
-// 32·DIMS. qkv (b, q_dim + 2 kv_dim) is the QKV projection as it left it: each block rotates its query heads
-// itself, and the block whose split holds the current position rotates this step's key and writes it and the
-// value into the cache row `pos` of `layer` (no other block reads that row this step). Its split's partial
-// result goes to part, the last split to finish merges them (finish_splits). grid (kv_heads, splits, b), block
-// 128 (4 warps), dynamic shared memory as `Exec::attention` sizes it. Keys and values are bf16. With `stage`
-// non-null (one sequence, its cache in host memory), rows before the current position are read from `stage`,
-// a device copy laid out as the cache that `kv_stage` made during this step.
+// write folded in: block (kv head, split, b) handles keys [split·chunk, min((split+1)·chunk, pos+1)) for the
+// GROUP query heads sharing that KV head, reading each K and V row once. head_dim = 32·DIMS. qkv (b, q_dim + 2
+// kv_dim) is the QKV projection as it left it: each block rotates its query heads itself, and the block whose
+// split holds the current position rotates this step's key and writes it and the value into the cache row `pos`
+// of `layer` (no other block reads that row this step). Its split's partial result goes to part, the last split
+// to finish merges them (finish_splits). grid (kv_heads, splits, b), block ATTN_THREADS, dynamic shared memory
+// as `attn_split_shared` in cuda/mod.rs sizes it. Keys and values are bf16. With `stage` non-null (one
+// sequence, its cache in host memory), rows before the current position are read from `stage`, a device copy
+// laid out as the cache that `kv_stage` made during this step.
 //
-// Bytes first: the block's K and V rows (2 · chunk · head_dim · 2 bytes) are copied to shared memory by cp.async,
-// coalesced (head_dim/8 consecutive threads per row), from the block's first instructions, before it waits on
-// the kernel before it (rows before `pos` were written by earlier steps, or staged before this launch), so the
-// whole split is in flight at once and its fetch overlaps that kernel's tail. K rows are padded by 16 bytes in
-// shared memory so that phase 1's one-row-per-thread reads do not conflict on banks. Then three phases, so
-// that no work is done per key that could be done per block:
-//   1. scores: one thread per key reads its K row and dots it with the GROUP query heads held in shared memory
-//      (broadcast reads): no shuffles, no per-key exponentials;
-//   2. the split's max and exponentials per query head, once, in shared memory (base 2, log2 e folded into q);
-//   3. values: a row read as 16-byte vectors by head_dim/8 lanes, several keys per warp read, each lane
-//      accumulating its 8 dimensions of every query head; lanes and warps summed at the end.
-#define ATTN_MAX_CHUNK 256
+// Bytes first. A split streams through tiles of ATTN_TILE keys in a ring of ATTN_STAGES shared-memory stages
+// filled by coalesced cp.async (head_dim/8 consecutive threads per row), so that while a tile is computed the
+// next ATTN_STAGES − 1 are in flight: the memory system never waits on the arithmetic (measured before this
+// design: a block that fetched its whole split and then computed kept an H100 at ~40 % of its bandwidth, since
+// the blocks of an SM fetched together and then computed together). The first tiles are requested before the
+// kernel waits on the one before it (rows before `pos` were written by earlier steps, or staged before this
+// launch), so they overlap that kernel's tail. Per tile, with an online softmax across tiles:
+//   1. scores: two threads per key, each half of its K row (from the ring, or this step's key from shared
+//      memory) against the GROUP query heads (shared memory, broadcast reads), summed by one shuffle;
+//   2. per query head (a warp each): the tile's max, the running max and sum, exponentials in place (base 2,
+//      log2 e folded into q) and the factor by which earlier tiles' sums shrink;
+//   3. values: each warp a quarter of the tile's keys, each lane DIMS dimensions of every query head, its
+//      running output rescaled by that factor first; warps are summed once, after the last tile.
+// K rows sit 16 bytes apart beyond their length so that phase 1's row-per-pair reads do not conflict on banks;
+// the two halves of a query row sit 4 floats apart for the same reason.
+#define ATTN_THREADS 128
+#define ATTN_TILE 64
+#define ATTN_STAGES 3
 template <int GROUP, int DIMS>
 __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, const Seq* __restrict__ seqs,
                                                 const float* __restrict__ inv_freq, const bf16* __restrict__ stage,
@@ -298,14 +304,20 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
                                                 int layer, int kv_heads, int chunk, int splits, int window,
                                                 float scale) {
     constexpr int head_dim = DIMS * 32, half = head_dim / 2;
-    constexpr int LPK = head_dim / 8;  // 16-byte vectors per row
-    constexpr int KPI = 32 / LPK;      // keys per warp read in phase 3
+    constexpr int LPK = head_dim / 8;           // 16-byte vectors per row
+    constexpr int HALF_VECS = LPK / 2;          // per half row, phase 1
+    constexpr int KROW = LPK + 1;               // K row stride in the ring, 16-byte units
+    constexpr int QHALF = half + 4;             // query row: two halves QHALF floats apart
+    constexpr int WARPS = ATTN_THREADS / 32;
+    constexpr int KEYS_PER_WARP = ATTN_TILE / WARPS;  // phase 3
+    constexpr int STAGE_VECS = ATTN_TILE * (KROW + LPK);
     constexpr float LOG2E = 1.4426950408889634f, LN2 = 0.6931471805599453f;
+    static_assert(ATTN_TILE == 64 && ATTN_THREADS == 2 * ATTN_TILE, "phase 2 reads two keys a lane");
     const int heads = kv_heads * GROUP;
     int kh = blockIdx.x, split = blockIdx.y, b = blockIdx.z;
-    Seq s = seqs[b];  // the step records are written before the graph launches, by no kernel
+    Seq s = seqs[b];  // the step records: copied to the device by the step's first node, before any kernel
     int q_dim = heads * head_dim, kv_dim = kv_heads * head_dim;
-    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x >> 5;
+    int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
     int n = s.pos + 1;
     int lo = window > 0 && n > window ? n - window : 0;
     int first, last;
@@ -316,21 +328,20 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
         return;
     }
     int start = max(split * chunk, lo), end = min((split + 1) * chunk, n);
-    int keys = end - start;
+    int tiles = (end - start + ATTN_TILE - 1) / ATTN_TILE;
 
-    extern __shared__ float sh[];
-    float* qs = sh;                        // (GROUP, head_dim): rotated queries · scale · log2 e
-    float* ps = qs + GROUP * head_dim;     // (GROUP, chunk): scores, then exponentials
-    float* cs = ps + GROUP * chunk;        // (half) cos of this position's angles
-    float* sn = cs + half;                 // (half) sin
-    float* stat = sn + half;               // (GROUP, 2) max, sum
-    // (chunk, LPK + 1) uint4: the split's K rows, padded; after phase 1 the same bytes hold the phase-3 partial
-    // sums red (warps, GROUP, head_dim) f32. Then (chunk, LPK) uint4: its V rows. Both 16-byte aligned.
-    constexpr int KROW = LPK + 1;
-    uint4* ks = (uint4*)(sh + ((GROUP * head_dim + GROUP * chunk + head_dim + 2 * GROUP + 3) & ~3));
-    float* red = (float*)ks;
-    const int kbytes = max(chunk * KROW * 16, warps * GROUP * head_dim * 4);
-    uint4* vs = ks + kbytes / 16;
+    // Shared memory: the ring, this step's key and value (16-byte aligned), then the floats.
+    extern __shared__ uint4 ring[];                     // (ATTN_STAGES, {K (TILE, KROW), V (TILE, LPK)}) uint4
+    bf16* newk = (bf16*)(ring + ATTN_STAGES * STAGE_VECS);  // (head_dim) this step's rotated key
+    bf16* newv = newk + head_dim;                       // (head_dim) its value
+    float* qs = (float*)(newv + head_dim);              // (GROUP, 2 · QHALF) rotated q · scale · log2 e
+    float* ps = qs + GROUP * 2 * QHALF;                 // (TILE, GROUP) scores, then exponentials
+    float* mrun = ps + ATTN_TILE * GROUP;               // (GROUP) running max
+    float* lrun = mrun + GROUP;                         // (GROUP) running sum
+    float* shrink = lrun + GROUP;                       // (GROUP) this tile's factor on earlier sums
+    float* cs = shrink + GROUP;                         // (half) cos of this position's angles
+    float* sn = cs + half;                              // (half) sin
+    float* red = (float*)ring;                          // after the last tile: (WARPS, GROUP, head_dim)
 
     const float* qrow = qkv + (size_t)b * (q_dim + 2 * kv_dim);
     const size_t koff = (size_t)(layer * 2 + 0) * s.max_seq * kv_dim + kh * head_dim;
@@ -340,136 +351,170 @@ __device__ __forceinline__ void attn_split_impl(const float* __restrict__ qkv, c
     const bf16* kstage = stage ? stage + koff : kcache;
     const bf16* vstage = stage ? stage + voff : vcache;
 
-    // The K rows, then the V rows, before pos into shared memory (two groups); row pos comes from qkv below.
-    for (int i = tid; i < keys * LPK; i += blockDim.x) {
-        int jj = i / LPK, v = i % LPK, j = start + jj;
-        if (j < s.pos) cp_async16(ks + jj * KROW + v, (const uint4*)(kstage + (size_t)j * kv_dim) + v, true);
+    // Tile t's K and V rows before pos into ring stage `slot`; row pos comes from qkv.
+    auto fetch = [&](int t, int slot) {
+        uint4* kt = ring + slot * STAGE_VECS;
+        uint4* vt = kt + ATTN_TILE * KROW;
+        int base = start + t * ATTN_TILE, rows = min(ATTN_TILE, end - base);
+        for (int i = tid; i < rows * LPK; i += ATTN_THREADS) {
+            int r = i / LPK, v = i % LPK, j = base + r;
+            if (j != s.pos) {
+                cp_async16(kt + r * KROW + v, (const uint4*)(kstage + (size_t)j * kv_dim) + v, true);
+                cp_async16(vt + r * LPK + v, (const uint4*)(vstage + (size_t)j * kv_dim) + v, true);
+            }
+        }
+    };
+#pragma unroll
+    for (int t = 0; t < ATTN_STAGES - 1; t++) {
+        if (t < tiles) fetch(t, t);
+        cp_async_commit();
     }
-    cp_async_commit();
-    for (int i = tid; i < keys * LPK; i += blockDim.x) {
-        int j = start + i / LPK, v = i % LPK;
-        if (j < s.pos) cp_async16(vs + i, (const uint4*)(vstage + (size_t)j * kv_dim) + v, true);
-    }
-    cp_async_commit();
     wait_prior();  // qkv belongs to the kernel before
     allow_next();
 
-    // Phase 0: RoPE angles; rotated queries; this step's key and value into the cache and the tiles (one block).
-    for (int i = tid; i < half; i += blockDim.x) sincosf((float)s.pos * inv_freq[i], &sn[i], &cs[i]);
+    // RoPE angles; rotated queries; this step's key and value into the cache and shared memory (one block).
+    for (int i = tid; i < half; i += ATTN_THREADS) sincosf((float)s.pos * inv_freq[i], &sn[i], &cs[i]);
+    if (tid < GROUP) {
+        mrun[tid] = -INFINITY;
+        lrun[tid] = 0.0f;
+    }
     __syncthreads();
-    for (int idx = tid; idx < GROUP * head_dim; idx += blockDim.x) {
+    for (int idx = tid; idx < GROUP * head_dim; idx += ATTN_THREADS) {
         int g = idx / head_dim, d = idx % head_dim, i = d % half;
         const float* qh = qrow + (kh * GROUP + g) * head_dim;
         float r = d < half ? qh[d] * cs[i] - qh[d + half] * sn[i] : qh[d] * cs[i] + qh[d - half] * sn[i];
-        qs[idx] = r * scale * LOG2E;
+        qs[g * 2 * QHALF + (d / half) * QHALF + i] = r * scale * LOG2E;
     }
     if (s.pos >= start && s.pos < end) {
         const float* kr = qrow + q_dim + kh * head_dim;
         const float* vr = qrow + q_dim + kv_dim + kh * head_dim;
-        bf16* krow = (bf16*)(ks + (s.pos - start) * KROW);
-        bf16* vrow = (bf16*)(vs + (s.pos - start) * LPK);
-        for (int d = tid; d < head_dim; d += blockDim.x) {
+        for (int d = tid; d < head_dim; d += ATTN_THREADS) {
             int i = d % half;
             float r = d < half ? kr[d] * cs[i] - kr[d + half] * sn[i] : kr[d] * cs[i] + kr[d - half] * sn[i];
             bf16 k = to_bf(r), v = to_bf(vr[d]);
             kcache[(size_t)s.pos * kv_dim + d] = k;
             vcache[(size_t)s.pos * kv_dim + d] = v;
-            krow[d] = k;
-            vrow[d] = v;
+            newk[d] = k;
+            newv[d] = v;
         }
     }
-    cp_async_wait<1>();  // this thread's K copies
-    __syncthreads();     // queries, every thread's K copies and the new rows visible to the block
 
-    // Phase 1: one thread per key.
-    for (int jj = tid; jj < keys; jj += blockDim.x) {
-        const uint4* row = ks + jj * KROW;
-        float dot[GROUP];
-#pragma unroll
-        for (int g = 0; g < GROUP; g++) dot[g] = 0.0f;
-#pragma unroll
-        for (int v = 0; v < LPK; v++) {
-            const uint4 k4 = row[v];
-            const unsigned w[4] = {k4.x, k4.y, k4.z, k4.w};
-#pragma unroll
-            for (int e = 0; e < 4; e++) {
-                float k0 = bf_lo(w[e]), k1 = bf_hi(w[e]);
-#pragma unroll
-                for (int g = 0; g < GROUP; g++)
-                    dot[g] += qs[g * head_dim + v * 8 + 2 * e] * k0 + qs[g * head_dim + v * 8 + 2 * e + 1] * k1;
-            }
-        }
-#pragma unroll
-        for (int g = 0; g < GROUP; g++) ps[g * chunk + jj] = dot[g];
-    }
-    __syncthreads();  // scores complete; the K tile is free (red reuses it)
-
-    // Phase 2: per query head, the split's max and exponentials (a warp per head).
-    for (int g = warp; g < GROUP; g += warps) {
-        float* p = ps + g * chunk;
-        float m = -INFINITY;
-        for (int j = lane; j < keys; j += 32) m = fmaxf(m, p[j]);
-        m = warp_max(m);
-        float l = 0.0f;
-        for (int j = lane; j < keys; j += 32) {
-            float e = exp2f(p[j] - m);
-            p[j] = e;
-            l += e;
-        }
-        l = warp_sum(l);
-        if (lane == 0) {
-            stat[2 * g] = m;
-            stat[2 * g + 1] = l;
-        }
-    }
-    cp_async_wait<0>();
-    __syncthreads();  // exponentials, and every thread's V copies, visible to the block
-
-    // Phase 3: weighted sum of values; this lane's 8 dimensions of every query head.
-    int sub = lane % LPK, slot = warp * KPI + lane / LPK, slots = warps * KPI;
-    float o[GROUP][8];
+    float o[GROUP][DIMS];
 #pragma unroll
     for (int g = 0; g < GROUP; g++)
 #pragma unroll
-        for (int e = 0; e < 8; e++) o[g][e] = 0.0f;
-    for (int jj = slot; jj < keys; jj += slots) {
-        const uint4 v4 = vs[jj * LPK + sub];
-        const unsigned w[4] = {v4.x, v4.y, v4.z, v4.w};
+        for (int e = 0; e < DIMS; e++) o[g][e] = 0.0f;
+    const int pair = tid >> 1, hf = tid & 1;  // phase 1: this thread's key of the tile, and which half row
+    for (int t = 0; t < tiles; t++) {
+        cp_async_wait<ATTN_STAGES - 2>();  // this thread's copies of tile t
+        __syncthreads();  // everyone's; and the stage refilled below is no longer read (tile t − 1 is done)
+        if (t + ATTN_STAGES - 1 < tiles) fetch(t + ATTN_STAGES - 1, (t + ATTN_STAGES - 1) % ATTN_STAGES);
+        cp_async_commit();
+        const uint4* kt = ring + (t % ATTN_STAGES) * STAGE_VECS;
+        const uint4* vt = kt + ATTN_TILE * KROW;
+        int base = start + t * ATTN_TILE, rows = min(ATTN_TILE, end - base);
+
+        // Phase 1: scores.
+        {
+            int j = base + pair;
+            float dot[GROUP];
 #pragma unroll
-        for (int g = 0; g < GROUP; g++) {
-            float p = ps[g * chunk + jj];
+            for (int g = 0; g < GROUP; g++) dot[g] = 0.0f;
+            if (pair < rows) {
+                const uint4* row = (j == s.pos ? (const uint4*)newk : kt + pair * KROW) + hf * HALF_VECS;
 #pragma unroll
-            for (int e = 0; e < 4; e++) {
-                o[g][2 * e] += p * bf_lo(w[e]);
-                o[g][2 * e + 1] += p * bf_hi(w[e]);
+                for (int v = 0; v < HALF_VECS; v++) {
+                    const uint4 k4 = row[v];
+                    const unsigned w[4] = {k4.x, k4.y, k4.z, k4.w};
+#pragma unroll
+                    for (int g = 0; g < GROUP; g++) {
+                        const float4* q4 = (const float4*)(qs + g * 2 * QHALF + hf * QHALF + v * 8);
+                        const float4 qa = q4[0], qb = q4[1];
+                        dot[g] += qa.x * bf_lo(w[0]) + qa.y * bf_hi(w[0]) + qa.z * bf_lo(w[1]) +
+                                  qa.w * bf_hi(w[1]) + qb.x * bf_lo(w[2]) + qb.y * bf_hi(w[2]) +
+                                  qb.z * bf_lo(w[3]) + qb.w * bf_hi(w[3]);
+                    }
+                }
+            }
+#pragma unroll
+            for (int g = 0; g < GROUP; g++) dot[g] += __shfl_xor_sync(0xffffffffu, dot[g], 1);
+#pragma unroll
+            for (int g = 0; g < GROUP; g++)  // the pair's two threads write alternate heads
+                if ((g & 1) == hf) ps[pair * GROUP + g] = pair < rows ? dot[g] : -INFINITY;
+        }
+        __syncthreads();
+
+        // Phase 2: per query head, the online softmax's step over this tile.
+        for (int g = warp; g < GROUP; g += WARPS) {
+            float a = ps[lane * GROUP + g], c = ps[(lane + 32) * GROUP + g];
+            float mt = warp_max(fmaxf(a, c));  // finite: a tile holds at least one key
+            float mo = mrun[g], mn = fmaxf(mo, mt);
+            a = exp2f(a - mn);
+            c = exp2f(c - mn);
+            ps[lane * GROUP + g] = a;
+            ps[(lane + 32) * GROUP + g] = c;
+            float lt = warp_sum(a + c);
+            if (lane == 0) {
+                float f = exp2f(mo - mn);  // 0 at the first tile (mo = −∞)
+                shrink[g] = f;
+                lrun[g] = lrun[g] * f + lt;
+                mrun[g] = mn;
             }
         }
+        __syncthreads();
+
+        // Phase 3: values.
+#pragma unroll
+        for (int g = 0; g < GROUP; g++) {
+            float f = shrink[g];
+#pragma unroll
+            for (int e = 0; e < DIMS; e++) o[g][e] *= f;
+        }
+        int k0 = warp * KEYS_PER_WARP, k1 = min(k0 + KEYS_PER_WARP, rows);
+        for (int kk = k0; kk < k1; kk++) {
+            const bf16* vrow = base + kk == s.pos ? newv : (const bf16*)(vt + kk * LPK);
+            float v[DIMS];
+            if constexpr (DIMS == 1) {
+                v[0] = bf(vrow[lane]);
+            } else if constexpr (DIMS == 2) {
+                unsigned w = ((const unsigned*)vrow)[lane];
+                v[0] = bf_lo(w);
+                v[1] = bf_hi(w);
+            } else {
+                uint2 w = ((const uint2*)vrow)[lane];
+                v[0] = bf_lo(w.x);
+                v[1] = bf_hi(w.x);
+                v[2] = bf_lo(w.y);
+                v[3] = bf_hi(w.y);
+            }
+            float p[GROUP];
+#pragma unroll
+            for (int g = 0; g < GROUP; g++) p[g] = ps[kk * GROUP + g];
+#pragma unroll
+            for (int g = 0; g < GROUP; g++)
+#pragma unroll
+                for (int e = 0; e < DIMS; e++) o[g][e] += p[g] * v[e];
+        }
     }
-    // Sum the warp's key slots (lanes sub, sub + LPK, ...), then the warps.
+    cp_async_wait<0>();  // the ring's last (empty) groups, before `red` reuses it
+    __syncthreads();
 #pragma unroll
-    for (int off = LPK; off < 32; off <<= 1)
+    for (int g = 0; g < GROUP; g++)
 #pragma unroll
-        for (int g = 0; g < GROUP; g++)
-#pragma unroll
-            for (int e = 0; e < 8; e++) o[g][e] += __shfl_xor_sync(0xffffffffu, o[g][e], off);
-    if (lane < LPK) {
-#pragma unroll
-        for (int g = 0; g < GROUP; g++)
-#pragma unroll
-            for (int e = 0; e < 8; e++) red[(warp * GROUP + g) * head_dim + sub * 8 + e] = o[g][e];
-    }
+        for (int e = 0; e < DIMS; e++) red[(warp * GROUP + g) * head_dim + lane * DIMS + e] = o[g][e];
     __syncthreads();
     const int stride = head_dim + 2;
-    for (int idx = tid; idx < GROUP * head_dim; idx += blockDim.x) {
+    for (int idx = tid; idx < GROUP * head_dim; idx += ATTN_THREADS) {
         int g = idx / head_dim, d = idx % head_dim;
         float acc = 0.0f;
-        for (int w = 0; w < warps; w++) acc += red[(w * GROUP + g) * head_dim + d];
+#pragma unroll
+        for (int w = 0; w < WARPS; w++) acc += red[(w * GROUP + g) * head_dim + d];
         float* dst = part + (((size_t)b * heads + kh * GROUP + g) * splits + split) * stride;
         dst[d] = acc;
         if (d == 0) {
             // Natural-log units, as attn_lanes writes them.
-            dst[head_dim] = stat[2 * g] * LN2;
-            dst[head_dim + 1] = stat[2 * g + 1];
+            dst[head_dim] = mrun[g] * LN2;
+            dst[head_dim + 1] = lrun[g];
         }
     }
     finish_splits<GROUP>(part, att, att_bf16, counts, b, kh, kv_heads, head_dim, splits, first, last);

@@ -79,13 +79,17 @@ extern "C" __global__ void rope_prefill(const float* __restrict__ qkv, const flo
     }
 }
 
-// act (b·ff) bf16 = silu(g) * u, from the gate and up projections g, u (b·ff) f32.
-extern "C" __global__ void swiglu_bf16(const float* __restrict__ g, const float* __restrict__ u, bf16* __restrict__ act,
-                                       int total) {
+// act (b, ff) bf16 = silu(gate) * up, from gu (b, 2 ff) f32 whose row is [gate (ff) | up (ff)] (one GEMM over
+// the stacked gate and up weights).
+extern "C" __global__ void swiglu_bf16(const float* __restrict__ gu, bf16* __restrict__ act, int b, int ff) {
     wait_prior();
     allow_next();
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < total; i += gridDim.x * blockDim.x)
-        act[i] = to_bf(g[i] / (1.0f + expf(-g[i])) * u[i]);
+    size_t total = (size_t)b * ff;
+    for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += (size_t)gridDim.x * blockDim.x) {
+        size_t r = i / ff, c = i % ff;
+        float g = gu[r * 2 * ff + c], u = gu[r * 2 * ff + ff + c];
+        act[i] = to_bf(g / (1.0f + expf(-g)) * u);
+    }
 }
 
 // act (t, ff) bf16 = silu(gate) * up, from gu (t, 2 ff) bf16 whose row is [gate (ff) | up (ff)] (one GEMM over

@@ -22,17 +22,10 @@ use crate::{EngineError, Model};
 
 /// Keys per split of decode attention: for a few sequences, small, so that a short context still spreads over
 /// many blocks (32 measured best for `attn_lanes` at batch 1); for many, 256, which fill the device anyway (64
-/// sequences × 1024 tokens stepped in 2.76 ms at 256 keys per split, 3.20 at 128; H200, Llama-3.2-1B-shaped).
+/// sequences × 1024 tokens stepped in 2.76 ms at 256 keys per split, 3.20 at 128; again 3.36 against 3.49 after
+/// `attn_split` staged its rows in shared memory; H200, Llama-3.2-1B-shaped).
 fn attn_chunk(batch: usize) -> usize {
-    if batch < ATTN_FEW_SEQS {
-        return 32;
-    }
-    // For one measured comparison of split sizes (DRIFTWOOD_CUDA_ATTN_CHUNK=128).
-    std::env::var("DRIFTWOOD_CUDA_ATTN_CHUNK")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .filter(|c| (1..=ATTN_MAX_CHUNK).contains(c))
-        .unwrap_or(ATTN_MAX_CHUNK)
+    if batch < ATTN_FEW_SEQS { 32 } else { ATTN_MAX_CHUNK }
 }
 
 /// Scratch of a step for up to `batch` sequences (device memory).
@@ -44,8 +37,7 @@ pub(crate) struct GpuScratch {
     part: DeviceTensor,   // (b, heads, splits, head_dim + 2) f32
     counts: DeviceTensor, // (b, kv_heads) u32 splits of attention finished, zero between steps
     att: DeviceTensor,    // (b, q_dim) f32
-    mlp: DeviceTensor,    // (b, intermediate) f32 (gate, batch 1: activation)
-    up: DeviceTensor,     // (b, intermediate) f32
+    mlp: DeviceTensor,    // (b, 2 intermediate) f32: [gate | up] rows (batch 1: the activation, first half)
     xn_bf: DeviceTensor,  // (b, hidden) bf16
     att_bf: DeviceTensor, // (b, q_dim) bf16
     act_bf: DeviceTensor, // (b, intermediate) bf16
@@ -77,8 +69,7 @@ impl GpuScratch {
             part: z(c.num_heads * splits * (c.head_dim + 2), 4)?,
             counts: z(c.num_kv_heads, 4)?,
             att: z(qd, 4)?,
-            mlp: z(ff, 4)?,
-            up: z(ff, 4)?,
+            mlp: z(2 * ff, 4)?,
             xn_bf: z(h, 2)?,
             att_bf: z(qd, 2)?,
             act_bf: z(ff, 2)?,
@@ -100,8 +91,33 @@ impl Model {
     /// [`EngineError::Request`] when a token is outside the vocabulary, a position is past its cache or the
     /// model's context, or a cache or logits buffer is not in device-addressable memory; driver errors.
     pub fn decode_step_cuda(&self, dev: &CudaBackend, steps: &[SeqStep]) -> Result<(), EngineError> {
+        self.decode_step_cuda_inner(dev, steps, false).map(|_| ())
+    }
+
+    /// [`Model::decode_step_cuda`] with its kernels launched one by one (no graph, no early launch) between
+    /// timing events: the device milliseconds of each part of the step (`embed`, `qkv`, `attention`, `o`,
+    /// `gate_up`, `down`, `lm_head`, `scatter`), summed over layers. The step's results are the same; its
+    /// time is not the graph's (launch gaps are not counted).
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::decode_step_cuda`].
+    pub fn decode_step_cuda_kernel_times(
+        &self,
+        dev: &CudaBackend,
+        steps: &[SeqStep],
+    ) -> Result<Vec<(&'static str, f32)>, EngineError> {
+        self.decode_step_cuda_inner(dev, steps, true).map(Option::unwrap_or_default)
+    }
+
+    fn decode_step_cuda_inner(
+        &self,
+        dev: &CudaBackend,
+        steps: &[SeqStep],
+        timed: bool,
+    ) -> Result<Option<Vec<(&'static str, f32)>>, EngineError> {
         if steps.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         for s in steps {
             let (Ok(pos), Ok(max_seq)) = (usize::try_from(s.pos), usize::try_from(s.max_seq)) else {
@@ -136,7 +152,10 @@ impl Model {
                 *slot = None;
                 // Reallocated for steps without a stage, the scratch drops it.
                 let stage = if staged { had_stage.max(stage_bytes) } else { 0 };
-                &*slot.insert(GpuScratch::new(self, dev, had_batch.max(b), had_splits.max(splits), stage)?)
+                // Batch room in powers of two: a server whose batches grow one sequence at a time reallocates
+                // (and drops its graphs) about log2 times, not once per size.
+                let batch = had_batch.max(b.next_power_of_two());
+                &*slot.insert(GpuScratch::new(self, dev, batch, had_splits.max(splits), stage)?)
             }
         };
         let stage = match (&scratch.stage, staged) {
@@ -149,6 +168,15 @@ impl Model {
             exec.prepare_stages(gpu.layers.len())?;
         }
         let key = (b, splits, if b == 1 { steps[0].logits } else { 0 }, stage != 0);
+        if timed || !state.graphs.contains_key(&key) {
+            // SAFETY: the operands are this model's weights and this scratch, sized for `b` sequences.
+            unsafe { self.plan_products(&mut exec, gpu, scratch, b)? };
+        }
+        if timed {
+            let times =
+                exec.time_marks(|e| self.record_step(e, gpu, scratch, (b, chunk, splits), (steps[0].logits, stage)))?;
+            return Ok(Some(times));
+        }
         let graph = match state.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
             std::collections::hash_map::Entry::Vacant(slot) => slot.insert(
@@ -157,7 +185,30 @@ impl Model {
         };
         exec.replay(graph)?;
         exec.synchronize()?;
-        Ok(())
+        Ok(None)
+    }
+
+    /// Measures the algorithms of a `b`-sequence step's matrix products (one shape per projection, the same in
+    /// every layer), so that the graph captured next runs each with the fastest. Batch 1 runs GEMVs instead.
+    ///
+    /// # Safety
+    ///
+    /// `s` is sized for at least `b` sequences; not capturing.
+    unsafe fn plan_products(&self, e: &mut Exec, g: &GpuModel, s: &GpuScratch, b: usize) -> Result<(), BackendError> {
+        let Some(w) = g.layers.first() else { return Ok(()) };
+        if b == 1 {
+            return Ok(());
+        }
+        let c = self.config();
+        let (h, qd, kvd, ff) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        // SAFETY: weights of this model and scratch for `b` sequences, at the shapes `record_step` uses.
+        unsafe {
+            e.plan_gemm_bf16(s.xn_bf.addr(), w.wqkv.addr(), (b, qd + 2 * kvd, h))?;
+            e.plan_gemm_bf16(s.att_bf.addr(), w.wo.addr(), (b, h, qd))?;
+            e.plan_gemm_bf16(s.xn_bf.addr(), w.w_gu.addr(), (b, 2 * ff, h))?;
+            e.plan_gemm_bf16(s.act_bf.addr(), w.w_down.addr(), (b, h, ff))?;
+            e.plan_gemm_bf16(s.xn_bf.addr(), g.lm_head(), (b, c.vocab_size, h))
+        }
     }
 
     /// Launches one step (recorded into a graph by the caller).
@@ -185,6 +236,7 @@ impl Model {
         // large enough by `decode_step_cuda` (and kept alive by the caller until it synchronizes). A non-zero
         // `stage` is a scratch buffer as large as the one sequence's cache, which is 16-byte aligned.
         unsafe {
+            e.load_steps(b)?; // the step records, to device memory before any kernel reads them
             if stage != 0 {
                 // Layer 0's attention comes too soon for a copy to help: it reads the cache directly.
                 e.fork_side()?;
@@ -192,12 +244,14 @@ impl Model {
                     e.stage_kv(stage, l, kvd, window)?;
                 }
             }
+            e.mark("embed")?;
             e.embed(g.embed.addr(), s.x.addr(), b, h)?; // x (b, hidden)
             for (l, w) in g.layers.iter().enumerate() {
                 let bias = w.bqkv.as_ref().map_or(0, |t| t.addr());
                 let stage = if stage != 0 && l > 0 { stage } else { 0 };
                 if b == 1 {
                     // qkv = Wqkv · rmsnorm(x) (+ b); att = attention(rope(q), rope(k) and v → cache); x += Wo · att
+                    e.mark("qkv")?;
                     e.gemv(
                         w.wqkv.addr(),
                         s.x.addr(),
@@ -211,6 +265,7 @@ impl Model {
                     if stage != 0 {
                         e.join_stage(l)?;
                     }
+                    e.mark("attention")?;
                     e.attention(
                         s.qkv.addr(),
                         g.inv_freq.addr(),
@@ -223,16 +278,21 @@ impl Model {
                         (chunk, splits),
                         window,
                     )?;
+                    e.mark("o")?;
                     e.gemv(w.wo.addr(), s.att.addr(), s.x.addr(), 0, 0, 0.0, (qd, h), true)?;
                     // mlp = silu(Wg · rmsnorm(x)) * (Wu · rmsnorm(x)); x += Wd · mlp
+                    e.mark("gate_up")?;
                     e.gemv_swiglu(w.w_gate(), w.w_up(), s.x.addr(), s.mlp.addr(), w.ffn_norm.addr(), eps, (h, ff))?;
+                    e.mark("down")?;
                     e.gemv(w.w_down.addr(), s.mlp.addr(), s.x.addr(), 0, 0, 0.0, (ff, h), true)?;
                 } else {
+                    e.mark("qkv")?;
                     e.rmsnorm_bf16(s.x.addr(), w.attn_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
                     e.gemm_bf16(s.xn_bf.addr(), w.wqkv.addr(), s.qkv.addr(), (b, qd + 2 * kvd, h), 0.0)?;
                     if bias != 0 {
                         e.add_bias(s.qkv.addr(), bias, b, qd + 2 * kvd)?;
                     }
+                    e.mark("attention")?;
                     e.attention(
                         s.qkv.addr(),
                         g.inv_freq.addr(),
@@ -245,20 +305,25 @@ impl Model {
                         (chunk, splits),
                         window,
                     )?;
+                    e.mark("o")?;
                     e.gemm_bf16(s.att_bf.addr(), w.wo.addr(), s.x.addr(), (b, h, qd), 1.0)?; // x += att · Woᵀ
+                    e.mark("gate_up")?;
                     e.rmsnorm_bf16(s.x.addr(), w.ffn_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
-                    e.gemm_bf16(s.xn_bf.addr(), w.w_gate(), s.mlp.addr(), (b, ff, h), 0.0)?;
-                    e.gemm_bf16(s.xn_bf.addr(), w.w_up(), s.up.addr(), (b, ff, h), 0.0)?;
-                    e.swiglu_bf16(s.mlp.addr(), s.up.addr(), s.act_bf.addr(), b, ff)?;
+                    // [gate | up] = xn · [Wg; Wu]ᵀ: one GEMM over the stacked weights, twice the columns to spread.
+                    e.gemm_bf16(s.xn_bf.addr(), w.w_gu.addr(), s.mlp.addr(), (b, 2 * ff, h), 0.0)?;
+                    e.swiglu_bf16(s.mlp.addr(), s.act_bf.addr(), b, ff)?;
+                    e.mark("down")?;
                     e.gemm_bf16(s.act_bf.addr(), w.w_down.addr(), s.x.addr(), (b, h, ff), 1.0)?; // x += act · Wdᵀ
                 }
             }
+            e.mark("lm_head")?;
             if b == 1 {
                 // logits = lm_head · rmsnorm(x), straight into the guest's logits buffer.
                 e.gemv(g.lm_head(), s.x.addr(), logits_1, 0, g.final_norm.addr(), eps, (h, c.vocab_size), false)?;
             } else {
                 e.rmsnorm_bf16(s.x.addr(), g.final_norm.addr(), s.xn_bf.addr(), b, h, eps)?;
                 e.gemm_bf16(s.xn_bf.addr(), g.lm_head(), s.logits.addr(), (b, c.vocab_size, h), 0.0)?;
+                e.mark("scatter")?;
                 e.scatter_logits(s.logits.addr(), b, c.vocab_size)?;
             }
         }
