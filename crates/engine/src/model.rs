@@ -53,6 +53,8 @@ pub struct Model {
     weight_bytes_per_token: usize,
     /// The weights on the CUDA device, uploaded on first GPU use.
     pub(crate) gpu: std::sync::OnceLock<crate::exec::cuda::GpuModel>,
+    /// Held while `gpu` is uploaded, so that actors starting together upload the weights once, not once each.
+    pub(crate) gpu_upload: std::sync::Mutex<()>,
     // Last: the mappings the `Weight`s point into are dropped after everything that refers to them.
     _files: WeightFiles,
 }
@@ -201,6 +203,7 @@ impl Model {
             final_norm,
             lm_head,
             gpu: std::sync::OnceLock::new(),
+            gpu_upload: std::sync::Mutex::new(()),
             inv_freq,
             tokenizer,
             template,

@@ -781,6 +781,8 @@ pub(crate) struct Lt {
     /// memory, not from L2, as a step does.
     scratch: DeviceBuffer,
     plans: std::collections::HashMap<LtShape, LtPlan>,
+    /// Shapes whose planning failed, with why: they keep cuBLAS's default algorithm.
+    refused: std::collections::HashMap<LtShape, String>,
     ctx: Arc<Context>,
 }
 
@@ -798,7 +800,7 @@ impl Lt {
         let handle = cudarc::cublaslt::result::create_handle().map_err(|e| lt_err("cublasLtCreate", e))?;
         let workspace = DeviceBuffer::new(ctx, 32 << 20)?;
         let scratch = DeviceBuffer::new(ctx, 64 << 20)?;
-        Ok(Lt { handle, workspace, scratch, plans: Default::default(), ctx: ctx.clone() })
+        Ok(Lt { handle, workspace, scratch, plans: Default::default(), refused: Default::default(), ctx: ctx.clone() })
     }
 
     /// Whether `shape`'s output fits the trial buffer, so that [`Lt::plan`] can measure it.
@@ -809,6 +811,21 @@ impl Lt {
     /// Whether `shape` has a plan.
     pub(crate) fn planned(&self, shape: &LtShape) -> bool {
         self.plans.contains_key(shape)
+    }
+
+    /// Whether `shape` was planned or its planning was tried and failed ([`Lt::refuse`]).
+    pub(crate) fn tried(&self, shape: &LtShape) -> bool {
+        self.plans.contains_key(shape) || self.refused.contains_key(shape)
+    }
+
+    /// Records that planning `shape` failed with `why`: it keeps cuBLAS's default from then on.
+    pub(crate) fn refuse(&mut self, shape: LtShape, why: String) {
+        self.refused.insert(shape, why);
+    }
+
+    /// The shapes whose planning failed, and why.
+    pub(crate) fn refusals(&self) -> Vec<(LtShape, String)> {
+        self.refused.iter().map(|(s, w)| (*s, w.clone())).collect()
     }
 
     /// Measures the heuristic's candidates for `shape` on `stream` with the weights `w` and activations `a`

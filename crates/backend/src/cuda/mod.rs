@@ -57,9 +57,9 @@ fn attn_table(
     Ok(table)
 }
 
-/// The most keys per split of decode attention ([`Exec::attention`]; `ATTN_MAX_CHUNK` in
-/// `kernels/attn_decode.cu`), and the split of many sequences: enough keys per block that a tile pipeline fills,
-/// few enough that a 1024-token context still spreads 64 sequences over four splits.
+/// The most keys per split of decode attention ([`Exec::attention`]), and the split of many sequences: enough
+/// keys per block (four 64-key tiles) that `attn_split`'s tile pipeline fills, few enough that a 1024-token
+/// context still spreads 64 sequences over four splits. 512 is the comparison to make next on a GPU.
 pub const ATTN_MAX_CHUNK: usize = 256;
 
 /// Head dimensions the attention kernels are built for.
@@ -1114,12 +1114,13 @@ impl Exec {
 
     /// Measures cuBLASLt's candidate algorithms for [`Exec::gemm_bf16`] of this shape (with `a` (m, k) and
     /// `w` (n, k) bf16 as operands; their values do not matter) and runs that shape with the fastest from
-    /// then on. Shapes whose output would not fit the trial buffer keep cuBLAS's default. Call outside a
-    /// capture; a planned shape returns at once.
+    /// then on. Shapes whose output would not fit the trial buffer keep cuBLAS's default, as do shapes whose
+    /// planning fails (the product is the same either way; [`Exec::gemm_plan_refusals`] says why). Call
+    /// outside a capture; a shape tried before returns at once.
     ///
     /// # Errors
     ///
-    /// A driver or cuBLASLt error.
+    /// None today: a failed plan falls back (the `Result` keeps callers ready for errors that cannot).
     ///
     /// # Safety
     ///
@@ -1131,11 +1132,19 @@ impl Exec {
         (m, n, k): (usize, usize, usize),
     ) -> Result<(), BackendError> {
         let shape = LtShape { m, n, k, out: BlasType::F32 };
-        if self.lt.planned(&shape) || !self.lt.fits(&shape) {
+        if self.lt.tried(&shape) || !self.lt.fits(&shape) {
             return Ok(());
         }
         // SAFETY: the caller's promise; not capturing (the caller's contract).
-        unsafe { self.lt.plan(shape, a, w, &self.stream) }
+        if let Err(e) = unsafe { self.lt.plan(shape, a, w, &self.stream) } {
+            self.lt.refuse(shape, e.to_string());
+        }
+        Ok(())
+    }
+
+    /// The decode products whose cuBLASLt planning failed (`m × n × k: why`); they run cuBLAS's default.
+    pub fn gemm_plan_refusals(&self) -> Vec<String> {
+        self.lt.refusals().into_iter().map(|(s, why)| format!("{} × {} × {}: {why}", s.m, s.n, s.k)).collect()
     }
 
     /// Row-major c (m, n) bf16 = a (m, k) bf16 · w (n, k)ᵀ bf16 (f32 accumulation), with cuBLAS: for products

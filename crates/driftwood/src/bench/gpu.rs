@@ -140,6 +140,8 @@ struct BatchRun {
     /// One more step with its kernels launched one by one between timing events: device milliseconds per part
     /// of the step, summed over layers (launch gaps not counted, so the sum is below `step_ms`).
     kernel_ms: Vec<PartTime>,
+    /// Products whose cuBLASLt planning failed (they ran cuBLAS's default algorithm), with why.
+    gemm_plan_refusals: Vec<String>,
 }
 
 /// Device time of one part of a decode step (see [`BatchRun::kernel_ms`]).
@@ -570,10 +572,14 @@ fn batched(
         cpu_top2_gap_at_divergence: None,
         greedy_seqs: None,
         kernel_ms,
+        gemm_plan_refusals: cuda.exec()?.gemm_plan_refusals(),
     };
     eprintln!("batched: {batch} sequences at {:.3} ms/step, {:.0} tokens/s", run.step_ms, run.tokens_per_s);
     let parts: Vec<String> = run.kernel_ms.iter().map(|p| format!("{} {:.3}", p.part, p.ms)).collect();
     eprintln!("batched: kernel ms by part: {}", parts.join(", "));
+    for why in &run.gemm_plan_refusals {
+        eprintln!("batched: cuBLASLt plan refused, cuBLAS default kept: {why}");
+    }
     Ok(run)
 }
 
@@ -836,6 +842,7 @@ mod tests {
             cpu_top2_gap_at_divergence: None,
             greedy_seqs: Some(seqs),
             kernel_ms: vec![],
+            gemm_plan_refusals: vec![],
         }
     }
 

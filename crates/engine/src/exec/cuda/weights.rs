@@ -138,6 +138,11 @@ impl Model {
         if let Some(g) = self.gpu.get() {
             return Ok(g);
         }
+        // One upload: the others wait for it and find it done.
+        let _uploading = self.gpu_upload.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(g) = self.gpu.get() {
+            return Ok(g);
+        }
         let g = GpuModel::upload(self, dev)?;
         Ok(self.gpu.get_or_init(|| g))
     }
