@@ -113,3 +113,33 @@ fn a_step_that_cannot_run_traps_its_own_actor_only() {
     assert_eq!(generate(&mut good, ptr, len).1, u64::from(TOKENS) - 1);
     assert_eq!(rt.batch_stats().sequences, 1 + u64::from(TOKENS) - 1, "refused steps never reached a pass");
 }
+
+#[test]
+fn actors_that_step_while_a_pass_runs_join_one_pass_not_a_queue_of_small_ones() {
+    // A leader whose window ran out while a pass was running used to start a second, small pass behind it, and
+    // the actors settled into small groups that alternate (a mean of about 4 sequences a pass with 64 actors).
+    // A leader now gathers until the running pass ends and its window starts then, so the actors of one pass
+    // step together in the next.
+    const ACTORS: usize = 24;
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini");
+    let model = Arc::new(Model::load(&dir, &mut |_| {}).unwrap());
+    let rt = Arc::new(runtime(model, Some(Duration::from_millis(2))));
+    let start = Arc::new(Barrier::new(ACTORS));
+    let threads: Vec<_> = (0..ACTORS)
+        .map(|i| {
+            let (rt, start) = (rt.clone(), start.clone());
+            std::thread::spawn(move || {
+                let (mut a, ptr, len) = actor_with_prompt(&rt, PROMPTS[i % PROMPTS.len()]);
+                start.wait();
+                generate(&mut a, ptr, len)
+            })
+        })
+        .collect();
+    for t in threads {
+        assert_eq!(t.join().unwrap().1, u64::from(TOKENS) - 1);
+    }
+    let stats = rt.batch_stats();
+    assert_eq!(stats.sequences, ACTORS as u64 * u64::from(TOKENS - 1), "every decode step went through");
+    // The first steps arrive as the prompts finish; after that whole groups step together.
+    assert!(stats.mean_size() >= ACTORS as f64 / 3.0, "passes stayed small: {stats:?}");
+}
