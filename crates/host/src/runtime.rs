@@ -317,18 +317,16 @@ impl Runtime {
     /// Makes `model` available to actors as `name` (`driftwood.model_open`). Registering a name again
     /// replaces the model for actors that open it afterwards.
     ///
-    /// On the CUDA backend the weights are uploaded by the first step that needs them; a server whose actors
-    /// start together should use [`add_model`](Self::add_model) instead.
+    /// On the CUDA backend the weights are uploaded by the first step that needs them (once: steps that start
+    /// together wait for that upload); [`add_model`](Self::add_model) uploads them here instead.
     pub fn register_model(&self, name: &str, model: Arc<Model>) {
         self.models.insert(name.to_string(), model);
     }
 
     /// [`register_model`](Self::register_model), with the model first made ready on this runtime's backend:
-    /// on the CUDA backend its weights are uploaded here, once. Left to the first step, the upload races: the
-    /// first forward passes of actors that start together (a server's first requests) each find no weights
-    /// on the device and each upload a whole copy, only one of which is kept, and past the device's memory the
-    /// others fail with out-of-memory in the middle of a request. Here, a device that cannot hold the model
-    /// is an error when the runtime is set up.
+    /// on the CUDA backend its weights are uploaded here. Left to the first step, the upload would delay the
+    /// first request, and a device that cannot hold the model would fail that request; here it is an error
+    /// when the runtime is set up.
     ///
     /// # Errors
     ///
