@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A cluster drill on loopback: 3 etcd members, SeaweedFS (master, 3 volume servers, filer, S3 gateway) and
 3 `driftwood serve --cluster` nodes sharing an S3 store; sessions of several turns each, every turn sent to a
-random node (a 409 `session_owned` is followed to the node its X-Driftwood-Owner header names), while a node
+random node (the node forwards it to the session's owner; a 409 `session_owned` is followed to the node its
+X-Driftwood-Owner header names), while a node
 is killed with SIGKILL, an etcd member and a volume server are killed, and a node is drained with SIGTERM.
 
 Reports (JSON on stdout, or --out FILE): errors, turns whose reply differs from a single node's run of the

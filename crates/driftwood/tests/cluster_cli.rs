@@ -1,4 +1,5 @@
-//! `driftwood serve --cluster` as processes over a real etcd and one shared store folder: a node stopped
+//! `driftwood serve --cluster` as processes over a real etcd and one shared store folder: a turn sent to a
+//! node that does not own the session is forwarded to its owner; a node stopped
 //! (SIGSTOP) past its lease loses its session to another node and, continued (SIGCONT), cannot keep a turn of
 //! it; the new owner killed (SIGKILL), a third node continues the session from its last acknowledged turn.
 
@@ -10,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use driftwood_cluster::testkit::{Binaries, EtcdCluster};
 use serde_json::{Value, json};
-use support::serve::{reply, request, spawn_serve};
+use support::serve::{reply, request, request_with_head, spawn_serve};
 
 /// A node process, killed (by its pid) when dropped.
 struct NodeProc {
@@ -77,10 +78,14 @@ fn stopped_and_killed_nodes_lose_sessions_without_losing_turns() {
     let (status, first) = chat(&a, "s", &conv);
     assert_eq!(status, 200, "{first}");
     conv.extend([reply(&first), json!({"role": "user", "content": "And her sister?"})]);
-    let (status, refused) = chat(&b, "s", &conv);
-    assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("session_owned")), "{refused}");
+    let (status, forwarded) = chat(&b, "s", &conv);
+    assert_eq!(status, 200, "b forwards the turn to a, the owner: {forwarded}");
+    assert_eq!(forwarded["driftwood"]["restored"], false, "a ran it on its live actor: {forwarded}");
+    let first = forwarded;
+    conv.extend([reply(&first), json!({"role": "user", "content": "Who did she marry?"})]);
 
-    // Node a stopped past its lease: b takes the session over from a's last commit.
+    // Node a stopped past its lease: b (whose forwarded request waits for a until a's lease lapses, then is
+    // answered 503) takes the session over from a's last commit.
     a.signal(libc::SIGSTOP);
     let (second, took) = until_served(&b, "s", &conv);
     eprintln!("SIGSTOP of the owner to the session's next turn on another node: {took:?}");
@@ -88,12 +93,18 @@ fn stopped_and_killed_nodes_lose_sessions_without_losing_turns() {
     let (prompt, evaluated) = tokens(&second);
     assert!(prompt - evaluated >= tokens(&first).0, "turn 1 came from a's snapshot: {evaluated} of {prompt}");
 
-    // Node a continued: it still believes it owns the session; its turn is not kept (its commit is fenced,
-    // or its claim refused once it has seen its lease gone), and the session's history stays b's.
+    // Node a continued: it still believes it owns the session, but a turn sent to it does not run there: its
+    // commit is fenced, its claim refused once it has seen its lease gone, or (claiming anew) it forwards
+    // the turn to b. The session's history stays b's.
     a.signal(libc::SIGCONT);
-    let (status, stale) = chat(&a, "s", &conv);
-    assert!(matches!(status, 409 | 503), "a stale node must not answer a turn of the session: {status} {stale}");
-    eprintln!("the stale node's turn was answered {status} {}", stale["error"]["code"]);
+    let body = json!({"model": "driftwood-mini", "messages": conv, "max_tokens": 12, "temperature": 0}).to_string();
+    let (status, head, stale) = request_with_head(&a.addr, "POST", "/v1/chat/completions", "s", &body);
+    let served_by_b = head.to_ascii_lowercase().contains(&format!("x-driftwood-served-by: http://{}", b.addr));
+    assert!(
+        matches!(status, 409 | 503) || (status == 200 && served_by_b),
+        "a stale node must not run a turn of the session: {status} {head} {stale}"
+    );
+    eprintln!("the stale node's turn was answered {status} (run by b: {served_by_b})");
     let (_, cluster) = request(&b.addr, "GET", "/v1/cluster", "s", "");
     let cluster: Value = serde_json::from_str(&cluster).expect("JSON");
     let session = cluster["sessions"].as_array().expect("sessions").iter().find(|s| s["id"] == "s").expect("s");

@@ -3,6 +3,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
 
 use axum::Router;
 use axum::body::Bytes;
@@ -23,6 +24,7 @@ use crate::AppState;
 /// allowance for events the client has not yet read.
 const STREAM_EVENT_BYTES: usize = 256;
 use crate::api::{self, ApiError, Sampling};
+use crate::forward::Forwardable;
 use crate::sessions::{Claim, Input, TurnOutcome, session_not_found};
 
 /// The header that carries the session key.
@@ -311,7 +313,8 @@ async fn chat_completions(
         check_prompt_len(&state, tokens.len())?;
         let key = session_key(&headers, req.params.session_id.as_deref())?;
         let json = serde_json::to_string(&messages).map_err(|e| ApiError::server("internal", e.to_string()))?;
-        run(&state, Kind::Chat, key, Input::Chat(json), sampling).await
+        let request = Forwardable { path: "/v1/chat/completions", headers, body };
+        run(&state, Kind::Chat, key, Input::Chat(json), sampling, request).await
     }
     .await;
     respond(&state, Kind::Chat, result)
@@ -341,7 +344,8 @@ async fn completions(
             return Err(ApiError::invalid(Some("prompt"), "invalid_value", "the prompt is empty"));
         }
         let key = session_key(&headers, req.params.session_id.as_deref())?;
-        run(&state, Kind::Completion, key, Input::Completion(prompt), sampling).await
+        let request = Forwardable { path: "/v1/completions", headers, body };
+        run(&state, Kind::Completion, key, Input::Completion(prompt), sampling, request).await
     }
     .await;
     respond(&state, Kind::Completion, result)
@@ -386,18 +390,46 @@ fn extension(key: &Option<String>, o: &TurnOutcome) -> Value {
     json!({"session_id": key, "evaluated_tokens": o.evaluated_tokens, "restored": o.restored})
 }
 
-/// Admits the request and runs its turn on a blocking thread; answers JSON or a stream of events.
+/// Completes once `owner` no longer holds session `key` in etcd (checked twice a lease TTL; while etcd
+/// cannot be reached, the owner is taken to hold it still).
+async fn owner_gone(state: Arc<AppState>, key: String, owner: driftwood_cluster::Owner) {
+    let every = Duration::from_secs_f64((state.sessions.retry_after_secs() as f64 / 2.0).max(0.2));
+    loop {
+        tokio::time::sleep(every).await;
+        if let Ok(false) = state.sessions.still_owns(&key, &owner).await {
+            return;
+        }
+    }
+}
+
+/// Admits the request and runs its turn on a blocking thread; answers JSON or a stream of events. In a
+/// cluster, a request for a session another node owns is forwarded there instead (`request`).
 async fn run(
     state: &Arc<AppState>,
     kind: Kind,
     key: Option<String>,
     input: Input,
     sampling: Sampling,
+    request: Forwardable,
 ) -> Result<Response, ApiError> {
     let claim: Option<Claim> = key.as_deref().map(|k| state.sessions.claim(k)).transpose()?;
-    if let Some(claim) = &claim {
-        // In a cluster: only the session's owner runs its turns.
-        state.sessions.own(claim).await?;
+    // In a cluster: only the session's owner runs its turns; a request for another node's session goes there.
+    let located = match claim.as_ref() {
+        Some(claim) => state.sessions.locate(claim).await?,
+        None => None,
+    };
+    if let (Some(elsewhere), Some(key)) = (located, key.clone()) {
+        let (Some(address), Some(forwarder)) = (elsewhere.address.clone(), state.forwarder.as_ref()) else {
+            return Err(elsewhere.refusal(&key));
+        };
+        if request.was_forwarded() {
+            return Err(elsewhere.refusal(&key));
+        }
+        // The local claim kept this node's own requests for the session apart; the owner does that now.
+        drop(claim);
+        state.sessions.metrics.cluster_forwarded.fetch_add(1, Ordering::Relaxed);
+        let gone = owner_gone(state.clone(), key, elsewhere.owner);
+        return forwarder.forward(&address, &request, state.sessions.retry_after_secs(), gone).await;
     }
     let permit = state.scheduler.admit(&state.sessions.metrics).await?;
     let id = request_id(kind);

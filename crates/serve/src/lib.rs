@@ -8,7 +8,8 @@
 //!
 //! With [`ServeConfig::cluster`] the server is one node of a cluster: a session's turns run only on the node
 //! that claimed it in etcd, each snapshot is committed there behind the claim's fencing token before the
-//! turn is answered, and another node answers 409 `session_owned` naming the owner.
+//! turn is answered, and a request sent to another node is forwarded to the owner (a request forwarded
+//! once is not forwarded again: it is answered 409 `session_owned` naming the owner).
 //!
 //! | endpoint | |
 //! |---|---|
@@ -42,6 +43,7 @@
 #![warn(missing_docs)]
 
 pub mod api;
+mod forward;
 mod http;
 pub mod metrics;
 pub mod sessions;
@@ -252,6 +254,8 @@ pub(crate) struct AppState {
     pub default_max_tokens: u32,
     pub scheduler: http::Scheduler,
     pub created: u64,
+    /// In a cluster: sends requests for sessions other nodes own on to them.
+    pub forwarder: Option<forward::Forwarder>,
 }
 
 /// A running server.
@@ -321,6 +325,7 @@ impl Server {
             Some(cluster) => Some(Arc::new(join(cluster, addr).await?)),
             None => None,
         };
+        let forwarder = node.as_ref().map(|n| forward::Forwarder::new(n.id().to_string(), Duration::from_secs(2)));
         let session_config = SessionConfig {
             max_seq,
             hibernate_after: config.hibernate_after,
@@ -339,6 +344,7 @@ impl Server {
             default_max_tokens: config.default_max_tokens.max(1),
             scheduler: http::Scheduler::new(config.workers.max(1), config.queue),
             created,
+            forwarder,
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let app = http::router(state.clone(), config.max_body_bytes);

@@ -54,6 +54,8 @@ pub struct Metrics {
     pub cluster_fenced: AtomicU64,
     /// Cluster: requests refused because another node owns their session.
     pub cluster_owned_elsewhere: AtomicU64,
+    /// Cluster: requests forwarded to the node that owns their session.
+    pub cluster_forwarded: AtomicU64,
     restore_latency: Mutex<Histogram>,
 }
 
@@ -120,8 +122,13 @@ impl Metrics {
         );
         counter(
             "driftwood_cluster_owned_elsewhere_total",
-            "Requests refused with 409 because another node owns their session.",
+            "Requests for a session another node owns (forwarded there, or refused with 409 if already forwarded).",
             self.cluster_owned_elsewhere.load(Relaxed),
+        );
+        counter(
+            "driftwood_cluster_forwarded_total",
+            "Requests forwarded to the node that owns their session.",
+            self.cluster_forwarded.load(Relaxed),
         );
         let batch = runtime.batch_stats();
         counter(

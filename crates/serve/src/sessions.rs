@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use driftwood_cluster::{Claim as Ownership, ClusterError, Fetched, Node, ObjectName, SnapshotStore};
+use driftwood_cluster::{Claim as Ownership, ClusterError, Fetched, Node, ObjectName, Owner, SnapshotStore};
 use driftwood_engine::Model;
 use driftwood_host::{Actor, ActorError, Runtime};
 use serde_json::{Value, json};
@@ -200,6 +200,12 @@ impl Sessions {
         &self.runtime
     }
 
+    /// Seconds a client should wait before retrying a session whose owner cannot be reached: its claim
+    /// lapses with its lease (1 on a single node).
+    pub fn retry_after_secs(&self) -> u64 {
+        self.config.cluster.as_ref().map_or(1, |n| n.ttl().as_secs().max(1))
+    }
+
     /// The model served.
     pub fn model(&self) -> &Model {
         &self.model
@@ -235,16 +241,30 @@ impl Sessions {
         Ok(Claim { key: key.to_string(), slot })
     }
 
-    /// In a cluster, makes sure this node owns the claimed session before its turn runs: claims it in etcd
-    /// unless this node holds a claim already. A claim newly won starts the session from the snapshot etcd
-    /// points to (whatever this node had of it is older). On one node, does nothing.
+    /// In a cluster, makes sure this node owns the claimed session before its turn runs (see
+    /// [`locate`](Self::locate)).
     ///
     /// # Errors
     ///
     /// A 409 `session_owned` naming the owner (and its address in an `X-Driftwood-Owner` header) when another
     /// node owns the session; a 503 `cluster_unavailable` when etcd cannot be reached.
     pub async fn own(&self, claim: &Claim) -> Result<(), ApiError> {
-        let Some(node) = &self.config.cluster else { return Ok(()) };
+        match self.locate(claim).await? {
+            None => Ok(()),
+            Some(elsewhere) => Err(elsewhere.refusal(&claim.key)),
+        }
+    }
+
+    /// In a cluster, claims the session for this node in etcd unless this node holds a claim already, or
+    /// finds the node that owns it: `None` when its turn runs here, else that owner. A claim newly won
+    /// starts the session from the snapshot etcd points to (whatever this node had of it is older). On one
+    /// node, `None`.
+    ///
+    /// # Errors
+    ///
+    /// A 503 `cluster_unavailable` when etcd cannot be reached.
+    pub async fn locate(&self, claim: &Claim) -> Result<Option<OwnedElsewhere>, ApiError> {
+        let Some(node) = &self.config.cluster else { return Ok(None) };
         // A lost lease took every claim of this node with it: rejoin under a new one, and claim again.
         if node.lease_lost() {
             node.rejoin().await.map_err(|e| cluster_unavailable(&e))?;
@@ -252,7 +272,7 @@ impl Sessions {
         {
             let state = claim.slot.lock();
             if state.fence.is_some() && state.claim_lease == node.lease() {
-                return Ok(());
+                return Ok(None);
             }
         }
         let mut claimed = node.claim(&claim.key).await;
@@ -271,23 +291,27 @@ impl Sessions {
                 state.saved = pointer.is_some();
                 state.object = pointer;
                 self.metrics.cluster_claims.fetch_add(1, Ordering::Relaxed);
-                Ok(())
+                Ok(None)
             }
             Ok(Ownership::Taken(owner)) => {
                 self.metrics.cluster_owned_elsewhere.fetch_add(1, Ordering::Relaxed);
                 let address = node.address_of(&owner.node).await.ok().flatten();
-                let at = address.as_deref().map(|a| format!(" at {a}")).unwrap_or_default();
-                let mut e = ApiError::new(
-                    StatusCode::CONFLICT,
-                    "invalid_request_error",
-                    "session_owned",
-                    format!("session `{}` is running on node `{}`{at}; send its requests there", claim.key, owner.node),
-                );
-                e.owner = address;
-                Err(e)
+                Ok(Some(OwnedElsewhere { owner, address }))
             }
             Err(e) => Err(cluster_unavailable(&e)),
         }
+    }
+
+    /// Whether `owner` still holds session `key` (etcd says so). An owner that stopped or died loses it when
+    /// its lease expires.
+    ///
+    /// # Errors
+    ///
+    /// A 503 `cluster_unavailable` when etcd cannot be reached.
+    pub async fn still_owns(&self, key: &str, owner: &Owner) -> Result<bool, ApiError> {
+        let Some(node) = &self.config.cluster else { return Ok(false) };
+        let now = node.owner(key).await.map_err(|e| cluster_unavailable(&e))?;
+        Ok(now.as_ref() == Some(owner))
     }
 
     /// Runs one turn on the claimed session (or, without a claim, on a fresh actor discarded afterwards),
@@ -739,6 +763,31 @@ fn unavailable(message: String) -> ApiError {
     let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "cluster_unavailable", message);
     e.retry_after = Some(1);
     e
+}
+
+/// A session another node of the cluster owns.
+#[derive(Debug, Clone)]
+pub struct OwnedElsewhere {
+    /// The owner as etcd holds it.
+    pub owner: Owner,
+    /// The address it registered (`http://host:port`), if it is still registered.
+    pub address: Option<String>,
+}
+
+impl OwnedElsewhere {
+    /// The 409 `session_owned` for session `key`, naming the owner (and its address in an
+    /// `X-Driftwood-Owner` header).
+    pub fn refusal(&self, key: &str) -> ApiError {
+        let at = self.address.as_deref().map(|a| format!(" at {a}")).unwrap_or_default();
+        let mut e = ApiError::new(
+            StatusCode::CONFLICT,
+            "invalid_request_error",
+            "session_owned",
+            format!("session `{key}` is running on node `{}`{at}; send its requests there", self.owner.node),
+        );
+        e.owner = self.address.clone();
+        e
+    }
 }
 
 /// The 404 for an unknown session.

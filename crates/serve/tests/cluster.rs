@@ -1,6 +1,7 @@
 //! Two nodes of one cluster (a real etcd, one shared snapshot folder) over loopback: a session runs on one
-//! node at a time and another node answers 409 naming the owner; the same new session sent to both nodes at
-//! once runs exactly one turn; a drained node's sessions continue on the other with the replies a single node
+//! node at a time, another node forwards its requests there (and answers 409 naming the owner to a request
+//! already forwarded once); the same new session sent to both nodes at once runs on one node only, one turn
+//! at a time; a drained node's sessions continue on the other with the replies a single node
 //! gives; a node whose lease lapsed (its renewals stopped, as under SIGSTOP) has its late commit refused.
 
 use std::path::{Path, PathBuf};
@@ -41,17 +42,33 @@ fn assistant(text: &str) -> Value {
 
 /// Sends a greedy chat turn of `session` to `server`: status, body, the owner header of a 409.
 async fn chat(server: &Server, session: &str, messages: &[Value]) -> (u16, Value, Option<String>) {
+    let (status, body, headers) = chat_with(server, session, messages, &[]).await;
+    (status, body, header(&headers, "x-driftwood-owner"))
+}
+
+/// [`chat`] with extra request headers; answers the response's headers.
+async fn chat_with(
+    server: &Server,
+    session: &str,
+    messages: &[Value],
+    extra: &[(&str, &str)],
+) -> (u16, Value, reqwest::header::HeaderMap) {
     let body = json!({"model": "driftwood-mini", "messages": messages, "max_tokens": 16, "temperature": 0});
-    let resp = reqwest::Client::new()
+    let mut req = reqwest::Client::new()
         .post(format!("http://{}/v1/chat/completions", server.addr()))
         .header("X-Session-Id", session)
-        .json(&body)
-        .send()
-        .await
-        .expect("request sent");
+        .json(&body);
+    for (name, value) in extra {
+        req = req.header(*name, *value);
+    }
+    let resp = req.send().await.expect("request sent");
     let status = resp.status().as_u16();
-    let owner = resp.headers().get("x-driftwood-owner").and_then(|v| v.to_str().ok()).map(str::to_string);
-    (status, resp.json().await.expect("JSON body"), owner)
+    let headers = resp.headers().clone();
+    (status, resp.json().await.expect("JSON body"), headers)
+}
+
+fn header(headers: &reqwest::header::HeaderMap, name: &str) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
 }
 
 fn reply(body: &Value) -> String {
@@ -81,19 +98,44 @@ async fn two_nodes_share_sessions_one_at_a_time() {
     let (_, expected1, _) = chat(&single, "conv", &turn1).await;
     assert_eq!(reply(&first), reply(&expected1));
 
-    // Node b refuses the session while a owns it, and says where it runs.
+    // Node b forwards the session's next turn to a, which owns it; the reply is a single node's.
     let turn2 = vec![turn1[0].clone(), assistant(&reply(&first)), user("And what did he make next?")];
-    let (status, refused, owner) = chat(&b, "conv", &turn2).await;
+    let (status, second, headers) = chat_with(&b, "conv", &turn2, &[]).await;
+    assert_eq!(status, 200, "{second}");
+    assert_eq!(header(&headers, "x-driftwood-served-by"), Some(format!("http://{}", a.addr())));
+    assert_eq!(second["driftwood"]["restored"], false, "a ran turn 2 on its live actor");
+    let (_, expected2, _) = chat(&single, "conv", &turn2).await;
+    assert_eq!(reply(&second), reply(&expected2));
+    assert_eq!(metric(&b, "driftwood_cluster_forwarded_total").await, 1.0);
+    // A request another node forwarded already is not forwarded again: b names the owner instead.
+    let (status, refused, headers) = chat_with(&b, "conv", &turn2, &[("x-driftwood-forwarded", "x")]).await;
     assert_eq!(status, 409, "{refused}");
     assert_eq!(refused["error"]["code"], "session_owned");
-    assert_eq!(owner, Some(format!("http://{}", a.addr())));
+    assert_eq!(header(&headers, "x-driftwood-owner"), Some(format!("http://{}", a.addr())));
 
-    // A new session sent to both nodes at once: exactly one turn runs, the other request is refused.
+    // A new session sent to both nodes at once runs on one node: the loser of the claim forwards its
+    // request to the winner, which runs it after the first turn or refuses it while that one runs.
     let race = vec![user("Tell me of the sea.")];
-    let (on_a, on_b) = tokio::join!(chat(&a, "race", &race), chat(&b, "race", &race));
-    let mut statuses = [on_a.0, on_b.0];
-    statuses.sort();
-    assert_eq!(statuses, [200, 409], "{} / {}", on_a.1, on_b.1);
+    let (on_a, on_b) = tokio::join!(chat_with(&a, "race", &race, &[]), chat_with(&b, "race", &race, &[]));
+    let mut ran = 0;
+    let mut runners = Vec::new();
+    for (answer, here) in [(&on_a, &a), (&on_b, &b)] {
+        match answer.0 {
+            200 => {
+                ran += 1;
+                runners.push(header(&answer.2, "x-driftwood-served-by").unwrap_or(format!("http://{}", here.addr())));
+            }
+            409 => assert_eq!(answer.1["error"]["code"], "session_busy", "{}", answer.1),
+            other => panic!("unexpected {other}: {}", answer.1),
+        }
+    }
+    assert!(ran >= 1, "{} / {}", on_a.1, on_b.1);
+    runners.dedup();
+    assert_eq!(runners.len(), 1, "both nodes ran the session: {runners:?}");
+    let owner_addr = &runners[0];
+    let owner = if *owner_addr == format!("http://{}", a.addr()) { &a } else { &b };
+    let info: Value = serde_json::from_str(&get(owner, "/v1/sessions/race").await).expect("JSON");
+    assert_eq!(info["turns"], ran, "every answered turn ran on the owner: {info}");
 
     let status: Value = serde_json::from_str(&get(&b, "/v1/cluster").await).expect("JSON");
     let nodes: Vec<&str> = status["nodes"].as_array().expect("nodes").iter().filter_map(|n| n["id"].as_str()).collect();
@@ -107,15 +149,16 @@ async fn two_nodes_share_sessions_one_at_a_time() {
     let started = Instant::now();
     a.shutdown().await.expect("node a drains");
     eprintln!("drain of a node with 2 sessions: {:?}", started.elapsed());
-    let (status, second, _) = chat(&b, "conv", &turn2).await;
-    assert_eq!(status, 200, "{second}");
-    assert_eq!(second["driftwood"]["restored"], true, "b continues from a's snapshot");
-    let prompt = second["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
-    let evaluated = second["driftwood"]["evaluated_tokens"].as_u64().expect("evaluated tokens");
-    let first_prompt = first["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
-    assert!(prompt - evaluated >= first_prompt, "turn 1 comes from the snapshot: {evaluated} of {prompt} evaluated");
-    let (_, expected2, _) = chat(&single, "conv", &turn2).await;
-    assert_eq!(reply(&second), reply(&expected2), "the moved session answers as a single node does");
+    let turn3 = vec![turn2[0].clone(), turn2[1].clone(), turn2[2].clone(), assistant(&reply(&second)), user("Why?")];
+    let (status, third, _) = chat(&b, "conv", &turn3).await;
+    assert_eq!(status, 200, "{third}");
+    assert_eq!(third["driftwood"]["restored"], true, "b continues from a's snapshot");
+    let prompt = third["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    let evaluated = third["driftwood"]["evaluated_tokens"].as_u64().expect("evaluated tokens");
+    let second_prompt = second["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+    assert!(prompt - evaluated >= second_prompt, "turn 2 comes from the snapshot: {evaluated} of {prompt} evaluated");
+    let (_, expected3, _) = chat(&single, "conv", &turn3).await;
+    assert_eq!(reply(&third), reply(&expected3), "the moved session answers as a single node does");
 
     for name in ["driftwood_cluster_claims_total", "driftwood_cluster_commits_total"] {
         assert!(metric(&b, name).await >= 1.0, "{name}");
@@ -131,23 +174,25 @@ async fn two_nodes_share_sessions_one_at_a_time() {
         assert!(started.elapsed() < Duration::from_secs(15), "b's lease outlived its TTL");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let turn3 = vec![turn2[0].clone(), turn2[1].clone(), turn2[2].clone(), assistant(&reply(&second)), user("Why?")];
-    let (status, third, _) = chat(&c, "conv", &turn3).await;
-    assert_eq!(status, 200, "{third}");
-    let (status, stale, _) = chat(&b, "conv", &turn3).await;
+    let mut turn4 = turn3.clone();
+    turn4.extend([assistant(&reply(&third)), user("Who else?")]);
+    let (status, fourth, _) = chat(&c, "conv", &turn4).await;
+    assert_eq!(status, 200, "{fourth}");
+    let (status, stale, _) = chat(&b, "conv", &turn4).await;
     assert_eq!((status, stale["error"]["code"].as_str()), (409, Some("session_moved")), "{stale}");
     assert_eq!(metric(&b, "driftwood_cluster_fenced_total").await, 1.0);
-    // b forgot its claim with the refused turn: its next request finds the session c's.
-    let (status, refused, owner) = chat(&b, "conv", &turn3).await;
+    // b forgot its claim with the refused turn: its next request finds the session c's (and, forwarded
+    // already, is not forwarded again).
+    let (status, refused, headers) = chat_with(&b, "conv", &turn4, &[("x-driftwood-forwarded", "x")]).await;
     assert_eq!((status, refused["error"]["code"].as_str()), (409, Some("session_owned")), "{refused}");
-    assert_eq!(owner, Some(format!("http://{}", c.addr())));
+    assert_eq!(header(&headers, "x-driftwood-owner"), Some(format!("http://{}", c.addr())));
     let status: Value = serde_json::from_str(&get(&c, "/v1/cluster").await).expect("JSON");
     let conv = status["sessions"].as_array().expect("sessions").iter().find(|s| s["id"] == "conv").expect("conv");
     let fence = conv["owner"]["fence"].as_u64().expect("fence");
     assert_eq!(conv["owner"]["node"], "c", "{status}");
     assert!(conv["snapshot"].as_str().expect("snapshot").starts_with(&format!("conv/{fence}-")), "{status}");
-    let (_, expected3, _) = chat(&single, "conv", &turn3).await;
-    assert_eq!(reply(&third), reply(&expected3), "the history stays the one c continued");
+    let (_, expected4, _) = chat(&single, "conv", &turn4).await;
+    assert_eq!(reply(&fourth), reply(&expected4), "the history stays the one c continued");
 
     c.shutdown().await.expect("node c drains");
     b.shutdown().await.expect("node b drains");

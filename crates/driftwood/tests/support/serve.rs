@@ -35,6 +35,12 @@ where
 
 /// One HTTP/1.1 request with `Connection: close` (answered within 60 s); returns (status, body).
 pub fn request(addr: &str, method: &str, path: &str, session: &str, body: &str) -> (u16, String) {
+    let (status, _, body) = request_with_head(addr, method, path, session, body);
+    (status, body)
+}
+
+/// [`request`], also answering the response's head (status line and headers, as sent).
+pub fn request_with_head(addr: &str, method: &str, path: &str, session: &str, body: &str) -> (u16, String, String) {
     let mut stream = TcpStream::connect(addr).expect("connect");
     stream.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
     write!(
@@ -48,7 +54,7 @@ pub fn request(addr: &str, method: &str, path: &str, session: &str, body: &str) 
     stream.read_to_string(&mut response).expect("response");
     let (head, body) = response.split_once("\r\n\r\n").expect("HTTP response");
     let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).expect("status code");
-    (status, body.to_string())
+    (status, head.to_string(), body.to_string())
 }
 
 /// The assistant message of a chat completion, to append to the conversation.
