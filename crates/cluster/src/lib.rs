@@ -27,5 +27,5 @@ pub mod testkit;
 
 pub use etcd::{Etcd, EtcdError};
 pub use name::{ObjectName, valid_session};
-pub use node::{Claim, ClusterError, DEFAULT_PREFIX, Node, Owner};
+pub use node::{Claim, ClusterError, DEFAULT_PREFIX, Load, Node, Owner, Peer};
 pub use store::{Fetched, SnapshotStore, StoreError};

@@ -7,6 +7,7 @@
 //! | `nodes/{node}` | the node's address | the node's | [`Node::join`] |
 //! | `owner/{session}` | the owning node's id | the owner's | [`Node::claim`] |
 //! | `ptr/{session}` | the session's latest committed snapshot object | none | [`Node::commit`] |
+//! | `load/{node}` | the node's [`Load`] as JSON (sessions it owns, whether it is draining) | the node's | [`Node::publish_load`] |
 //!
 //! A claim creates `owner/{session}` only if it is absent, under the node's lease, in one transaction that also
 //! reads the pointer. The key's create revision is the claim's **fencing token**: etcd's revisions only grow,
@@ -67,6 +68,29 @@ pub struct Owner {
     pub fence: u64,
     /// The lease the owner key is attached to.
     pub lease: i64,
+}
+
+/// What a node publishes about itself so that others can place new sessions on the least-loaded node.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Load {
+    /// Sessions the node owns.
+    pub sessions: usize,
+    /// The node is draining: it takes no new sessions.
+    pub draining: bool,
+}
+
+/// A live node, as [`Node::peers`] finds it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// Its id.
+    pub id: String,
+    /// The address it registered (`http://host:port`).
+    pub address: String,
+    /// The lease its registration is attached to: while `nodes/{id}` carries it, this incarnation of the
+    /// node is alive.
+    pub lease: i64,
+    /// Its published load, if it has published one.
+    pub load: Option<Load>,
 }
 
 /// What [`Node::claim`] found.
@@ -381,6 +405,52 @@ impl Node {
                 (key.strip_prefix(&prefix).unwrap_or(&key).to_string(), String::from_utf8_lossy(&kv.value).into_owned())
             })
             .collect())
+    }
+
+    /// The live nodes with their registrations' leases and published loads, by id.
+    ///
+    /// # Errors
+    ///
+    /// etcd's errors.
+    pub async fn peers(&self) -> Result<Vec<Peer>, ClusterError> {
+        let (nodes, loads) = (format!("{}nodes/", self.prefix), format!("{}load/", self.prefix));
+        let registered = self.etcd.get_prefix(nodes.as_bytes()).await?;
+        let published = self.etcd.get_prefix(loads.as_bytes()).await?;
+        let id_of = |key: &[u8], prefix: &str| String::from_utf8_lossy(key).strip_prefix(prefix).map(str::to_string);
+        Ok(registered
+            .iter()
+            .filter_map(|kv| {
+                let id = id_of(&kv.key, &nodes)?;
+                let load = published
+                    .iter()
+                    .find(|l| l.lease == kv.lease && id_of(&l.key, &loads).as_deref() == Some(&id))
+                    .and_then(|l| serde_json::from_slice(&l.value).ok());
+                Some(Peer { id, address: String::from_utf8_lossy(&kv.value).into_owned(), lease: kv.lease, load })
+            })
+            .collect())
+    }
+
+    /// Whether node `id` is still registered under `lease` (the incarnation found earlier is alive).
+    ///
+    /// # Errors
+    ///
+    /// etcd's errors.
+    pub async fn is_registered(&self, id: &str, lease: i64) -> Result<bool, ClusterError> {
+        Ok(self.etcd.get(&self.key("nodes", id)).await?.is_some_and(|kv| kv.lease == lease))
+    }
+
+    /// Publishes this node's load under its lease (`load/{id}`), for other nodes' placement.
+    ///
+    /// # Errors
+    ///
+    /// etcd's errors (a lease that expired is refused with code 5).
+    pub async fn publish_load(&self, load: Load) -> Result<(), ClusterError> {
+        let value = serde_json::to_vec(&load).map_err(|e| ClusterError::BadValue {
+            key: String::from_utf8_lossy(&self.key("load", &self.id)).into_owned(),
+            what: e.to_string(),
+        })?;
+        self.etcd.put(&self.key("load", &self.id), &value, self.lease()).await?;
+        Ok(())
     }
 
     /// Deletes the session claimed with `fence`: its pointer and its owner key (its objects are the caller's

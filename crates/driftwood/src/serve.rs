@@ -42,6 +42,10 @@ pub struct ServeArgs {
     /// The address other nodes and clients reach this node at (default: http:// and the listen address).
     #[arg(long, value_name = "URL", requires = "cluster")]
     advertise: Option<String>,
+    /// The bearer token of this node's admin endpoints (`POST /v1/admin/drain` moves its sessions to other
+    /// nodes, `DELETE` ends the drain); without one they are off.
+    #[arg(long, env = "DRIFTWOOD_ADMIN_TOKEN", hide_env_values = true, requires = "cluster")]
+    admin_token: Option<String>,
     /// Seconds after a node stops (killed, stopped, cut off) until its sessions can move to other nodes.
     #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..=3600))]
     lease_ttl_secs: u64,
@@ -137,6 +141,7 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
         cluster.node_id = args.node_id.clone();
         cluster.advertise = args.advertise.clone();
         cluster.lease_ttl = Duration::from_secs(args.lease_ttl_secs);
+        cluster.admin_token = args.admin_token.clone();
         config.cluster = Some(cluster);
     }
     config.validate()?;

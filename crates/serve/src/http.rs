@@ -101,6 +101,7 @@ pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/v1/models", get(models))
         .route("/v1/sessions/{key}", get(session_info).delete(session_delete))
         .route("/v1/cluster", get(cluster_status))
+        .route("/v1/admin/drain", post(admin_drain).delete(admin_undrain))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .fallback(not_found)
@@ -112,7 +113,8 @@ async fn not_found() -> Response {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "no such endpoint").into_response()
 }
 
-/// The cluster as etcd sees it: this node, the live nodes, every session with its owner and snapshot.
+/// The cluster as etcd sees it: this node, the live nodes (with the sessions each owns and whether it drains),
+/// every session with its owner and snapshot.
 async fn cluster_status(State(state): State<Arc<AppState>>) -> Response {
     let Some(node) = state.sessions.config().cluster.clone() else {
         return ApiError::new(
@@ -123,11 +125,16 @@ async fn cluster_status(State(state): State<Arc<AppState>>) -> Response {
         )
         .into_response();
     };
-    let listed = async { Ok::<_, driftwood_cluster::ClusterError>((node.nodes().await?, node.sessions().await?)) };
+    let listed = async { Ok::<_, driftwood_cluster::ClusterError>((node.peers().await?, node.sessions().await?)) };
     match listed.await {
         Ok((nodes, sessions)) => axum::Json(json!({
             "node": node.id(),
-            "nodes": nodes.iter().map(|(id, addr)| json!({"id": id, "address": addr})).collect::<Vec<_>>(),
+            "nodes": nodes.iter().map(|p| json!({
+                "id": p.id,
+                "address": p.address,
+                "sessions": p.load.map(|l| l.sessions),
+                "draining": p.load.map(|l| l.draining),
+            })).collect::<Vec<_>>(),
             "sessions": sessions.iter().map(|(id, owner, pointer)| json!({
                 "id": id,
                 "owner": owner.as_ref().map(|o| json!({"node": o.node, "fence": o.fence})),
@@ -138,6 +145,64 @@ async fn cluster_status(State(state): State<Arc<AppState>>) -> Response {
         Err(e) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", "cluster_unavailable", e.to_string())
             .into_response(),
     }
+}
+
+/// Admits an admin request: it must carry `Authorization: Bearer` and the node's admin token.
+fn check_admin(state: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(token) = state.admin_token.as_deref() else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "admin_disabled",
+            "the admin endpoints are off: start the node with --admin-token (or DRIFTWOOD_ADMIN_TOKEN)",
+        ));
+    };
+    let given =
+        headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+    // Compared without an early exit, so the time taken does not tell how much of a guess was right.
+    let matches = given.is_some_and(|g| {
+        g.len() == token.len() && g.bytes().zip(token.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    });
+    if !matches {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            "invalid_admin_token",
+            "admin requests need `Authorization: Bearer` and the node's admin token",
+        ));
+    }
+    Ok(())
+}
+
+/// `POST /v1/admin/drain`: this node takes no new sessions, and releases the ones it owns to the others
+/// (each snapshotted first); answers when every running turn has finished and every session is released.
+async fn admin_drain(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_admin(&state, &headers) {
+        return e.into_response();
+    }
+    let started = std::time::Instant::now();
+    let sessions = state.clone();
+    let drained = tokio::task::spawn_blocking(move || sessions.sessions.drain()).await;
+    let Ok((released, failures)) = drained else {
+        return ApiError::server("internal", "the drain's thread failed").into_response();
+    };
+    let status = if failures.is_empty() { StatusCode::OK } else { StatusCode::INTERNAL_SERVER_ERROR };
+    let body = json!({
+        "draining": true,
+        "released": released,
+        "failures": failures,
+        "seconds": started.elapsed().as_secs_f64(),
+    });
+    (status, axum::Json(body)).into_response()
+}
+
+/// `DELETE /v1/admin/drain`: this node takes new sessions again.
+async fn admin_undrain(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_admin(&state, &headers) {
+        return e.into_response();
+    }
+    state.sessions.undrain().await;
+    axum::Json(json!({"draining": false})).into_response()
 }
 
 async fn health() -> Response {
@@ -390,13 +455,13 @@ fn extension(key: &Option<String>, o: &TurnOutcome) -> Value {
     json!({"session_id": key, "evaluated_tokens": o.evaluated_tokens, "restored": o.restored})
 }
 
-/// Completes once `owner` no longer holds session `key` in etcd (checked twice a lease TTL; while etcd
-/// cannot be reached, the owner is taken to hold it still).
-async fn owner_gone(state: Arc<AppState>, key: String, owner: driftwood_cluster::Owner) {
+/// Completes once node `id` is no longer alive under `lease` (checked twice a lease TTL; while etcd cannot
+/// be reached, the node is taken to be alive).
+async fn node_gone(state: Arc<AppState>, id: String, lease: i64) {
     let every = Duration::from_secs_f64((state.sessions.retry_after_secs() as f64 / 2.0).max(0.2));
     loop {
         tokio::time::sleep(every).await;
-        if let Ok(false) = state.sessions.still_owns(&key, &owner).await {
+        if let Ok(false) = state.sessions.still_alive(&id, lease).await {
             return;
         }
     }
@@ -415,7 +480,7 @@ async fn run(
     let claim: Option<Claim> = key.as_deref().map(|k| state.sessions.claim(k)).transpose()?;
     // In a cluster: only the session's owner runs its turns; a request for another node's session goes there.
     let located = match claim.as_ref() {
-        Some(claim) => state.sessions.locate(claim).await?,
+        Some(claim) => state.sessions.locate(claim, !request.was_forwarded()).await?,
         None => None,
     };
     if let (Some(elsewhere), Some(key)) = (located, key.clone()) {
@@ -428,7 +493,7 @@ async fn run(
         // The local claim kept this node's own requests for the session apart; the owner does that now.
         drop(claim);
         state.sessions.metrics.cluster_forwarded.fetch_add(1, Ordering::Relaxed);
-        let gone = owner_gone(state.clone(), key, elsewhere.owner);
+        let gone = node_gone(state.clone(), elsewhere.node.clone(), elsewhere.lease);
         return forwarder.forward(&address, &request, state.sessions.retry_after_secs(), gone).await;
     }
     let permit = state.scheduler.admit(&state.sessions.metrics).await?;

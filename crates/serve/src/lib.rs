@@ -46,6 +46,7 @@ pub mod api;
 mod forward;
 mod http;
 pub mod metrics;
+mod placement;
 pub mod sessions;
 
 use std::net::SocketAddr;
@@ -94,6 +95,8 @@ pub struct ClusterConfig {
     pub lease_ttl: Duration,
     /// Prefix of the cluster's etcd keys.
     pub prefix: String,
+    /// The bearer token the admin endpoints (`/v1/admin/…`: drain) require; without one they are off.
+    pub admin_token: Option<String>,
 }
 
 impl ClusterConfig {
@@ -105,6 +108,7 @@ impl ClusterConfig {
             advertise: None,
             lease_ttl: Duration::from_secs(5),
             prefix: driftwood_cluster::DEFAULT_PREFIX.to_string(),
+            admin_token: None,
         }
     }
 }
@@ -256,6 +260,8 @@ pub(crate) struct AppState {
     pub created: u64,
     /// In a cluster: sends requests for sessions other nodes own on to them.
     pub forwarder: Option<forward::Forwarder>,
+    /// The admin endpoints' bearer token (`None`: they are off).
+    pub admin_token: Option<String>,
 }
 
 /// A running server.
@@ -265,6 +271,7 @@ pub struct Server {
     stop: Option<oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<std::io::Result<()>>,
     reaper: tokio::task::JoinHandle<()>,
+    placer: Option<tokio::task::JoinHandle<()>>,
     node: Option<Arc<Node>>,
 }
 
@@ -345,6 +352,7 @@ impl Server {
             scheduler: http::Scheduler::new(config.workers.max(1), config.queue),
             created,
             forwarder,
+            admin_token: config.cluster.as_ref().and_then(|c| c.admin_token.clone()),
         });
         let (stop, stopped) = oneshot::channel::<()>();
         let app = http::router(state.clone(), config.max_body_bytes);
@@ -366,7 +374,19 @@ impl Server {
                 }
             })
         };
-        Ok(Server { addr, state, stop: Some(stop), task, reaper, node })
+        // In a cluster: this node's load published, and the others' read, twice a lease TTL (and once now, so
+        // that a node that joins takes new sessions at once).
+        let placer = node.as_ref().map(|node| {
+            let state = state.clone();
+            let period = (node.ttl() / 2).max(Duration::from_millis(200));
+            tokio::spawn(async move {
+                loop {
+                    state.sessions.refresh_placement().await;
+                    tokio::time::sleep(period).await;
+                }
+            })
+        });
+        Ok(Server { addr, state, stop: Some(stop), task, reaper, placer, node })
     }
 
     /// The address the server listens on.
@@ -404,6 +424,9 @@ impl Server {
         self.state.scheduler.close();
         let served = (&mut self.task).await;
         self.reaper.abort();
+        if let Some(placer) = &self.placer {
+            placer.abort();
+        }
         let state = self.state.clone();
         let (saved, failures) = tokio::task::spawn_blocking(move || state.sessions.snapshot_all()).await?;
         if let Some(node) = &self.node {

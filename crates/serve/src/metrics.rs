@@ -54,8 +54,10 @@ pub struct Metrics {
     pub cluster_fenced: AtomicU64,
     /// Cluster: requests refused because another node owns their session.
     pub cluster_owned_elsewhere: AtomicU64,
-    /// Cluster: requests forwarded to the node that owns their session.
+    /// Cluster: requests forwarded to the node that owns their session (or that it is placed on).
     pub cluster_forwarded: AtomicU64,
+    /// Cluster: new sessions placed on another, less loaded node.
+    pub cluster_placed: AtomicU64,
     restore_latency: Mutex<Histogram>,
 }
 
@@ -127,8 +129,13 @@ impl Metrics {
         );
         counter(
             "driftwood_cluster_forwarded_total",
-            "Requests forwarded to the node that owns their session.",
+            "Requests forwarded to the node that owns their session, or that a new session is placed on.",
             self.cluster_forwarded.load(Relaxed),
+        );
+        counter(
+            "driftwood_cluster_placed_total",
+            "New sessions placed on another, less loaded node.",
+            self.cluster_placed.load(Relaxed),
         );
         let batch = runtime.batch_stats();
         counter(

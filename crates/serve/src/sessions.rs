@@ -7,13 +7,14 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use axum::http::StatusCode;
-use driftwood_cluster::{Claim as Ownership, ClusterError, Fetched, Node, ObjectName, Owner, SnapshotStore};
+use driftwood_cluster::{Claim as Ownership, ClusterError, Fetched, Load, Node, ObjectName, Owner, SnapshotStore};
 use driftwood_engine::Model;
 use driftwood_host::{Actor, ActorError, Runtime};
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, Sampling};
 use crate::metrics::Metrics;
+use crate::placement::Placement;
 
 /// What a turn feeds the actor.
 #[derive(Debug, Clone)]
@@ -114,6 +115,8 @@ pub struct Sessions {
     config: SessionConfig,
     table: Mutex<HashMap<String, Arc<Slot>>>,
     live: AtomicUsize,
+    /// In a cluster: where new sessions go, and whether this node drains.
+    pub(crate) placement: Placement,
     /// The server's counters.
     pub metrics: Arc<Metrics>,
 }
@@ -169,6 +172,7 @@ impl Sessions {
             config,
             table: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
+            placement: Placement::default(),
             metrics,
         };
         // Check the module once, so that a wrong `--actor` fails at start rather than on each request.
@@ -249,21 +253,23 @@ impl Sessions {
     /// A 409 `session_owned` naming the owner (and its address in an `X-Driftwood-Owner` header) when another
     /// node owns the session; a 503 `cluster_unavailable` when etcd cannot be reached.
     pub async fn own(&self, claim: &Claim) -> Result<(), ApiError> {
-        match self.locate(claim).await? {
+        match self.locate(claim, false).await? {
             None => Ok(()),
             Some(elsewhere) => Err(elsewhere.refusal(&claim.key)),
         }
     }
 
-    /// In a cluster, claims the session for this node in etcd unless this node holds a claim already, or
-    /// finds the node that owns it: `None` when its turn runs here, else that owner. A claim newly won
-    /// starts the session from the snapshot etcd points to (whatever this node had of it is older). On one
-    /// node, `None`.
+    /// In a cluster, finds where the claimed session's turn runs: `None` for here (this node holds a claim
+    /// of it, or has just claimed it in etcd), else the node to send the request to: its owner, or, for a
+    /// session nobody owns and `may_place`, the least-loaded node (see [`Placement::choose`]). A claim newly
+    /// won starts the session from the snapshot etcd points to (whatever this node had of it is older). A
+    /// draining node claims no session that is not its own already. On one node, `None`.
     ///
     /// # Errors
     ///
-    /// A 503 `cluster_unavailable` when etcd cannot be reached.
-    pub async fn locate(&self, claim: &Claim) -> Result<Option<OwnedElsewhere>, ApiError> {
+    /// A 503 `cluster_unavailable` when etcd cannot be reached; a 503 `node_draining` when this node drains
+    /// and the session is nobody's (a request another node forwarded on a stale view of this one).
+    pub async fn locate(&self, claim: &Claim, may_place: bool) -> Result<Option<OwnedElsewhere>, ApiError> {
         let Some(node) = &self.config.cluster else { return Ok(None) };
         // A lost lease took every claim of this node with it: rejoin under a new one, and claim again.
         if node.lease_lost() {
@@ -275,6 +281,36 @@ impl Sessions {
                 return Ok(None);
             }
         }
+        let place_elsewhere = if may_place { self.placement.choose(node.id(), self.owned()) } else { None };
+        if place_elsewhere.is_some() || (!may_place && self.placement.draining()) {
+            let owner = node.owner(&claim.key).await.map_err(|e| cluster_unavailable(&e))?;
+            match (owner, place_elsewhere) {
+                (Some(owner), _) if owner.node != node.id() => return Ok(Some(self.elsewhere(node, owner).await)),
+                (Some(_), _) => {}
+                (None, Some(peer)) => {
+                    self.metrics.cluster_placed.fetch_add(1, Ordering::Relaxed);
+                    return Ok(Some(OwnedElsewhere {
+                        node: peer.id,
+                        lease: peer.lease,
+                        address: Some(peer.address),
+                        placed: true,
+                    }));
+                }
+                (None, None) => {
+                    let mut e = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "server_error",
+                        "node_draining",
+                        format!(
+                            "node `{}` is draining and takes no new sessions; send the request to another node",
+                            node.id()
+                        ),
+                    );
+                    e.retry_after = Some(1);
+                    return Err(e);
+                }
+            }
+        }
         let mut claimed = node.claim(&claim.key).await;
         if matches!(&claimed, Err(ClusterError::Etcd(e)) if e.is_lease_not_found()) {
             node.rejoin().await.map_err(|e| cluster_unavailable(&e))?;
@@ -282,36 +318,113 @@ impl Sessions {
         }
         match claimed {
             Ok(Ownership::Won { fence, lease, pointer }) => {
-                let mut state = claim.slot.lock();
-                if state.actor.take().is_some() {
-                    self.live.fetch_sub(1, Ordering::Relaxed);
+                {
+                    let mut state = claim.slot.lock();
+                    if state.actor.take().is_some() {
+                        self.live.fetch_sub(1, Ordering::Relaxed);
+                    }
+                    state.fence = Some(fence);
+                    state.claim_lease = lease;
+                    state.saved = pointer.is_some();
+                    state.object = pointer;
                 }
-                state.fence = Some(fence);
-                state.claim_lease = lease;
-                state.saved = pointer.is_some();
-                state.object = pointer;
                 self.metrics.cluster_claims.fetch_add(1, Ordering::Relaxed);
+                // Other nodes place new sessions by what this node owns: tell them now, not at the next refresh.
+                let _ = self.placement.publish(node, self.load()).await;
                 Ok(None)
             }
-            Ok(Ownership::Taken(owner)) => {
-                self.metrics.cluster_owned_elsewhere.fetch_add(1, Ordering::Relaxed);
-                let address = node.address_of(&owner.node).await.ok().flatten();
-                Ok(Some(OwnedElsewhere { owner, address }))
-            }
+            Ok(Ownership::Taken(owner)) => Ok(Some(self.elsewhere(node, owner).await)),
             Err(e) => Err(cluster_unavailable(&e)),
         }
     }
 
-    /// Whether `owner` still holds session `key` (etcd says so). An owner that stopped or died loses it when
-    /// its lease expires.
+    /// The session is `owner`'s: where to find it.
+    async fn elsewhere(&self, node: &Node, owner: Owner) -> OwnedElsewhere {
+        self.metrics.cluster_owned_elsewhere.fetch_add(1, Ordering::Relaxed);
+        let address = node.address_of(&owner.node).await.ok().flatten();
+        OwnedElsewhere { node: owner.node, lease: owner.lease, address, placed: false }
+    }
+
+    /// Whether node `id` is still alive under `lease` (an owner or placement target found earlier). A node
+    /// that stopped or died is gone once its lease expires.
     ///
     /// # Errors
     ///
     /// A 503 `cluster_unavailable` when etcd cannot be reached.
-    pub async fn still_owns(&self, key: &str, owner: &Owner) -> Result<bool, ApiError> {
+    pub async fn still_alive(&self, id: &str, lease: i64) -> Result<bool, ApiError> {
         let Some(node) = &self.config.cluster else { return Ok(false) };
-        let now = node.owner(key).await.map_err(|e| cluster_unavailable(&e))?;
-        Ok(now.as_ref() == Some(owner))
+        node.is_registered(id, lease).await.map_err(|e| cluster_unavailable(&e))
+    }
+
+    /// Sessions this node holds a claim of (a session running a turn counts: it was claimed to run it).
+    fn owned(&self) -> usize {
+        let slots: Vec<Arc<Slot>> = self.table.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect();
+        slots.iter().filter(|s| s.state.try_lock().map(|st| st.fence.is_some()).unwrap_or(true)).count()
+    }
+
+    /// What this node publishes for placement.
+    fn load(&self) -> Load {
+        Load { sessions: self.owned(), draining: self.placement.draining() }
+    }
+
+    /// In a cluster: publishes this node's load (if it changed) and reads the other nodes'. The server calls
+    /// it twice a lease TTL.
+    pub async fn refresh_placement(&self) {
+        let Some(node) = &self.config.cluster else { return };
+        if let Err(e) = self.placement.publish(node, self.load()).await {
+            tracing::debug!(error = %e, "publishing this node's load");
+        }
+        match node.peers().await {
+            Ok(peers) => self.placement.set_peers(peers),
+            Err(e) => tracing::debug!(error = %e, "reading the other nodes' loads"),
+        }
+    }
+
+    /// Drains this node without stopping it: from now on it takes no new sessions, and every session it
+    /// owns is snapshotted (unless its last turn's snapshot is in the store already), released from memory
+    /// and released in etcd, so that its next request, on any node, is placed on another node. Waits for
+    /// running turns to finish. Returns the sessions released and, for each one that could not be, why. On
+    /// one node, does nothing. Blocks; call it from a blocking thread.
+    pub fn drain(&self) -> (usize, Vec<String>) {
+        let Some(node) = &self.config.cluster else { return (0, vec![]) };
+        self.placement.set_draining(true);
+        self.tokio.block_on(self.refresh_placement());
+        let slots: Vec<(String, Arc<Slot>)> =
+            self.table.lock().unwrap_or_else(|p| p.into_inner()).iter().map(|(k, s)| (k.clone(), s.clone())).collect();
+        let (mut released, mut failures) = (0, vec![]);
+        for (key, slot) in slots {
+            let mut state = slot.lock();
+            let Some(fence) = state.fence else { continue };
+            if state.actor.is_some() && !state.saved {
+                match self.save(&key, &mut state) {
+                    Ok(()) => {}
+                    Err(SaveError::Fenced(_)) => {
+                        self.forget(&mut state);
+                        continue;
+                    }
+                    Err(e) => {
+                        failures.push(format!("session `{key}`: {e}"));
+                        continue;
+                    }
+                }
+            }
+            self.release(&mut state);
+            match self.tokio.block_on(node.release(&key, fence)) {
+                Ok(_) => {
+                    state.fence = None;
+                    released += 1;
+                }
+                Err(e) => failures.push(format!("session `{key}`: {e}")),
+            }
+        }
+        self.tokio.block_on(self.refresh_placement());
+        (released, failures)
+    }
+
+    /// Ends a drain: this node takes new sessions again.
+    pub async fn undrain(&self) {
+        self.placement.set_draining(false);
+        self.refresh_placement().await;
     }
 
     /// Runs one turn on the claimed session (or, without a claim, on a fresh actor discarded afterwards),
@@ -765,13 +878,18 @@ fn unavailable(message: String) -> ApiError {
     e
 }
 
-/// A session another node of the cluster owns.
+/// Where a session's request goes instead of here: the node that owns the session, or the node it is
+/// placed on.
 #[derive(Debug, Clone)]
 pub struct OwnedElsewhere {
-    /// The owner as etcd holds it.
-    pub owner: Owner,
+    /// That node's id.
+    pub node: String,
+    /// The lease its registration carried when it was found (while it carries it, the node is alive).
+    pub lease: i64,
     /// The address it registered (`http://host:port`), if it is still registered.
     pub address: Option<String>,
+    /// The session has no owner yet and is being placed on that node.
+    pub placed: bool,
 }
 
 impl OwnedElsewhere {
@@ -783,7 +901,7 @@ impl OwnedElsewhere {
             StatusCode::CONFLICT,
             "invalid_request_error",
             "session_owned",
-            format!("session `{key}` is running on node `{}`{at}; send its requests there", self.owner.node),
+            format!("session `{key}` is running on node `{}`{at}; send its requests there", self.node),
         );
         e.owner = self.address.clone();
         e

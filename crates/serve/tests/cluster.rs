@@ -207,3 +207,86 @@ async fn metric(server: &Server, name: &str) -> f64 {
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or_else(|| panic!("metric {name} missing from\n{text}"))
 }
+
+/// `POST` or `DELETE` to `path` on `server` with an optional bearer token: status and JSON body.
+async fn admin(server: &Server, method: reqwest::Method, path: &str, token: Option<&str>) -> (u16, Value) {
+    let mut req = reqwest::Client::new().request(method, format!("http://{}{path}", server.addr()));
+    if let Some(token) = token {
+        req = req.bearer_auth(token);
+    }
+    let resp = req.send().await.expect("request sent");
+    (resp.status().as_u16(), resp.json().await.expect("JSON body"))
+}
+
+/// The owner of every session `/v1/cluster` lists, by session id.
+async fn owners(server: &Server) -> Vec<(String, Option<String>)> {
+    let status: Value = serde_json::from_str(&get(server, "/v1/cluster").await).expect("JSON");
+    let sessions = status["sessions"].as_array().expect("sessions");
+    sessions
+        .iter()
+        .map(|s| (s["id"].as_str().unwrap_or("").to_string(), s["owner"]["node"].as_str().map(String::from)))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn new_sessions_go_to_the_least_loaded_node_and_a_drained_node_hands_its_sessions_over() {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../cluster-venv");
+    let bin = Binaries::install(&venv).unwrap_or_else(|e| panic!("installing etcd for the cluster tests: {e}"));
+    let etcd = EtcdCluster::start(&bin, 1).expect("etcd");
+    let shared = tempfile::tempdir().expect("tempdir");
+    let with_token = |id: &str| {
+        let mut c = node(shared.path(), &etcd.endpoint_list(), id);
+        c.cluster.as_mut().expect("cluster").admin_token = Some(format!("secret-{id}"));
+        c
+    };
+    let a = Server::start(with_token("a")).await.expect("node a starts");
+    let b = Server::start(node(shared.path(), &etcd.endpoint_list(), "b")).await.expect("node b starts");
+    // a started before b: let it read b's load now rather than at its next refresh.
+    a.sessions().refresh_placement().await;
+
+    // Six new sessions, all sent to a: a keeps a new one while b owns no fewer, else places it on b.
+    let first = vec![user("Who made the world?")];
+    for i in 0..6 {
+        let (status, body, headers) = chat_with(&a, &format!("s{i}"), &first, &[]).await;
+        assert_eq!(status, 200, "{body}");
+        let placed = header(&headers, "x-driftwood-served-by").is_some();
+        assert_eq!(placed, i % 2 == 1, "session s{i}: {headers:?}");
+    }
+    let owned_by = |owners: &[(String, Option<String>)], node: &str| {
+        owners.iter().filter(|(_, o)| o.as_deref() == Some(node)).count()
+    };
+    let before = owners(&a).await;
+    assert_eq!((owned_by(&before, "a"), owned_by(&before, "b")), (3, 3), "{before:?}");
+    assert_eq!(metric(&a, "driftwood_cluster_placed_total").await, 3.0);
+
+    // The admin endpoint wants a's token; b has none, so its endpoint is off.
+    assert_eq!(admin(&a, reqwest::Method::POST, "/v1/admin/drain", None).await.0, 401);
+    assert_eq!(admin(&a, reqwest::Method::POST, "/v1/admin/drain", Some("secret-b")).await.0, 401);
+    let (status, off) = admin(&b, reqwest::Method::POST, "/v1/admin/drain", Some("secret-b")).await;
+    assert_eq!((status, off["error"]["code"].as_str()), (404, Some("admin_disabled")), "{off}");
+
+    // Drain a: its three sessions are released, and every next turn, sent to a, runs on b from its snapshot.
+    let (status, drained) = admin(&a, reqwest::Method::POST, "/v1/admin/drain", Some("secret-a")).await;
+    assert_eq!(status, 200, "{drained}");
+    assert_eq!(drained["released"], 3, "{drained}");
+    eprintln!("drain of a node with 3 sessions: {} s", drained["seconds"]);
+    assert_eq!(owned_by(&owners(&a).await, "a"), 0);
+    for i in 0..6 {
+        let (_, body, _) = chat(&a, &format!("s{i}"), &first).await;
+        let turn2 = vec![first[0].clone(), assistant(&reply(&body)), user("And then?")];
+        let (status, second, headers) = chat_with(&a, &format!("s{i}"), &turn2, &[]).await;
+        assert_eq!(status, 200, "{second}");
+        assert_eq!(header(&headers, "x-driftwood-served-by"), Some(format!("http://{}", b.addr())), "s{i}");
+    }
+    let after = owners(&a).await;
+    assert_eq!(owned_by(&after, "b"), 6, "{after:?}");
+
+    // Drain ended: a takes new sessions again (b owns 6, a none).
+    assert_eq!(admin(&a, reqwest::Method::DELETE, "/v1/admin/drain", Some("secret-a")).await.0, 200);
+    let (status, body, headers) = chat_with(&a, "fresh", &first, &[]).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(header(&headers, "x-driftwood-served-by"), None, "a runs a new session itself again");
+
+    a.shutdown().await.expect("node a stops");
+    b.shutdown().await.expect("node b stops");
+}
