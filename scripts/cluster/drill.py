@@ -210,7 +210,7 @@ def run(args, procs, work):
 
     lock = threading.Lock()
     live = dict(nodes)
-    stats = {"turns": 0, "errors": [], "mismatches": 0, "not_resumed": 0, "redirects": 0, "retries": 0}
+    stats = {"turns": 0, "errors": [], "mismatches": 0, "not_resumed": 0, "redirects": 0, "retries": 0, "retry_causes": {}}
     events = []  # (name, time, sessions owned then)
     first_success_after = {}  # (event, session) -> seconds
     done_turns = [0]
@@ -244,6 +244,12 @@ def run(args, procs, work):
                         base = owner
                     else:
                         stats["retries"] += 1
+                        code = status
+                        try:
+                            code = f"{status} {json.loads(body)['error']['code']}"
+                        except (ValueError, KeyError, TypeError):
+                            pass
+                        stats["retry_causes"][str(code)] = stats["retry_causes"].get(str(code), 0) + 1
                         base = None
                 if time.time() > deadline:
                     with lock:
@@ -310,7 +316,7 @@ def run(args, procs, work):
         "sessions": args.sessions, "turns_per_session": args.turns, "turns_ok": stats["turns"],
         "errors": len(stats["errors"]), "error_examples": stats["errors"][:5], "reply_mismatches": stats["mismatches"],
         "not_resumed_after_move": stats["not_resumed"], "redirects_followed": stats["redirects"],
-        "retries": stats["retries"], "turn_latency_p50_s": pct(latencies, 0.5), "turn_latency_p99_s": pct(latencies, 0.99),
+        "retries": stats["retries"], "retry_causes": stats["retry_causes"], "turn_latency_p50_s": pct(latencies, 0.5), "turn_latency_p99_s": pct(latencies, 0.99),
         "snapshot_bytes_p50": pct(sizes, 0.5), "snapshot_bytes_max": max(sizes) if sizes else None,
         "since_fault_seconds": round(time.time() - t0, 3),
     }
