@@ -168,6 +168,12 @@ fn describe_owner(owner: &Option<Owner>) -> String {
     }
 }
 
+/// The id in `key`, a key listed under `prefix` (`…nodes/{id}`).
+fn id_under(prefix: &str, key: &[u8]) -> String {
+    let key = String::from_utf8_lossy(key);
+    key.strip_prefix(prefix).unwrap_or(&key).to_string()
+}
+
 fn owner_of(kv: &crate::etcd::KeyValue) -> Owner {
     Owner { node: String::from_utf8_lossy(&kv.value).into_owned(), fence: kv.create_revision as u64, lease: kv.lease }
 }
@@ -398,13 +404,7 @@ impl Node {
     pub async fn nodes(&self) -> Result<Vec<(String, String)>, ClusterError> {
         let prefix = format!("{}nodes/", self.prefix);
         let kvs = self.etcd.get_prefix(prefix.as_bytes()).await?;
-        Ok(kvs
-            .iter()
-            .map(|kv| {
-                let key = String::from_utf8_lossy(&kv.key);
-                (key.strip_prefix(&prefix).unwrap_or(&key).to_string(), String::from_utf8_lossy(&kv.value).into_owned())
-            })
-            .collect())
+        Ok(kvs.iter().map(|kv| (id_under(&prefix, &kv.key), String::from_utf8_lossy(&kv.value).into_owned())).collect())
     }
 
     /// The live nodes with their registrations' leases and published loads, by id.
@@ -416,16 +416,15 @@ impl Node {
         let (nodes, loads) = (format!("{}nodes/", self.prefix), format!("{}load/", self.prefix));
         let registered = self.etcd.get_prefix(nodes.as_bytes()).await?;
         let published = self.etcd.get_prefix(loads.as_bytes()).await?;
-        let id_of = |key: &[u8], prefix: &str| String::from_utf8_lossy(key).strip_prefix(prefix).map(str::to_string);
         Ok(registered
             .iter()
-            .filter_map(|kv| {
-                let id = id_of(&kv.key, &nodes)?;
+            .map(|kv| {
+                let id = id_under(&nodes, &kv.key);
                 let load = published
                     .iter()
-                    .find(|l| l.lease == kv.lease && id_of(&l.key, &loads).as_deref() == Some(&id))
+                    .find(|l| l.lease == kv.lease && id_under(&loads, &l.key) == id)
                     .and_then(|l| serde_json::from_slice(&l.value).ok());
-                Some(Peer { id, address: String::from_utf8_lossy(&kv.value).into_owned(), lease: kv.lease, load })
+                Peer { id, address: String::from_utf8_lossy(&kv.value).into_owned(), lease: kv.lease, load }
             })
             .collect())
     }

@@ -90,10 +90,9 @@ impl Forwarder {
                 outgoing = outgoing.header(name, value);
             }
         }
-        let answer = match future::select(Box::pin(outgoing.send()), gone.clone()).await {
-            Either::Left((answer, _)) => answer.map_err(|e| unreachable(format!("cannot be reached ({e})")))?,
-            Either::Right(((), _)) => return Err(unreachable("lost the session before answering".into())),
-        };
+        let lost = || unreachable("lost the session before answering".into());
+        let answer = before(outgoing.send(), gone.clone()).await.ok_or_else(lost)?;
+        let answer = answer.map_err(|e| unreachable(format!("cannot be reached ({e})")))?;
         let mut response = Response::builder().status(answer.status());
         for name in RESPONSE_HEADERS.iter().chain([&HeaderName::from_static("x-driftwood-owner")]) {
             if let Some(value) = answer.headers().get(name) {
@@ -104,15 +103,19 @@ impl Forwarder {
         // An answer of known length (JSON) is read whole and sent with its length; a stream of events is
         // passed through as the owner produces it.
         let body = if answer.content_length().is_some() {
-            match future::select(Box::pin(answer.bytes()), gone).await {
-                Either::Left((bytes, _)) => {
-                    Body::from(bytes.map_err(|e| unreachable(format!("broke off its answer ({e})")))?)
-                }
-                Either::Right(((), _)) => return Err(unreachable("lost the session before answering".into())),
-            }
+            let bytes = before(answer.bytes(), gone).await.ok_or_else(lost)?;
+            Body::from(bytes.map_err(|e| unreachable(format!("broke off its answer ({e})")))?)
         } else {
             Body::from_stream(answer.bytes_stream().map(|chunk| chunk.map_err(std::io::Error::other)).take_until(gone))
         };
         response.body(body).map_err(|e| ApiError::server("internal", format!("forwarded answer: {e}")))
+    }
+}
+
+/// `work`'s output, or `None` if `gone` completes first.
+async fn before<T>(work: impl Future<Output = T>, gone: impl Future<Output = ()>) -> Option<T> {
+    match future::select(Box::pin(work), Box::pin(gone)).await {
+        Either::Left((done, _)) => Some(done),
+        Either::Right(((), _)) => None,
     }
 }

@@ -484,12 +484,11 @@ async fn run(
         None => None,
     };
     if let (Some(elsewhere), Some(key)) = (located, key.clone()) {
-        let (Some(address), Some(forwarder)) = (elsewhere.address.clone(), state.forwarder.as_ref()) else {
+        // A request forwarded once already is not forwarded again.
+        let forwarder = state.forwarder.as_ref().filter(|_| !request.was_forwarded());
+        let (Some(address), Some(forwarder)) = (elsewhere.address.clone(), forwarder) else {
             return Err(elsewhere.refusal(&key));
         };
-        if request.was_forwarded() {
-            return Err(elsewhere.refusal(&key));
-        }
         // The local claim kept this node's own requests for the session apart; the owner does that now.
         drop(claim);
         state.sessions.metrics.cluster_forwarded.fetch_add(1, Ordering::Relaxed);

@@ -11,6 +11,13 @@ use driftwood_cluster::testkit::{Binaries, EtcdCluster};
 use driftwood_serve::{ClusterConfig, ServeConfig, Server};
 use serde_json::{Value, json};
 
+/// One etcd member on loopback, from the binaries the tests install.
+fn start_etcd() -> EtcdCluster {
+    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../cluster-venv");
+    let bin = Binaries::install(&venv).unwrap_or_else(|e| panic!("installing etcd for the cluster tests: {e}"));
+    EtcdCluster::start(&bin, 1).expect("etcd")
+}
+
 fn model_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../models/driftwood-mini")
 }
@@ -82,9 +89,7 @@ async fn get(server: &Server, path: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_share_sessions_one_at_a_time() {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../cluster-venv");
-    let bin = Binaries::install(&venv).unwrap_or_else(|e| panic!("installing etcd for the cluster tests: {e}"));
-    let etcd = EtcdCluster::start(&bin, 1).expect("etcd");
+    let etcd = start_etcd();
     let shared = tempfile::tempdir().expect("tempdir");
     let alone = tempfile::tempdir().expect("tempdir");
     let a = Server::start(node(shared.path(), &etcd.endpoint_list(), "a")).await.expect("node a starts");
@@ -230,9 +235,7 @@ async fn owners(server: &Server) -> Vec<(String, Option<String>)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn new_sessions_go_to_the_least_loaded_node_and_a_drained_node_hands_its_sessions_over() {
-    let venv = Path::new(env!("CARGO_TARGET_TMPDIR")).join("../cluster-venv");
-    let bin = Binaries::install(&venv).unwrap_or_else(|e| panic!("installing etcd for the cluster tests: {e}"));
-    let etcd = EtcdCluster::start(&bin, 1).expect("etcd");
+    let etcd = start_etcd();
     let shared = tempfile::tempdir().expect("tempdir");
     let with_token = |id: &str| {
         let mut c = node(shared.path(), &etcd.endpoint_list(), id);
