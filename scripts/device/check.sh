@@ -12,9 +12,9 @@
 #             (scripts/device/kernels/check_prefill_kernels.py): $out/kernels.json
 #   smoke     verify on the pinned and managed placements (JSON), and `bench gpu` on the bundled model:
 #             logits and greedy tokens against the CPU backend (decode, and prefill from position 0 and after
-#             a cached prefix), prefill times, batch-1 and batched decode
-#   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model (8 sequences past one
-#             256-key attention split), whose prefills run
+#             a cached prefix), prefill times, batch-1 and batched decode (5 sequences, run padded to 8, and 16)
+#   sanitize  compute-sanitizer memcheck over a short `bench gpu` run on the bundled model (6 sequences, run
+#             with 2 padding steps, past one 256-key attention split), whose prefills run
 #             in chunks of 64 tokens
 #   peers     a Llama-3.2-1B-shaped random bf16 model generated on the device (bench/peers/make_llama1b.py);
 #             transformers eager, a static-cache CUDA-graph PyTorch loop and a batched PyTorch decode on it,
@@ -27,7 +27,7 @@
 #             4096 tokens
 #   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU: $out/resume.txt
 #   serve     (not in the default set) 64 sessions x 5 turns through the server's continuous batching on the
-#             GPU (serve_load), beside `bench gpu` at 64 sequences x 256 tokens: $out/serve-cuda.json,
+#             GPU (serve_load), beside `bench gpu` at 32 and 64 sequences x 256 tokens: $out/serve-cuda.json,
 #             $out/gpu-serve-raw.json
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
@@ -70,14 +70,14 @@ for stage in $stages; do
             run "$bin" verify --backend cuda --placement "$p" --json > "$out/verify-$p.json" 2> "/tmp/verify-$p.log"
         done
         step "bench gpu (bundled model)"
-        run "$bin" bench gpu --gen-tokens 64 --check-tokens 32 --batch 16 --context 256 --batch-steps 8 \
+        run "$bin" bench gpu --gen-tokens 64 --check-tokens 32 --batch 5,16 --context 256 --batch-steps 8 \
             --out "$out/gpu-mini.json" > /dev/null 2> "$out/gpu-mini.log"
         ;;
     sanitize)
         step "compute-sanitizer memcheck"
         sanitizer=$(command -v compute-sanitizer || echo /usr/local/cuda/bin/compute-sanitizer)
         run "$sanitizer" --tool memcheck --leak-check full --error-exitcode 3 \
-            "$bin" bench gpu --prompt-tokens 8 --gen-tokens 8 --check-tokens 4 --batch 8 --context 300 \
+            "$bin" bench gpu --prompt-tokens 8 --gen-tokens 8 --check-tokens 4 --batch 6 --context 300 \
             --batch-steps 2 --prefill-chunk 64 --prefill-check-tokens 200 --prefill-tokens 200 --prefill-reps 1 \
             --no-write > "$out/memcheck.log" 2>&1
         tail -5 "$out/memcheck.log" >&2
@@ -127,17 +127,17 @@ for stage in $stages; do
     serve)
         # Serving on the GPU next to the raw batched bench: 64 sessions × 5 turns through the server's
         # continuous batching (serve_load, built here: cargo build --release -p driftwood-serve --example
-        # serve_load, stripped to target/device/serve_load), then `bench gpu` at 64 sequences × 256 tokens,
-        # about the sessions' contexts. Sessions hold 2048 tokens (the random-weight model's replies tokenize
+        # serve_load, stripped to target/device/serve_load), then `bench gpu` at 32 and 64 sequences × 256
+        # tokens, about the sessions' contexts (the server's passes carry 30-40 sequences on average). Sessions hold 2048 tokens (the random-weight model's replies tokenize
         # long, and five turns pass 512) in 160 MiB of managed memory each (64 MiB of it KV cache).
         llama1b_model
         step "serve_load --backend cuda (Llama-3.2-1B-shaped, 64 sessions x 5 turns)"
         run "${SERVE_LOAD_BIN:-target/device/serve_load}" --backend cuda --model "$models/llama1b" --sessions 64 \
             --turns 5 --workers 64 --max-tokens 32 --max-seq 2048 --memory-mib 160 --out "$out/serve-cuda.json" > /dev/null 2> "$out/serve-cuda.log"
         tail -2 "$out/serve-cuda.log" >&2
-        step "bench gpu: 64 sequences x 256 tokens"
+        step "bench gpu: 32 and 64 sequences x 256 tokens"
         run "$bin" bench gpu --model "$models/llama1b" --skip-cpu --prompt-tokens 16 --gen-tokens 16 \
-            --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 --batch 64 --context 256 \
+            --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 --batch 32,64 --context 256 \
             --batch-steps 32 --out "$out/gpu-serve-raw.json" > /dev/null 2> "$out/gpu-serve-raw.log"
         ;;
     ttft)

@@ -346,6 +346,24 @@ impl Runtime {
         Ok(())
     }
 
+    /// Prepares batched decode of `model` for up to `max_batch` actors whose caches hold `max_seq` rows, on
+    /// the CUDA backend: the matrix products of each batch size are planned and its step captured as a graph
+    /// ([`Model::warm_decode_cuda`]), which the first pass of each size would otherwise do, tens of
+    /// milliseconds each. Returns how many batch sizes were prepared: 0 on the CPU backend, which has nothing
+    /// to prepare.
+    ///
+    /// # Errors
+    ///
+    /// `max_seq` of 0 or past the model's context; a device error.
+    pub fn warm_decode(&self, model: &Model, max_seq: usize, max_batch: usize) -> anyhow::Result<usize> {
+        match &*self.device {
+            Device::Cuda(cuda) => model
+                .warm_decode_cuda(cuda, max_seq, max_batch)
+                .map_err(|e| anyhow::anyhow!("cannot prepare batched decode on {}: {e}", cuda.device_name())),
+            Device::Cpu(_) => Ok(0),
+        }
+    }
+
     /// The KV cache dtype `model_info` recommends to this runtime's actors ([`RuntimeConfig::kv_dtype`]).
     pub fn kv_dtype(&self) -> DType {
         self.config.kv_dtype.unwrap_or(match &*self.device {

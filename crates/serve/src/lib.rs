@@ -318,6 +318,17 @@ impl Server {
         })?;
         // On a GPU the weights go to the device now, once, before any actor runs (see `Runtime::add_model`).
         runtime.add_model("default", model.clone())?;
+        if runtime.batch_window().is_some() {
+            let started = std::time::Instant::now();
+            let max_batch = config.max_live.max(1);
+            let sizes = runtime.warm_decode(&model, max_seq as usize, max_batch)?;
+            if sizes > 0 {
+                eprintln!(
+                    "driftwood serve: batched decode prepared for {sizes} batch sizes up to {max_batch} in {:.2} s",
+                    started.elapsed().as_secs_f64()
+                );
+            }
+        }
         let store = match config.store.to_str() {
             Some(url) if url.contains("://") => SnapshotStore::open(url)?,
             _ => SnapshotStore::local(&config.store)?,

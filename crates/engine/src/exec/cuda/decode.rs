@@ -14,7 +14,7 @@
 //! their bus transfer with the weight reads of earlier layers, at the cost of copying them every step
 //! (1.371 → 1.322 ms/token pinned, with launches early).
 
-use driftwood_backend::cuda::{ATTN_FEW_SEQS, ATTN_MAX_CHUNK, CudaBackend, DeviceTensor, Exec, SeqStep};
+use driftwood_backend::cuda::{ATTN_FEW_SEQS, ATTN_MAX_CHUNK, CudaBackend, DeviceTensor, Exec, MAX_BATCH, SeqStep};
 use driftwood_backend::{BackendError, DType};
 
 use super::weights::GpuModel;
@@ -23,10 +23,25 @@ use crate::{EngineError, Model};
 /// Keys per split of decode attention: for a few sequences, small, so that a short context still spreads over
 /// many blocks (32 measured best for `attn_lanes` at batch 1); for many, 256, which fill the device anyway (64
 /// sequences × 1024 tokens stepped in 2.76 ms at 256 keys per split, 3.20 at 128; again 3.36 against 3.49 after
-/// `attn_split` staged its rows in shared memory; H200, Llama-3.2-1B-shaped).
+/// `attn_split` staged its rows in shared memory; H200, Llama-3.2-1B-shaped; 512 keys per split: 2.62 ms
+/// against 2.57 at 256, H100).
 fn attn_chunk(batch: usize) -> usize {
     if batch < ATTN_FEW_SEQS { 32 } else { ATTN_MAX_CHUNK }
 }
+
+/// The batch size a step of `b` sequences runs at: `b` padded up to a power of two to 64, then to a multiple
+/// of 32. Each size runs its own graph and its own measured GEMM plans, whose first use costs tens of
+/// milliseconds (the plans' trials and the capture); a server whose passes carry every size from 1 to 64
+/// paid that for each size (64 sessions × 5 turns on an H100: 293 passes took 4.2 s, 14 ms each, where one
+/// batched step of 64 takes 2.0 ms). Padding steps cost little: the products are bound by the weights' bytes
+/// up to about 64 rows, and a padding step attends to one key.
+fn graph_batch(b: usize) -> usize {
+    if b <= 64 { b.next_power_of_two() } else { b.next_multiple_of(32) }
+}
+
+/// Batch-1 graphs write into their sequence's logits (the key holds its address): at most this many are
+/// kept, so that a server that sees many actors over its life does not keep a graph for each.
+const MAX_SINGLE_GRAPHS: usize = 64;
 
 /// Scratch of a step for up to `batch` sequences (device memory).
 #[derive(Debug)]
@@ -42,6 +57,10 @@ pub(crate) struct GpuScratch {
     att_bf: DeviceTensor, // (b, q_dim) bf16
     act_bf: DeviceTensor, // (b, intermediate) bf16
     logits: DeviceTensor, // (b, vocab) f32
+    /// (layer, {k, v}, 1, kv_dim) bf16: the one-row cache of every padding step ([`graph_batch`]).
+    pad_kv: DeviceTensor,
+    /// (vocab) f32: where padding steps' logits go (never read).
+    pad_logits: DeviceTensor,
     splits: usize,
     /// (layer, {k, v}, max_seq, kv_dim) bf16: batch 1's pinned cache rows, copied here during the step. None
     /// when not asked for, or when the device could not spare it (the step then reads the cache directly).
@@ -74,6 +93,8 @@ impl GpuScratch {
             att_bf: z(qd, 2)?,
             act_bf: z(ff, 2)?,
             logits: z(c.vocab_size, 4)?,
+            pad_kv: dev.alloc_zeroed(m.kv_bytes(1, DType::BF16))?,
+            pad_logits: dev.alloc_zeroed(c.vocab_size * 4)?,
             splits,
             // The stage is an optimization: without device memory for it the step still runs.
             stage: if stage_bytes > 0 { dev.alloc_zeroed(stage_bytes).ok() } else { None },
@@ -91,7 +112,33 @@ impl Model {
     /// [`EngineError::Request`] when a token is outside the vocabulary, a position is past its cache or the
     /// model's context, or a cache or logits buffer is not in device-addressable memory; driver errors.
     pub fn decode_step_cuda(&self, dev: &CudaBackend, steps: &[SeqStep]) -> Result<(), EngineError> {
-        self.decode_step_cuda_inner(dev, steps, false).map(|_| ())
+        self.decode_step_cuda_inner(dev, steps, false, (0, 0)).map(|_| ())
+    }
+
+    /// Plans the products and captures the graph of every batch size from 2 to `max_batch` (as padded:
+    /// [`graph_batch`]) for caches of `max_seq` rows, by running a step of padding only at each; returns how
+    /// many sizes that was. A server calls this once at its start, so that the first passes of each size do not
+    /// pay tens of milliseconds for it. (Batch 1 captures one graph per logits buffer, on first use.)
+    ///
+    /// # Errors
+    ///
+    /// [`EngineError::Request`] when `max_seq` is 0 or past the model's context; driver errors.
+    pub fn warm_decode_cuda(&self, dev: &CudaBackend, max_seq: usize, max_batch: usize) -> Result<usize, EngineError> {
+        if max_seq == 0 || max_seq > self.config().max_position_embeddings {
+            return Err(EngineError::Request(format!(
+                "caches of {max_seq} rows: the model's context is {}",
+                self.config().max_position_embeddings
+            )));
+        }
+        let mut sizes = 0;
+        let mut b = 2;
+        while b <= max_batch.min(MAX_BATCH) {
+            let padded = graph_batch(b);
+            self.decode_step_cuda_inner(dev, &[], false, (padded, max_seq))?;
+            sizes += 1;
+            b = padded + 1;
+        }
+        Ok(sizes)
     }
 
     /// [`Model::decode_step_cuda`] with its kernels launched one by one (no graph, no early launch) between
@@ -107,16 +154,19 @@ impl Model {
         dev: &CudaBackend,
         steps: &[SeqStep],
     ) -> Result<Vec<(&'static str, f32)>, EngineError> {
-        self.decode_step_cuda_inner(dev, steps, true).map(Option::unwrap_or_default)
+        self.decode_step_cuda_inner(dev, steps, true, (0, 0)).map(Option::unwrap_or_default)
     }
 
+    /// One step of `steps`, padded to at least `min_batch` sequences and run as if the caches held at least
+    /// `min_seq` rows (both 0 but for [`Model::warm_decode_cuda`]).
     fn decode_step_cuda_inner(
         &self,
         dev: &CudaBackend,
         steps: &[SeqStep],
         timed: bool,
+        (min_batch, min_seq): (usize, usize),
     ) -> Result<Option<Vec<(&'static str, f32)>>, EngineError> {
-        if steps.is_empty() {
+        if steps.is_empty() && min_batch < 2 {
             return Ok(None);
         }
         for s in steps {
@@ -127,8 +177,9 @@ impl Model {
             self.check_gpu_buffers(dev, s.kv, max_seq, s.logits)?;
         }
         let gpu = self.gpu(dev)?;
-        let b = steps.len();
-        let max_seq = steps.iter().map(|s| s.max_seq as usize).max().unwrap_or(1);
+        let real = steps.len();
+        let b = graph_batch(real.max(min_batch)).min(MAX_BATCH).max(real);
+        let max_seq = steps.iter().map(|s| s.max_seq as usize).max().unwrap_or(1).max(min_seq);
         let chunk = attn_chunk(b);
         let splits = max_seq.div_ceil(chunk);
         // One sequence whose cache is in pinned host memory: attention would read every earlier row across the
@@ -158,6 +209,23 @@ impl Model {
                 &*slot.insert(GpuScratch::new(self, dev, batch, had_splits.max(splits), stage)?)
             }
         };
+        // Padding steps: token 0 at position 0 of a one-row cache, logits into a buffer nobody reads. They all
+        // share those two buffers (what they write there is never used).
+        let padded: Vec<SeqStep>;
+        let steps = if b > real {
+            let pad = SeqStep {
+                kv: scratch.pad_kv.addr(),
+                logits: scratch.pad_logits.addr(),
+                pos: 0,
+                max_seq: 1,
+                token: 0,
+                ..Default::default()
+            };
+            padded = steps.iter().copied().chain(std::iter::repeat_n(pad, b - real)).collect();
+            &padded[..]
+        } else {
+            steps
+        };
         let stage = match (&scratch.stage, staged) {
             (Some(t), true) => t.addr(),
             _ => 0,
@@ -176,6 +244,12 @@ impl Model {
             let times =
                 exec.time_marks(|e| self.record_step(e, gpu, scratch, (b, chunk, splits), (steps[0].logits, stage)))?;
             return Ok(Some(times));
+        }
+        if b == 1 && !state.graphs.contains_key(&key) {
+            let singles: Vec<_> = state.graphs.keys().filter(|k| k.0 == 1).copied().collect();
+            if singles.len() >= MAX_SINGLE_GRAPHS {
+                singles.into_iter().for_each(|k| drop(state.graphs.remove(&k)));
+            }
         }
         let graph = match state.graphs.entry(key) {
             std::collections::hash_map::Entry::Occupied(g) => g.into_mut(),
