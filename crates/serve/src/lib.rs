@@ -318,13 +318,13 @@ impl Server {
         })?;
         // On a GPU the weights go to the device now, once, before any actor runs (see `Runtime::add_model`).
         runtime.add_model("default", model.clone())?;
+        let max_live = config.max_live.max(1);
         if runtime.batch_window().is_some() {
             let started = std::time::Instant::now();
-            let max_batch = config.max_live.max(1);
-            let sizes = runtime.warm_decode(&model, max_seq as usize, max_batch)?;
+            let sizes = runtime.warm_decode(&model, max_seq as usize, max_live)?;
             if sizes > 0 {
                 eprintln!(
-                    "driftwood serve: batched decode prepared for {sizes} batch sizes up to {max_batch} in {:.2} s",
+                    "driftwood serve: batched decode prepared for {sizes} batch sizes up to {max_live} in {:.2} s",
                     started.elapsed().as_secs_f64()
                 );
             }
@@ -344,12 +344,8 @@ impl Server {
             None => None,
         };
         let forwarder = node.as_ref().map(|n| forward::Forwarder::new(n.id().to_string(), Duration::from_secs(2)));
-        let session_config = SessionConfig {
-            max_seq,
-            hibernate_after: config.hibernate_after,
-            max_live: config.max_live.max(1),
-            cluster: node.clone(),
-        };
+        let session_config =
+            SessionConfig { max_seq, hibernate_after: config.hibernate_after, max_live, cluster: node.clone() };
         let sessions =
             tokio::task::spawn_blocking(move || Sessions::new(runtime, model, wasm, store, session_config, metrics))
                 .await??;
