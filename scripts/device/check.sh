@@ -25,7 +25,8 @@
 #             sequences × 1024 tokens (each batch size's greedy tokens checked against the CPU backend)
 #   snapshot  session snapshot save/restore vs re-prefill on the GPU (pinned and managed actors) at 24, 1024,
 #             4096 tokens
-#   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU: $out/resume.txt
+#   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU; whole actors
+#             (managed and pinned) saved and resumed on the GPU: $out/resume.txt
 #   serve     (not in the default set) 64 sessions x 5 turns through the server's continuous batching on the
 #             GPU (serve_load), beside `bench gpu` at 32 and 64 sequences x 256 tokens: $out/serve-cuda.json,
 #             $out/gpu-serve-raw.json
@@ -122,6 +123,24 @@ for stage in $stages; do
             { echo "saved on $1, resumed on $2: continuation equals $2's unbroken run: $same"
               echo "  unbroken: $whole"; echo "  resumed:  $joined"; } >> "$out/resume.txt"
         done
+        # Whole actors saved and resumed on the GPU: a managed actor's snapshot takes its KV rows from the
+        # device (crates/host/src/kv_rows.rs), a pinned actor's reads its memory from the CPU. Each continuation
+        # must equal the unbroken CUDA run; the two files are compared byte for byte (recorded).
+        step "whole-actor snapshots on the GPU (bundled model), managed and pinned"
+        for p in managed pinned; do
+            run gen --backend cuda --placement "$p" --prompt "Once upon a time" --max-tokens 16 \
+                --save-actor "$d/actor-$p.dwa" > "$d/actor-first-$p.txt"
+            run gen --backend cuda --placement "$p" --resume-actor "$d/actor-$p.dwa" --max-tokens 16 \
+                > "$d/actor-resumed-$p.txt"
+            whole=$(cat "$d/whole-cuda.txt"); joined="$(cat "$d/actor-first-$p.txt")$(cat "$d/actor-resumed-$p.txt")"
+            same=$([ "$whole" = "$joined" ] && echo yes || echo no)
+            [ "$same" = yes ] || { echo "FAILED: the $p actor's resumed run differs" >&2; status=1; }
+            { echo "actor saved and resumed on cuda ($p): continuation equals the unbroken run: $same"
+              echo "  resumed:  $joined"; } >> "$out/resume.txt"
+        done
+        identical=$(cmp -s "$d/actor-managed.dwa" "$d/actor-pinned.dwa" && echo yes || echo no)
+        echo "managed actor snapshot (KV rows from the device) byte-identical to the pinned one's: $identical" \
+            >> "$out/resume.txt"
         cat "$out/resume.txt" >&2
         ;;
     serve)

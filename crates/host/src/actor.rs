@@ -110,10 +110,9 @@ pub(crate) struct ActorState {
     pub(crate) kv_dtype: driftwood_backend::DType,
     /// Whether the actor's memory is CUDA managed memory (restored pages are then prefetched to the device).
     pub(crate) managed: bool,
-    /// With managed memory: the KV cache (offsets in the actor's memory) its last `forward` named, moved back
-    /// to the device after a snapshot has read it from the CPU ([`ActorState::return_to_device`]). A hint
-    /// about where the device's next work is, not session state: nothing depends on it being right.
-    pub(crate) kv_hint: Option<std::ops::Range<usize>>,
+    /// With managed memory: the KV cache rows the host wrote (`forward`, `session_load`), which a whole-actor
+    /// snapshot copies from the device instead of reading the cache from the CPU (see `kv_rows`).
+    pub(crate) kv: crate::kv_rows::KvTrace,
 }
 
 /// A session save whose remaining work (writing, `fsync`, rename, directory `fsync`) runs off the actor's thread.
@@ -169,7 +168,7 @@ impl ActorState {
             shutdown,
             kv_dtype: crate::CPU_KV_DTYPE,
             managed: false,
-            kv_hint: None,
+            kv: Default::default(),
         }
     }
 
@@ -497,9 +496,9 @@ impl Actor {
         path: &std::path::Path,
         metadata: std::collections::BTreeMap<String, String>,
     ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
-        let image = self.snapshot_image(metadata)?;
-        let written = driftwood_snapshot::write_actor(path, &image, self.memory.data(&self.store));
-        self.return_kv_to_device();
+        let written = self.write_image(metadata, |image, memory, overlay| {
+            driftwood_snapshot::write_actor_overlaid(path, image, memory, overlay)
+        })?;
         let stats =
             written.map_err(|e| ActorError::Host(format!("cannot write actor snapshot {}: {e}", path.display())))?;
         self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
@@ -517,23 +516,61 @@ impl Actor {
         w: &mut dyn std::io::Write,
         metadata: std::collections::BTreeMap<String, String>,
     ) -> Result<driftwood_snapshot::ActorWriteStats, ActorError> {
-        let image = self.snapshot_image(metadata)?;
-        let written = driftwood_snapshot::write_actor_to(w, &image, self.memory.data(&self.store));
-        self.return_kv_to_device();
+        let written = self.write_image(metadata, |image, memory, overlay| {
+            driftwood_snapshot::write_actor_to_overlaid(w, image, memory, overlay)
+        })?;
         let stats = written.map_err(|e| ActorError::Host(format!("cannot write actor snapshot: {e}")))?;
         self.store.data().record_copy(CopyKind::Snapshot, stats.bytes as usize);
         Ok(stats)
     }
 
-    /// After a whole-actor snapshot read every committed page from the CPU: with managed memory, the KV cache
-    /// of the actor's last forward goes back to the device ([`ActorState::return_to_device`]).
-    fn return_kv_to_device(&self) {
-        let state = self.store.data();
-        if let Some(kv) = &state.kv_hint
-            && kv.end <= self.memory.data_size(&self.store)
-        {
-            state.return_to_device(self.memory.data_ptr(&self.store), kv);
+    /// Runs `write` on the snapshot's image and memory. With managed memory on the CUDA backend and one KV
+    /// cache written by the host, the cache's written rows are first copied from the device and stand in for
+    /// the cache's range ([`MemoryOverlay`](driftwood_snapshot::MemoryOverlay)), so the writer never reads the
+    /// cache from the CPU; otherwise `write` reads the whole memory, and the cache of the last forward is then
+    /// moved back to the device ([`ActorState::return_to_device`]).
+    fn write_image<T>(
+        &mut self,
+        metadata: std::collections::BTreeMap<String, String>,
+        write: impl FnOnce(&driftwood_snapshot::ActorImage, &[u8], &driftwood_snapshot::MemoryOverlay<'_>) -> T,
+    ) -> Result<T, ActorError> {
+        let image = self.snapshot_image(metadata)?;
+        let copied = self.copy_kv_rows();
+        let overlay = match &copied {
+            Some((rows, copy)) => {
+                driftwood_snapshot::MemoryOverlay { range: rows.range.clone(), pieces: rows.pieces(copy) }
+            }
+            None => Default::default(),
+        };
+        let written = write(&image, self.memory.data(&self.store), &overlay);
+        if copied.is_none() {
+            let state = self.store.data();
+            if let Some(kv) = state.kv.last_range()
+                && kv.end <= self.memory.data_size(&self.store)
+            {
+                state.return_to_device(self.memory.data_ptr(&self.store), kv);
+            }
         }
+        Ok(written)
+    }
+
+    /// The device's copy of the KV rows the host wrote, when the actor's memory is CUDA managed memory and it
+    /// has one cache (see `kv_rows`); `None` (the snapshot then reads the memory from the CPU) otherwise, or if
+    /// the copy fails.
+    fn copy_kv_rows(&self) -> Option<(crate::kv_rows::KvRows, Vec<u8>)> {
+        let state = self.store.data();
+        let Device::Cuda(cuda) = &*state.device else { return None };
+        let rows = state.kv.one().filter(|_| state.managed)?.clone();
+        if rows.range.end > self.memory.data_size(&self.store) {
+            return None;
+        }
+        let mut copy = vec![0u8; rows.blocks * rows.used()];
+        let base = self.memory.data_ptr(&self.store) as u64 + rows.range.start as u64;
+        // SAFETY: the blocks lie inside the actor's memory (checked above), managed memory the device can read.
+        // A snapshot is taken between calls: the guest is idle and every pass that wrote this cache has
+        // completed before its call returned, so nothing writes these bytes during the copy (condition 1).
+        let read = unsafe { cuda.read_blocks(base, rows.block as u64, rows.blocks, &mut copy) };
+        read.ok().map(|()| (rows, copy))
     }
 
     /// Everything of a snapshot but the memory's contents.

@@ -40,6 +40,7 @@ mod actor;
 mod batch;
 mod error;
 mod hibernate;
+mod kv_rows;
 mod limits;
 mod runtime;
 

@@ -238,13 +238,51 @@ fn unique_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String
     d.deserialize_map(V)
 }
 
+/// Bytes of one range of an actor's memory that a snapshot takes from elsewhere than the memory itself: a copy
+/// the caller made of them (a device's copy of a KV cache, say), so that the writer never reads that range of
+/// the memory. Bytes of `range` outside every piece are written as zero.
+#[derive(Clone, Debug, Default)]
+pub struct MemoryOverlay<'a> {
+    /// Byte offsets in the memory that the overlay stands for (empty: no overlay).
+    pub range: Range<usize>,
+    /// Each piece's first byte's offset in the memory, and its bytes: inside `range`, not overlapping.
+    pub pieces: Vec<(usize, &'a [u8])>,
+}
+
+/// Where a page's stored bytes lie: the memory, or one overlay piece (by its index).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    Memory,
+    Piece(usize),
+}
+
+/// One stored run of consecutive pages.
+enum Run {
+    /// A byte range of one source.
+    Borrowed(Source, Range<usize>),
+    /// Pages put together from the memory, the overlay's zeros and pieces (pages across their edges).
+    Composed(Vec<u8>),
+}
+
+impl Run {
+    fn bytes<'a>(&'a self, memory: &'a [u8], pieces: &[(usize, &'a [u8])]) -> &'a [u8] {
+        match self {
+            Run::Borrowed(Source::Memory, r) => &memory[r.clone()],
+            Run::Borrowed(Source::Piece(i), r) => &pieces[*i].1[r.clone()],
+            Run::Composed(v) => v,
+        }
+    }
+}
+
 /// A validated image and memory, ready to stream.
 struct Prepared<'m> {
     fixed: [u8; FIXED_HEADER_BYTES],
     json: Vec<u8>,
     index: Vec<u8>,
-    /// Byte ranges of `memory` made of consecutive stored pages, in order.
-    runs: Vec<&'m [u8]>,
+    /// The stored pages' bytes, in order, in `memory` and `pieces`.
+    runs: Vec<Run>,
+    memory: &'m [u8],
+    pieces: Vec<(usize, &'m [u8])>,
     stats: ActorWriteStats,
 }
 
@@ -257,7 +295,79 @@ fn is_zero(page: &[u8]) -> bool {
     page.chunks(64).all(|c| c.iter().fold(0u8, |a, &b| a | b) == 0)
 }
 
-fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, SnapshotError> {
+/// The overlay's pieces sorted by offset, checked to lie inside its range, and its range inside the memory.
+fn check_overlay<'a>(overlay: &MemoryOverlay<'a>, memory_len: usize) -> Result<Vec<(usize, &'a [u8])>, SnapshotError> {
+    let range = &overlay.range;
+    if range.start > range.end || range.end > memory_len {
+        return Err(bad("overlay", format!("range {range:?} is not inside the {memory_len}-byte memory")));
+    }
+    let mut pieces: Vec<(usize, &[u8])> = overlay.pieces.iter().copied().filter(|(_, b)| !b.is_empty()).collect();
+    pieces.sort_by_key(|&(at, _)| at);
+    let mut end = range.start;
+    for &(at, bytes) in &pieces {
+        if at < end || at.checked_add(bytes.len()).is_none_or(|e| e > range.end) {
+            return Err(bad(
+                "overlay",
+                format!("a piece of {} bytes at {at} overlaps another or leaves the range {range:?}", bytes.len()),
+            ));
+        }
+        end = at + bytes.len();
+    }
+    Ok(pieces)
+}
+
+/// One page's bytes: borrowed where they lie in one place (the memory, or one overlay piece), else composed.
+enum Page {
+    Zero,
+    Borrowed(Source, Range<usize>),
+    Composed(Box<[u8; PAGE_SIZE]>),
+}
+
+/// The bytes of page `span` of the memory as the snapshot stores them. `pieces` are sorted; `next` is the
+/// first piece that may reach `span` (advanced past those that end before it).
+fn page_bytes(
+    memory: &[u8],
+    overlay: &Range<usize>,
+    pieces: &[(usize, &[u8])],
+    next: &mut usize,
+    span: Range<usize>,
+) -> Page {
+    let outside = span.end <= overlay.start || span.start >= overlay.end;
+    if outside {
+        return Page::Borrowed(Source::Memory, span);
+    }
+    while *next < pieces.len() && pieces[*next].0 + pieces[*next].1.len() <= span.start {
+        *next += 1;
+    }
+    let touching = pieces[*next..].iter().take_while(|(at, _)| *at < span.end);
+    let inside = span.start >= overlay.start && span.end <= overlay.end;
+    let mut count = 0;
+    for (i, &(at, bytes)) in touching.clone().enumerate() {
+        count += 1;
+        if inside && at <= span.start && at + bytes.len() >= span.end {
+            return Page::Borrowed(Source::Piece(*next + i), span.start - at..span.end - at);
+        }
+    }
+    if inside && count == 0 {
+        return Page::Zero;
+    }
+    let mut page = Box::new([0u8; PAGE_SIZE]);
+    // The memory's bytes outside the overlay's range.
+    let (before, after) = (overlay.start.clamp(span.start, span.end), overlay.end.clamp(span.start, span.end));
+    page[..before - span.start].copy_from_slice(&memory[span.start..before]);
+    page[after - span.start..].copy_from_slice(&memory[after..span.end]);
+    for &(at, bytes) in touching {
+        let (lo, hi) = (at.max(span.start), (at + bytes.len()).min(span.end));
+        page[lo - span.start..hi - span.start].copy_from_slice(&bytes[lo - at..hi - at]);
+    }
+    Page::Composed(page)
+}
+
+fn prepare<'m>(
+    image: &ActorImage,
+    memory: &'m [u8],
+    overlay: &MemoryOverlay<'m>,
+) -> Result<Prepared<'m>, SnapshotError> {
     if !is_digest_hex(&image.module_digest) {
         return Err(bad("module_digest", format!("{:?} is not 64 lowercase hex digits", image.module_digest)));
     }
@@ -275,19 +385,39 @@ fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, Sna
         return Err(bad("memory_size", format!("{} is too large for 32-bit page numbers", image.memory_size)));
     }
     check_global_names(image.globals.iter().map(|(n, _)| n.as_str())).map_err(|(_, reason)| bad("globals", reason))?;
+    let pieces = check_overlay(overlay, memory.len())?;
 
     let mut index = Vec::new();
-    let mut runs: Vec<Range<usize>> = Vec::new();
-    for (i, page) in memory.chunks_exact(PAGE_SIZE).enumerate() {
-        if is_zero(page) {
+    let mut runs: Vec<Run> = Vec::new();
+    // The last page stored: a page joins the last run only if it directly follows it.
+    let mut last = None;
+    let mut next = 0;
+    for i in 0..memory.len() / PAGE_SIZE {
+        let span = i * PAGE_SIZE..(i + 1) * PAGE_SIZE;
+        let page = page_bytes(memory, &overlay.range, &pieces, &mut next, span);
+        let zero = match &page {
+            Page::Zero => true,
+            Page::Borrowed(Source::Memory, r) => is_zero(&memory[r.clone()]),
+            Page::Borrowed(Source::Piece(p), r) => is_zero(&pieces[*p].1[r.clone()]),
+            Page::Composed(bytes) => is_zero(&bytes[..]),
+        };
+        if zero {
             continue;
         }
         // `i < pages_total ≤ 2^32`, checked above.
         index.extend_from_slice(&(i as u32).to_le_bytes());
-        let start = i * PAGE_SIZE;
-        match runs.last_mut() {
-            Some(run) if run.end == start => run.end = start + PAGE_SIZE,
-            _ => runs.push(start..start + PAGE_SIZE),
+        let follows = last.is_some_and(|l| l + 1 == i);
+        last = Some(i);
+        match (page, runs.last_mut()) {
+            (Page::Borrowed(from, r), Some(Run::Borrowed(run_from, run)))
+                if follows && *run_from == from && run.end == r.start =>
+            {
+                run.end = r.end;
+            }
+            (Page::Borrowed(from, r), _) => runs.push(Run::Borrowed(from, r)),
+            (Page::Composed(bytes), Some(Run::Composed(run))) if follows => run.extend_from_slice(&bytes[..]),
+            (Page::Composed(bytes), _) => runs.push(Run::Composed(bytes.to_vec())),
+            (Page::Zero, _) => {}
         }
     }
     let pages_written = (index.len() / 4) as u64;
@@ -314,12 +444,11 @@ fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, Sna
         return Err(bad("metadata", format!("the header would be {} bytes, over {MAX_HEADER_BYTES}", json.len())));
     }
 
-    let runs: Vec<&[u8]> = runs.into_iter().map(|r| &memory[r]).collect();
     let mut hasher = blake3::Hasher::new();
     hasher.update(&json);
     hasher.update(&index);
     for run in &runs {
-        hasher.update(run);
+        hasher.update(run.bytes(memory, &pieces));
     }
     let mut fixed = [0u8; FIXED_HEADER_BYTES];
     fixed[0..8].copy_from_slice(&MAGIC);
@@ -328,7 +457,8 @@ fn prepare<'m>(image: &ActorImage, memory: &'m [u8]) -> Result<Prepared<'m>, Sna
     fixed[20..52].copy_from_slice(hasher.finalize().as_bytes());
 
     let bytes = FIXED_HEADER_BYTES as u64 + json.len() as u64 + pages_written * (PAGE_SIZE as u64 + 4);
-    Ok(Prepared { fixed, json, index, runs, stats: ActorWriteStats { bytes, pages_written, pages_total } })
+    let stats = ActorWriteStats { bytes, pages_written, pages_total };
+    Ok(Prepared { fixed, json, index, runs, memory, pieces, stats })
 }
 
 fn stream(w: &mut dyn Write, p: &Prepared<'_>) -> io::Result<()> {
@@ -336,7 +466,7 @@ fn stream(w: &mut dyn Write, p: &Prepared<'_>) -> io::Result<()> {
     w.write_all(&p.json)?;
     w.write_all(&p.index)?;
     for run in &p.runs {
-        w.write_all(run)?;
+        w.write_all(run.bytes(p.memory, &p.pieces))?;
     }
     Ok(())
 }
@@ -352,7 +482,24 @@ fn stream(w: &mut dyn Write, p: &Prepared<'_>) -> io::Result<()> {
 /// beyond 32 bits, two globals share a name, or the JSON header would exceed [`MAX_HEADER_BYTES`];
 /// [`SnapshotError::Io`] when writing, syncing or renaming fails (an existing file is then left unchanged).
 pub fn write_actor(path: &Path, image: &ActorImage, memory: &[u8]) -> Result<ActorWriteStats, SnapshotError> {
-    let p = prepare(image, memory)?;
+    write_actor_overlaid(path, image, memory, &MemoryOverlay::default())
+}
+
+/// [`write_actor`] with the bytes of `overlay.range` taken from `overlay` instead of `memory`: the writer reads
+/// no byte of that range of `memory` (of a device's managed memory, say, where a read from the CPU would move
+/// the pages to the host). The file is the one [`write_actor`] writes for a memory holding the overlay's bytes.
+///
+/// # Errors
+///
+/// As for [`write_actor`]; also [`SnapshotError::BadInput`] when the overlay's range is not inside the memory
+/// or a piece leaves the range or overlaps another.
+pub fn write_actor_overlaid(
+    path: &Path,
+    image: &ActorImage,
+    memory: &[u8],
+    overlay: &MemoryOverlay<'_>,
+) -> Result<ActorWriteStats, SnapshotError> {
+    let p = prepare(image, memory, overlay)?;
     let bytes = write_atomic(path, |w| stream(w, &p))?;
     Ok(ActorWriteStats { bytes, ..p.stats })
 }
@@ -363,7 +510,21 @@ pub fn write_actor(path: &Path, image: &ActorImage, memory: &[u8]) -> Result<Act
 ///
 /// [`SnapshotError::BadInput`] as for [`write_actor`] (nothing written); [`SnapshotError::Write`] when `w` fails.
 pub fn write_actor_to(w: &mut dyn Write, image: &ActorImage, memory: &[u8]) -> Result<ActorWriteStats, SnapshotError> {
-    let p = prepare(image, memory)?;
+    write_actor_to_overlaid(w, image, memory, &MemoryOverlay::default())
+}
+
+/// [`write_actor_to`] with an overlay, as [`write_actor_overlaid`] takes it.
+///
+/// # Errors
+///
+/// As for [`write_actor_overlaid`] (nothing written) and [`SnapshotError::Write`] when `w` fails.
+pub fn write_actor_to_overlaid(
+    w: &mut dyn Write,
+    image: &ActorImage,
+    memory: &[u8],
+    overlay: &MemoryOverlay<'_>,
+) -> Result<ActorWriteStats, SnapshotError> {
+    let p = prepare(image, memory, overlay)?;
     stream(w, &p).map_err(|source| SnapshotError::Write { format: F, source })?;
     Ok(p.stats)
 }

@@ -23,8 +23,8 @@ pub mod session;
 mod util;
 
 pub use actor::{
-    ActorFile, ActorImage, ActorLimits, ActorReader, ActorWriteStats, GlobalValue, ModelRef, parse_actor, read_actor,
-    write_actor, write_actor_to,
+    ActorFile, ActorImage, ActorLimits, ActorReader, ActorWriteStats, GlobalValue, MemoryOverlay, ModelRef,
+    parse_actor, read_actor, write_actor, write_actor_overlaid, write_actor_to, write_actor_to_overlaid,
 };
 pub use atomic::{Staged, stage_atomic, write_atomic};
 pub use error::{Format, SnapshotError};

@@ -7,8 +7,8 @@ use std::fs;
 use common::{FailAfter, blake3_hex, dir_entries, sample_image, sparse_memory};
 use driftwood_snapshot::actor::{FIXED_HEADER_BYTES, MAGIC};
 use driftwood_snapshot::{
-    ActorImage, ActorLimits, GlobalValue, SnapshotError, parse_actor, read_actor, write_actor, write_actor_to,
-    write_atomic,
+    ActorImage, ActorLimits, GlobalValue, MemoryOverlay, SnapshotError, parse_actor, read_actor, write_actor,
+    write_actor_overlaid, write_actor_to, write_actor_to_overlaid, write_atomic,
 };
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -56,6 +56,66 @@ fn round_trips() {
         }
         assert_eq!(restored(&file), memory);
     }
+}
+
+/// An overlay's file is the plain file of the memory with the overlay applied (its range zeroed, its pieces
+/// copied in), whatever the memory holds inside the range: the writer must not read it.
+#[test]
+fn an_overlay_stands_for_its_range_of_the_memory() {
+    let mut rng = StdRng::seed_from_u64(7);
+    let dir = tempfile::tempdir().unwrap();
+    for case in 0..200 {
+        let size = 65536 * rng.random_range(1..4usize);
+        let mut memory = sparse_memory(case, size, rng.random_range(1..40u32));
+        // Pages of the range start or end mid-page, and pieces straddle page edges, or cover pages whole.
+        let start = rng.random_range(0..size);
+        let end = rng.random_range(start..=size);
+        let mut pieces = Vec::new();
+        let mut at = start;
+        while at < end && pieces.len() < 6 {
+            let gap = rng.random_range(0..=(end - at).min(9000));
+            let len = rng.random_range(0..=(end - at - gap).min(20000));
+            let bytes: Vec<u8> = (0..len).map(|_| if rng.random_ratio(1, 3) { 0 } else { rng.random() }).collect();
+            pieces.push((at + gap, bytes));
+            at += gap + len;
+        }
+        let mut applied = memory.clone();
+        applied[start..end].fill(0);
+        for (at, bytes) in &pieces {
+            applied[*at..*at + bytes.len()].copy_from_slice(bytes);
+        }
+        // What the writer must not read: garbage in the memory's copy of the range.
+        memory[start..end].fill(0xa5);
+        pieces.reverse(); // any order
+        let overlay = MemoryOverlay { range: start..end, pieces: pieces.iter().map(|(a, b)| (*a, &b[..])).collect() };
+        let image = sample_image(size as u64);
+        let mut out = Vec::new();
+        let stats = write_actor_to_overlaid(&mut out, &image, &memory, &overlay).unwrap();
+        assert_eq!(out, bytes_of(&image, &applied), "case {case}: range {start}..{end}");
+        assert_eq!(stats.bytes, out.len() as u64);
+        let path = dir.path().join("overlaid.dwa");
+        write_actor_overlaid(&path, &image, &memory, &overlay).unwrap();
+        assert_eq!(fs::read(&path).unwrap(), out);
+        assert_eq!(restored(&parse_actor(out, &LIMITS).unwrap()), applied);
+    }
+}
+
+#[test]
+fn an_overlay_that_does_not_fit_is_refused() {
+    let memory = vec![1u8; 65536];
+    let image = sample_image(65536);
+    let piece = [7u8; 100];
+    let refused = |range: std::ops::Range<usize>, pieces: Vec<(usize, &[u8])>| {
+        let overlay = MemoryOverlay { range, pieces };
+        let mut out = Vec::new();
+        let err = write_actor_to_overlaid(&mut out, &image, &memory, &overlay).unwrap_err();
+        assert!(out.is_empty(), "nothing is written");
+        assert!(matches!(err, SnapshotError::BadInput { field: "overlay", .. }), "{err}");
+    };
+    refused(0..65537, vec![]);
+    refused(100..200, vec![(150, &piece)]);
+    refused(100..400, vec![(50, &piece)]);
+    refused(0..400, vec![(0, &piece), (99, &piece)]);
 }
 
 #[test]

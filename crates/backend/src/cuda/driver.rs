@@ -400,6 +400,7 @@ pub(crate) fn prefer_shared(f: Function) -> Result<(), BackendError> {
 #[derive(Debug)]
 pub(crate) struct MappedHost {
     pub(crate) ptr: *mut u8,
+    pub(crate) bytes: usize,
     ctx: Arc<Context>,
 }
 
@@ -414,7 +415,7 @@ impl MappedHost {
         let flags = sys::CU_MEMHOSTALLOC_DEVICEMAP | sys::CU_MEMHOSTALLOC_PORTABLE;
         // SAFETY: condition 1; freed in `Drop`.
         let ptr = unsafe { result::malloc_host(bytes.max(1), flags) }.map_err(|e| driver_err("cuMemHostAlloc", e))?;
-        Ok(MappedHost { ptr: ptr.cast(), ctx: ctx.clone() })
+        Ok(MappedHost { ptr: ptr.cast(), bytes, ctx: ctx.clone() })
     }
 }
 
@@ -1036,6 +1037,19 @@ pub(crate) fn copy(src: u64, dst: u64, bytes: usize, stream: &Stream) -> Result<
     // SAFETY: callers pass two live device buffers of at least `bytes` (`Exec::copy` is used on backend-owned
     // buffers only).
     unsafe { result::memcpy_dtod_async(dst, src, bytes, stream.raw) }.map_err(|e| driver_err("cuMemcpyDtoD", e))
+}
+
+/// Copies `dst.len()` bytes from the device address `src` into the page-locked host buffer `dst` on
+/// `stream` (asynchronous: the bytes are there once the stream has reached this point).
+///
+/// # Safety
+///
+/// 1. `src` is device-accessible memory (device, managed or mapped) of at least `dst.len()` bytes, alive and
+///    not written until the copy completes.
+/// 2. `dst` lies in a live [`MappedHost`] that nothing else reads or writes until the copy completes.
+pub(crate) unsafe fn copy_to_host(src: u64, dst: &mut [u8], stream: &Stream) -> Result<(), BackendError> {
+    // SAFETY: the caller's conditions 1 and 2.
+    unsafe { result::memcpy_dtoh_async(dst, src, stream.raw) }.map_err(|e| driver_err("cuMemcpyDtoHAsync", e))
 }
 
 /// Copies `bytes` from the page-locked host buffer `src` to the device buffer `dst` on `stream` (a memcpy node

@@ -178,8 +178,21 @@ pub struct CudaBackend {
     /// Stage a pinned cache's rows on the side stream (`DRIFTWOOD_CUDA_KV_STAGE=1`).
     stage_pinned_kv: bool,
     exec: Mutex<Exec>,
+    /// Device-to-host copies beside `exec` ([`CudaBackend::read_blocks`]), made on first use.
+    readback: Mutex<Option<Readback>>,
     addressable: Arc<Addressable>,
     last: Mutex<OperandTrace>,
+}
+
+/// Bytes [`CudaBackend::read_blocks`] stages at a time.
+const READBACK_STAGE: usize = 8 << 20;
+
+/// Copies from the device to the host on a stream of their own into page-locked staging, so that a copy
+/// neither waits for the step in flight (it takes no [`Exec`]) nor makes a step wait for it: the copy engines
+/// run it while the compute stream computes.
+struct Readback {
+    staging: driver::MappedHost,
+    stream: Stream,
 }
 
 impl std::fmt::Debug for CudaBackend {
@@ -319,6 +332,7 @@ impl CudaBackend {
             prefill_chunk: std::sync::atomic::AtomicUsize::new(MAX_PREFILL),
             stage_pinned_kv: opt_in("DRIFTWOOD_CUDA_KV_STAGE"),
             exec: Mutex::new(exec),
+            readback: Mutex::new(None),
             addressable: Arc::default(),
             last: Mutex::default(),
         })
@@ -1180,6 +1194,57 @@ impl Exec {
     /// A driver error.
     pub fn prefetch_to_device(&self, addr: u64, bytes: usize) -> Result<(), BackendError> {
         driver::prefetch(addr, bytes, Some(self.ctx.device()), &self.stream)
+    }
+}
+
+impl CudaBackend {
+    /// Copies `count` blocks of `dst.len() / count` bytes into `dst`, one after another, block `i` from the
+    /// device address `src + i · stride`: the used rows of each layer's keys and values of a KV cache in managed
+    /// memory, say. The copy runs on the copy engines beside the compute stream, through page-locked staging,
+    /// and does not move managed pages to the host as a read from the CPU would. Returns once `dst` is filled.
+    ///
+    /// # Safety
+    ///
+    /// 1. Every block is device-accessible memory (device, managed, or host memory the device maps), alive
+    ///    and not written by anyone until this returns.
+    ///
+    /// # Errors
+    ///
+    /// [`BackendError::Shape`] when `dst.len()` is not a multiple of `count`; a driver error.
+    pub unsafe fn read_blocks(&self, src: u64, stride: u64, count: usize, dst: &mut [u8]) -> Result<(), BackendError> {
+        if count == 0 || !dst.len().is_multiple_of(count) {
+            let expected = count.max(1) * (dst.len() / count.max(1));
+            return Err(BackendError::Shape { op: "read_blocks", operand: "dst", expected, actual: dst.len() });
+        }
+        let block = dst.len() / count;
+        let mut guard = self.readback.lock().unwrap_or_else(|p| p.into_inner());
+        self.ctx.bind()?;
+        let readback = match &mut *guard {
+            Some(readback) => readback,
+            none => {
+                let stream = Stream::new(&self.ctx)?;
+                none.insert(Readback { staging: driver::MappedHost::new(&self.ctx, READBACK_STAGE)?, stream })
+            }
+        };
+        // SAFETY: the staging buffer is `READBACK_STAGE` bytes, owned by `readback`, which this lock guards.
+        let staging = unsafe { std::slice::from_raw_parts_mut(readback.staging.ptr, readback.staging.bytes) };
+        let mut done = 0;
+        while done < dst.len() {
+            let mut filled = 0;
+            while filled < staging.len() && done + filled < dst.len() {
+                let (i, x) = ((done + filled) / block, (done + filled) % block);
+                let n = (block - x).min(staging.len() - filled);
+                let from = src + i as u64 * stride + x as u64;
+                // SAFETY: the caller's condition 1 for the block's bytes; the staging is ours (above), read
+                // only after the stream is synchronized below.
+                unsafe { driver::copy_to_host(from, &mut staging[filled..filled + n], &readback.stream)? };
+                filled += n;
+            }
+            readback.stream.synchronize()?;
+            dst[done..done + filled].copy_from_slice(&staging[..filled]);
+            done += filled;
+        }
+        Ok(())
     }
 }
 

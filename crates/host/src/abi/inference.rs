@@ -16,6 +16,12 @@
 //! `kv_dtype` (0 = f32, 1 = bf16), [`KV_ALIGN`]-byte aligned; `model_info` says which dtype the host recommends
 //! (bf16 on CUDA, whose kernels read only bf16 caches) and the bytes one token takes in it.
 //!
+//! The cache is the host's to write: `forward` writes rows `pos..pos + n` and reads rows `0..pos + n`. A
+//! whole-actor snapshot of an actor in CUDA managed memory stores the rows below the highest one `forward` or
+//! `session_load` wrote, copied from the device, and stores the rest of the cache as zero; so bytes a guest
+//! writes itself past those rows read as zero after a restore. (Reading the cache from the CPU would move it to
+//! host memory, under the decode passes of every other actor.)
+//!
 //! Calls returning `i32` follow one protocol: the result is the number of elements the output needs; when
 //! that exceeds `out_cap` nothing is written and the guest retries with a larger buffer.
 
@@ -262,7 +268,8 @@ fn forward(
     disjoint(CALL, ("logits", &logits), ("tokens", &tokens))?;
     disjoint(CALL, ("logits", &logits), ("kv", &kv))?;
     if state.managed {
-        state.kv_hint = Some(kv.clone());
+        let rows_end = (pos as usize).saturating_add(n as usize);
+        state.kv.wrote(crate::kv_rows::KvRows::of(kv.clone(), &model, kv_dtype, max_seq as usize, rows_end));
     }
     let base = data.as_mut_ptr();
     if let Some(batcher) = state.batcher.clone()

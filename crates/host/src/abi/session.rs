@@ -217,6 +217,9 @@ fn session_load(
         state.host_error = Some(format!("cannot restore the session from {}: {e}", path.display()));
         return Ok(-1);
     }
+    if state.managed {
+        state.kv.wrote(crate::kv_rows::KvRows::of(kv.clone(), &model, kv_dtype, max_seq as usize, n));
+    }
     if state.managed
         && n > 0
         && let driftwood_backend::Device::Cuda(cuda) = state.device()
