@@ -46,6 +46,17 @@ pub struct BatchScratch {
     logits: Vec<f32>, // (b, vocab)
     tokens: Vec<u32>, // (b)
     single: Scratch,  // a batch of one runs the single-sequence forward pass
+    /// How long the last [`Model::decode_batch`] waited for the device, held by another forward.
+    device_wait: std::time::Duration,
+}
+
+impl BatchScratch {
+    /// How long the last [`Model::decode_batch`] through these buffers waited for the device (CUDA: the
+    /// model's device state and the backend's stream), held by another forward such as an actor's prefill,
+    /// before its own work could start; zero on the CPU.
+    pub fn device_wait(&self) -> std::time::Duration {
+        self.device_wait
+    }
 }
 
 /// Copies `src` into a writable view of the same length (a cache row or a logits buffer).
@@ -108,6 +119,7 @@ impl Model {
                 ))));
             }
         }
+        scratch.device_wait = std::time::Duration::ZERO;
         if seqs.is_empty() {
             return Ok(());
         }
@@ -124,7 +136,7 @@ impl Model {
                 })
                 .collect();
             for part in steps.chunks(driftwood_backend::cuda::MAX_BATCH) {
-                self.decode_step_cuda(cuda, part)?;
+                scratch.device_wait += self.decode_step_cuda_waited(cuda, part)?;
             }
             return Ok(());
         }

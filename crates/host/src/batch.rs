@@ -53,6 +53,10 @@ pub struct BatchStats {
     /// Wall time spent inside those passes, in nanoseconds: `sequences` over it is the decode throughput
     /// while decoding, apart from the time the batcher waits to gather steps.
     pub pass_nanos: u64,
+    /// The part of `pass_nanos` the passes spent waiting for the device while another forward held it (an
+    /// actor's prefill, which runs alone): `sequences` over `pass_nanos - wait_nanos` is the throughput of the
+    /// decode passes' own work.
+    pub wait_nanos: u64,
 }
 
 impl BatchStats {
@@ -61,9 +65,11 @@ impl BatchStats {
         if self.passes == 0 { 0.0 } else { self.sequences as f64 / self.passes as f64 }
     }
 
-    fn record(&mut self, size: usize, took: Duration) {
+    fn record(&mut self, size: usize, took: Duration, waited: Duration) {
         let size = size as u64;
-        self.pass_nanos = self.pass_nanos.saturating_add(u64::try_from(took.as_nanos()).unwrap_or(u64::MAX));
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.pass_nanos = self.pass_nanos.saturating_add(nanos(took));
+        self.wait_nanos = self.wait_nanos.saturating_add(nanos(waited.min(took)));
         self.passes += 1;
         self.sequences += size;
         if size > 1 {
@@ -352,7 +358,8 @@ impl Batcher {
                 let mut seqs: Vec<BatchSeq<'_>> = members.iter().map(|&i| unsafe { steps[i].step.view() }).collect();
                 let started = Instant::now();
                 let result = model.decode_batch(&self.device, &mut seqs, scratch).map_err(StepError::from);
-                self.stats.lock().unwrap_or_else(|p| p.into_inner()).record(members.len(), started.elapsed());
+                let (took, waited) = (started.elapsed(), scratch.device_wait());
+                self.stats.lock().unwrap_or_else(|p| p.into_inner()).record(members.len(), took, waited);
                 result
             };
             match pass(group, &mut scratch) {

@@ -13,6 +13,8 @@
 //! batched with the server's default window; `--batch-window-ms 0` runs every turn's steps alone.
 //! `decode_tokens_per_s` is the decode steps over the time spent inside decode passes (the server's
 //! `driftwood_decode_pass_seconds_total`): the number to set beside `bench gpu`'s batched decode.
+//! `decode_tokens_per_s_excluding_waits` leaves out the part of that time the passes waited for the device
+//! while an actor's prefill (which runs alone) held it.
 //! Defaults: the bundled model, the server's default backend and placement, 512 tokens per session,
 //! temperature 0.7 (`--temperature 0`: greedy), the server's actor memory limit (1 GiB; with managed
 //! placement, CUDA's default, each actor reserves that much of the GPU, so pass `--memory-mib` sized to a
@@ -226,6 +228,9 @@ async fn main() -> anyhow::Result<()> {
         }
     }
     latencies.sort_by(f64::total_cmp);
+    // Not among the metrics: how much of the passes' time they waited for a prefill to free the device.
+    let batch = server.sessions().runtime().batch_stats();
+    let (pass_s, wait_s) = (batch.pass_nanos as f64 * 1e-9, batch.wait_nanos as f64 * 1e-9);
     let results = json!({
         // The directory's name: a full path would name this machine's folders.
         "model": o.model.file_name().map(|n| n.to_string_lossy().into_owned()),
@@ -261,6 +266,8 @@ async fn main() -> anyhow::Result<()> {
         "decode_pass_seconds": metric("driftwood_decode_pass_seconds_total"),
         "decode_tokens_per_s":
             metric("driftwood_decode_batch_size_sum") / metric("driftwood_decode_pass_seconds_total"),
+        "decode_pass_wait_seconds": wait_s,
+        "decode_tokens_per_s_excluding_waits": batch.sequences as f64 / (pass_s - wait_s),
     });
     server.shutdown().await?;
     let command = format!(

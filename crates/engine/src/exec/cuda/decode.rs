@@ -14,6 +14,8 @@
 //! their bus transfer with the weight reads of earlier layers, at the cost of copying them every step
 //! (1.371 → 1.322 ms/token pinned, with launches early).
 
+use std::time::{Duration, Instant};
+
 use driftwood_backend::cuda::{ATTN_FEW_SEQS, ATTN_MAX_CHUNK, CudaBackend, DeviceTensor, Exec, MAX_BATCH, SeqStep};
 use driftwood_backend::{BackendError, DType};
 
@@ -113,7 +115,19 @@ impl Model {
     /// [`EngineError::Request`] when a token is outside the vocabulary, a position is past its cache or the
     /// model's context, or a cache or logits buffer is not in device-addressable memory; driver errors.
     pub fn decode_step_cuda(&self, dev: &CudaBackend, steps: &[SeqStep]) -> Result<(), EngineError> {
-        self.decode_step_cuda_inner(dev, steps, false, (0, 0)).map(|_| ())
+        self.decode_step_cuda_waited(dev, steps).map(|_| ())
+    }
+
+    /// [`Model::decode_step_cuda`], returning how long the step waited for the model's device state and the
+    /// backend's stream, held by another forward (an actor's prefill, say), before its own work could start.
+    ///
+    /// # Errors
+    ///
+    /// As [`Model::decode_step_cuda`].
+    pub fn decode_step_cuda_waited(&self, dev: &CudaBackend, steps: &[SeqStep]) -> Result<Duration, EngineError> {
+        let mut waited = Duration::ZERO;
+        self.decode_step_cuda_inner(dev, steps, false, (0, 0), &mut waited)?;
+        Ok(waited)
     }
 
     /// Plans the products and captures the graph of every batch size from 2 to `max_batch` (as padded:
@@ -135,7 +149,7 @@ impl Model {
         let mut b = 2;
         while b <= max_batch.min(MAX_BATCH) {
             let padded = graph_batch(b);
-            self.decode_step_cuda_inner(dev, &[], false, (padded, max_seq))?;
+            self.decode_step_cuda_inner(dev, &[], false, (padded, max_seq), &mut Duration::default())?;
             sizes += 1;
             b = padded + 1;
         }
@@ -155,17 +169,19 @@ impl Model {
         dev: &CudaBackend,
         steps: &[SeqStep],
     ) -> Result<Vec<(&'static str, f32)>, EngineError> {
-        self.decode_step_cuda_inner(dev, steps, true, (0, 0)).map(Option::unwrap_or_default)
+        self.decode_step_cuda_inner(dev, steps, true, (0, 0), &mut Duration::default()).map(Option::unwrap_or_default)
     }
 
     /// One step of `steps`, padded to at least `min_batch` sequences and run as if the caches held at least
-    /// `min_seq` rows (both 0 but for [`Model::warm_decode_cuda`]).
+    /// `min_seq` rows (both 0 but for [`Model::warm_decode_cuda`]); adds the time spent waiting for the
+    /// model's state and the stream to `waited`.
     fn decode_step_cuda_inner(
         &self,
         dev: &CudaBackend,
         steps: &[SeqStep],
         timed: bool,
         (min_batch, min_seq): (usize, usize),
+        waited: &mut Duration,
     ) -> Result<Option<Vec<(&'static str, f32)>>, EngineError> {
         if steps.is_empty() && min_batch < 2 {
             return Ok(None);
@@ -191,7 +207,9 @@ impl Model {
         let staged =
             b == 1 && self.layers.len() > 1 && dev.stages_pinned_kv() && dev.is_host_resident(steps[0].kv as usize);
         let stage_bytes = if staged { self.kv_bytes(max_seq, DType::BF16) } else { 0 };
+        let waiting = Instant::now();
         let mut guard = gpu.state.lock().unwrap_or_else(|p| p.into_inner());
+        *waited += waiting.elapsed();
         let state = &mut *guard;
         let scratch = match &mut state.scratch {
             Some(s) if s.batch >= b && s.splits >= splits && s.stage_asked >= stage_bytes => &*s,
@@ -231,7 +249,9 @@ impl Model {
             (Some(t), true) => t.addr(),
             _ => 0,
         };
+        let waiting = Instant::now();
         let mut exec = dev.exec()?;
+        *waited += waiting.elapsed();
         exec.set_steps(steps)?;
         if stage != 0 {
             exec.prepare_stages(gpu.layers.len())?;
