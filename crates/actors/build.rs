@@ -10,10 +10,12 @@
 //! add` itself. Without rustup it stops with one line naming the command to run. Failures here are reported
 //! as one `error:` line and exit status 1, never a panic with a backtrace.
 
+#[path = "src/toolchain.rs"]
+mod toolchain;
+
 use std::env;
-use std::ffi::OsString;
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 
 /// The target the guests are compiled for.
 const TARGET: &str = "wasm32-unknown-unknown";
@@ -53,17 +55,7 @@ fn build() -> Result<(), String> {
         .args(["build", "--release", "--locked", "--target", TARGET, "--target-dir"])
         .arg(&target_dir);
     // The outer build's flags, wrappers and target belong to the host build, not to wasm32 guests.
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "RUSTC_WRAPPER",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_BUILD_TARGET",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_RUSTFLAGS",
-        "CARGO_MAKEFLAGS",
-        "CARGO_PROFILE_RELEASE_DEBUG",
-    ] {
+    for var in toolchain::HOST_BUILD_VARS {
         cmd.env_remove(var);
     }
     let status = cmd.status().map_err(|e| format!("cannot run cargo to build the guest actors: {e}"))?;
@@ -84,92 +76,10 @@ fn build() -> Result<(), String> {
 /// Makes sure every target of `rust-toolchain.toml` is installed for the toolchain this build runs on,
 /// installing the missing ones with rustup when it can.
 fn ensure_targets(root: &Path) -> Result<(), String> {
-    let targets = toolchain_targets(&root.join("rust-toolchain.toml"));
-    let sysroot = sysroot()?;
-    let missing: Vec<&str> = targets.iter().map(String::as_str).filter(|t| !installed(&sysroot, t)).collect();
-    if missing.is_empty() {
-        return Ok(());
-    }
-    let all = targets.join(" ");
-    let by_hand = format!("rustup target add {all}");
-    let rustup = env::var_os("RUSTUP").unwrap_or_else(|| OsString::from("rustup"));
-    let has_rustup = Command::new(&rustup)
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !has_rustup {
-        return Err(format!(
-            "the Rust toolchain lacks the wasm target(s) {} that the guest actors need, and rustup is not on the PATH to add them: run `{by_hand}`",
-            missing.join(", ")
-        ));
-    }
-    let mut cmd = Command::new(&rustup);
-    cmd.args(["target", "add"]);
+    let targets = toolchain::toolchain_targets(&root.join("rust-toolchain.toml"), FALLBACK_TARGETS);
     // Inside a rustup proxy RUSTUP_TOOLCHAIN names the toolchain this build runs on (the pinned one).
-    let toolchain = env::var("RUSTUP_TOOLCHAIN").ok().filter(|t| !t.is_empty());
-    if let Some(toolchain) = &toolchain {
-        cmd.args(["--toolchain", toolchain]);
-    }
-    cmd.args(&missing);
-    println!(
-        "cargo:warning=installing the missing wasm target(s) {} for the guest actors: rustup target add {}",
-        missing.join(", "),
-        missing.join(" ")
-    );
-    let output = cmd.output().map_err(|e| format!("cannot run rustup ({e}); run `{by_hand}`"))?;
-    if !output.status.success() {
-        let said = String::from_utf8_lossy(&output.stderr);
-        let last = said.lines().rev().find(|l| !l.trim().is_empty()).unwrap_or("no message");
-        return Err(format!(
-            "rustup could not add the wasm target(s) {} ({}: {}); run `{by_hand}` when it can reach its server",
-            missing.join(", "),
-            output.status,
-            last.trim()
-        ));
-    }
-    let sysroot = self::sysroot()?;
-    if let Some(still) = missing.iter().find(|t| !installed(&sysroot, t)) {
-        return Err(format!(
-            "rustup reported success but {still} is still missing from {}; run `{by_hand}`{}",
-            sysroot.display(),
-            toolchain.map(|t| format!(" --toolchain {t}")).unwrap_or_default()
-        ));
-    }
-    Ok(())
-}
-
-/// The `targets = [...]` list of the toolchain file, or the fallback list when it cannot be read.
-fn toolchain_targets(file: &Path) -> Vec<String> {
-    let parsed = std::fs::read_to_string(file).ok().and_then(|text| {
-        let line = text.lines().find(|l| l.trim_start().starts_with("targets"))?;
-        let list = line.split_once('=')?.1;
-        let names: Vec<String> =
-            list.split('"').skip(1).step_by(2).map(str::to_owned).filter(|t| !t.is_empty()).collect();
-        (!names.is_empty()).then_some(names)
-    });
-    parsed.unwrap_or_else(|| FALLBACK_TARGETS.iter().map(|t| (*t).to_owned()).collect())
-}
-
-/// The sysroot of the compiler cargo builds with.
-fn sysroot() -> Result<PathBuf, String> {
-    let rustc = env::var_os("RUSTC").unwrap_or_else(|| OsString::from("rustc"));
-    let output = Command::new(&rustc)
-        .args(["--print", "sysroot"])
-        .output()
-        .map_err(|e| format!("cannot run {} --print sysroot: {e}", rustc.to_string_lossy()))?;
-    if !output.status.success() {
-        return Err(format!("{} --print sysroot failed ({})", rustc.to_string_lossy(), output.status));
-    }
-    Ok(PathBuf::from(String::from_utf8_lossy(&output.stdout).trim()))
-}
-
-/// Whether the sysroot holds the standard library for `target`.
-fn installed(sysroot: &Path, target: &str) -> bool {
-    let lib = sysroot.join("lib/rustlib").join(target).join("lib");
-    std::fs::read_dir(lib)
-        .is_ok_and(|entries| entries.flatten().any(|e| e.file_name().to_string_lossy().starts_with("libstd-")))
+    let toolchain = toolchain::Toolchain::from_env(root);
+    toolchain.ensure_targets(&targets, "the guest actors", &mut |line| println!("cargo:warning={line}"))
 }
 
 fn env_path(var: &str) -> Result<PathBuf, String> {

@@ -2,6 +2,8 @@
 
 #![warn(missing_docs)]
 
+pub mod toolchain;
+
 /// The seed experiment actor (`guest/actors/matmul-check`): fills matrices in its own memory, has the host
 /// multiply them in place and checks every element; also exports the loops `driftwood bench` times.
 pub const MATMUL_CHECK: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/matmul_check.wasm"));

@@ -1,6 +1,7 @@
 //! `driftwood`: the command-line front end.
 //!
 //! * `driftwood generate --prompt …` / `driftwood chat` — a language model inside an actor.
+//! * `driftwood new NAME` / `driftwood build DIR` / `driftwood run ACTOR.wasm` — users' own actors.
 //! * `driftwood verify [--json]` — proves the zero-copy chain (region → guest → backend) by measurement.
 //! * `driftwood bench abi|matmul|readme` — benchmarks written as JSON under `bench/results/`, and the README
 //!   tables regenerated from them.
@@ -8,6 +9,7 @@
 mod bench;
 mod inspect;
 mod llm;
+mod own;
 mod serve;
 mod verify;
 
@@ -37,6 +39,12 @@ enum Command {
     Snapshot(inspect::SnapshotCommand),
     /// Serve the OpenAI API over HTTP; every conversation is a persistent actor.
     Serve(serve::ServeArgs),
+    /// Write a new actor crate on the guest SDK (then `driftwood build` and `driftwood run` it).
+    New(own::NewArgs),
+    /// Build an actor crate for wasm32 (adding the target if the toolchain lacks it); prints the module's path.
+    Build(own::BuildArgs),
+    /// Run an actor module once over an input, its output streamed; save and resume the whole actor.
+    Run(own::RunArgs),
     /// Run a benchmark and write its JSON under bench/results/.
     #[command(subcommand)]
     Bench(bench::BenchCommand),
@@ -51,6 +59,9 @@ fn main() -> ExitCode {
         Command::Bench(cmd) => bench::run(cmd).map(|()| true),
         Command::Snapshot(cmd) => inspect::run(cmd).map(|()| true),
         Command::Serve(args) => serve::run(args).map(|()| true),
+        Command::New(args) => own::new(&args).map(|()| true),
+        Command::Build(args) => own::build(&args).map(|()| true),
+        Command::Run(args) => own::run(&args).map(|()| true),
     };
     match result {
         Ok(true) => ExitCode::SUCCESS,
