@@ -108,8 +108,10 @@ fn secs(flag: &str, value: f64, max: f64) -> anyhow::Result<Duration> {
 ///
 /// # Errors
 ///
-/// A flag out of its range (named in the message), or any error of [`driftwood_serve::run_until_signal`].
+/// A flag out of its range (named in the message), a `RUST_LOG` that is not a log filter, or any error of
+/// [`driftwood_serve::run_until_signal`].
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    driftwood_serve::logging::init()?;
     let hibernate_after = secs("--hibernate-after-secs", args.hibernate_after_secs, MAX_HIBERNATE_AFTER_SECS)?;
     let gpu = args.backend != driftwood_backend::BackendKind::Cpu && driftwood_backend::cuda::is_available();
     let batch_window_ms = args.batch_window_ms.unwrap_or(if gpu { 2.0 } else { 0.0 });
@@ -151,6 +153,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let store = args.store.display().to_string();
     driftwood_serve::run_until_signal(config, |addr| {
-        eprintln!("driftwood serve: listening on http://{addr} (store {store}); SIGTERM or Ctrl-C to stop");
+        tracing::info!(store = %store, "listening on http://{addr} (SIGTERM or Ctrl-C to stop)");
     })
 }

@@ -234,7 +234,7 @@ impl Sessions {
     pub fn claim(&self, key: &str) -> Result<Claim, ApiError> {
         let slot = self.table.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone();
         if slot.busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            self.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            self.metrics.rejected_busy.inc();
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "invalid_request_error",
@@ -288,7 +288,7 @@ impl Sessions {
                 (Some(owner), _) if owner.node != node.id() => return Ok(Some(self.elsewhere(node, owner).await)),
                 (Some(_), _) => {}
                 (None, Some(peer)) => {
-                    self.metrics.cluster_placed.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.cluster_placed.inc();
                     return Ok(Some(OwnedElsewhere {
                         node: peer.id,
                         lease: peer.lease,
@@ -328,7 +328,7 @@ impl Sessions {
                     state.saved = pointer.is_some();
                     state.object = pointer;
                 }
-                self.metrics.cluster_claims.fetch_add(1, Ordering::Relaxed);
+                self.metrics.cluster_claims.inc();
                 // Other nodes place new sessions by what this node owns: tell them now, not at the next refresh.
                 let _ = self.placement.publish(node, self.load()).await;
                 Ok(None)
@@ -340,7 +340,7 @@ impl Sessions {
 
     /// The session is `owner`'s: where to find it.
     async fn elsewhere(&self, node: &Node, owner: Owner) -> OwnedElsewhere {
-        self.metrics.cluster_owned_elsewhere.fetch_add(1, Ordering::Relaxed);
+        self.metrics.cluster_owned_elsewhere.inc();
         let address = node.address_of(&owner.node).await.ok().flatten();
         OwnedElsewhere { node: owner.node, lease: owner.lease, address, placed: false }
     }
@@ -453,11 +453,19 @@ impl Sessions {
         let mut restored = false;
         if state.actor.is_none() {
             let actor = if state.saved {
+                let _span = tracing::info_span!("restore", session_id = %claim.key).entered();
                 let started = Instant::now();
                 let actor = self.wake(&claim.key, &mut state).map_err(|e| {
+                    tracing::warn!(error = format!("{e:#}"), "restore failed");
                     ApiError::server("restore_failed", format!("session `{}` cannot be restored: {e:#}", claim.key))
                 })?;
-                self.metrics.restored(started.elapsed());
+                let took = started.elapsed();
+                tracing::debug!(
+                    object = state.object.as_ref().map(ObjectName::path),
+                    ms = took.as_secs_f64() * 1e3,
+                    "restored"
+                );
+                self.metrics.restored(took);
                 state.restores += 1;
                 restored = true;
                 actor
@@ -477,7 +485,7 @@ impl Sessions {
                 outcome.restored = restored;
                 if restored {
                     let saved = outcome.prompt_tokens.saturating_sub(outcome.evaluated_tokens);
-                    self.metrics.restore_prefill_saved_tokens.fetch_add(saved as u64, Ordering::Relaxed);
+                    self.metrics.restore_prefill_saved_tokens.inc_by(saved as u64);
                 }
                 state.turns += 1;
                 // The session keeps the turn's counts, not its text (up to the host allowance, held for as long
@@ -487,7 +495,7 @@ impl Sessions {
                     if let Err(e) = self.save(&claim.key, &mut state) {
                         return Err(self.unsaved(&mut state, e));
                     }
-                    self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.snapshots.inc();
                 }
                 if self.config.hibernate_after.is_zero() {
                     self.release(&mut state);
@@ -496,7 +504,7 @@ impl Sessions {
             }
             Err(err) => {
                 if err.code == "actor_trap" {
-                    self.metrics.traps.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.traps.inc();
                 }
                 // The actor's state after a failed call is unknown: continue from the last snapshot.
                 if state.actor.take().is_some() {
@@ -529,6 +537,22 @@ impl Sessions {
     /// commits it in etcd; then deletes the earlier objects. The session's state is unchanged if the write
     /// fails.
     fn save(&self, key: &str, state: &mut SlotState) -> Result<(), SaveError> {
+        let _span = tracing::info_span!("snapshot", session_id = key).entered();
+        let started = Instant::now();
+        let saved = self.write_snapshot(key, state);
+        match &saved {
+            Ok(()) => tracing::debug!(
+                object = state.object.as_ref().map(ObjectName::path),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "snapshot written"
+            ),
+            Err(e) => tracing::warn!(error = %e, "snapshot not kept"),
+        }
+        saved
+    }
+
+    /// [`save`](Self::save), without its span and log lines.
+    fn write_snapshot(&self, key: &str, state: &mut SlotState) -> Result<(), SaveError> {
         let Some(actor) = state.actor.as_mut() else {
             return Err(SaveError::Other(anyhow::anyhow!("session `{key}` has no live actor")));
         };
@@ -554,9 +578,9 @@ impl Sessions {
         self.tokio.block_on(self.store.put_new(&next, write)).map_err(|e| SaveError::Other(e.into()))?;
         if let Some((node, _)) = cluster {
             match self.tokio.block_on(node.commit(fence, &next)) {
-                Ok(()) => self.metrics.cluster_commits.fetch_add(1, Ordering::Relaxed),
+                Ok(()) => self.metrics.cluster_commits.inc(),
                 Err(e @ ClusterError::Fenced { .. }) => {
-                    self.metrics.cluster_fenced.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.cluster_fenced.inc();
                     // Garbage: no pointer names it. The session's owner collects it after its next commit.
                     let _ = self.tokio.block_on(self.store.delete(&next));
                     return Err(SaveError::Fenced(e));
@@ -569,7 +593,7 @@ impl Sessions {
         state.object = Some(next.clone());
         // Earlier snapshots are garbage now; one left by a failure here is collected after the next turn.
         if let Err(e) = self.tokio.block_on(self.store.collect(&next)) {
-            eprintln!("driftwood serve: collecting earlier snapshots of `{key}`: {e}");
+            tracing::warn!(session_id = key, error = %e, "collecting earlier snapshots failed");
         }
         Ok(())
     }
@@ -643,7 +667,7 @@ impl Sessions {
         actor.set_emit_sink(|_| Ok(()));
         // Nobody reads captured log lines after the turn: they are printed, and their host memory freed.
         for line in actor.take_logs() {
-            eprintln!("[actor log {}] {}", line.level, line.text);
+            crate::logging::actor_line(&line);
         }
         let generated = result?;
         let stat = |actor: &mut Actor, i: u32| actor.call::<u32, u32>("stat", i).map_err(actor_error);
@@ -654,10 +678,10 @@ impl Sessions {
             _ => "length",
         };
         let m = &self.metrics;
-        m.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        m.prefill_tokens.fetch_add(evaluated_tokens as u64, Ordering::Relaxed);
-        m.prefill_saved_tokens.fetch_add(prompt_tokens.saturating_sub(evaluated_tokens) as u64, Ordering::Relaxed);
-        m.completion_tokens.fetch_add(generated as u64, Ordering::Relaxed);
+        m.prompt_tokens.inc_by(prompt_tokens as u64);
+        m.prefill_tokens.inc_by(evaluated_tokens as u64);
+        m.prefill_saved_tokens.inc_by(prompt_tokens.saturating_sub(evaluated_tokens) as u64);
+        m.completion_tokens.inc_by(generated as u64);
         let text = std::mem::take(&mut *text.lock().unwrap_or_else(|p| p.into_inner()));
         Ok(TurnOutcome {
             prompt_tokens,
@@ -702,7 +726,7 @@ impl Sessions {
     fn release(&self, state: &mut SlotState) {
         if state.actor.take().is_some() {
             self.live.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.hibernations.fetch_add(1, Ordering::Relaxed);
+            self.metrics.hibernations.inc();
         }
     }
 
@@ -758,7 +782,7 @@ impl Sessions {
                 match self.save(&key, &mut state) {
                     Ok(()) => {
                         saved += 1;
-                        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.snapshots.inc();
                     }
                     // Another node owns the session now: what this node held of it was not its to keep.
                     Err(SaveError::Fenced(_)) => self.forget(&mut state),

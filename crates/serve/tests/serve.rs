@@ -370,3 +370,60 @@ async fn a_second_request_on_a_busy_session_is_refused_with_409() {
     assert_eq!(status, 200);
     server.shutdown().await.expect("shutdown");
 }
+
+/// Every metric `/metrics` exposed when its text was written by hand, with its type.
+const METRICS: &[(&str, &str)] = &[
+    ("driftwood_prompt_tokens_total", "counter"),
+    ("driftwood_prefill_tokens_total", "counter"),
+    ("driftwood_prefill_tokens_saved_total", "counter"),
+    ("driftwood_restore_prefill_tokens_saved_total", "counter"),
+    ("driftwood_completion_tokens_total", "counter"),
+    ("driftwood_sessions_restored_total", "counter"),
+    ("driftwood_actors_hibernated_total", "counter"),
+    ("driftwood_snapshots_written_total", "counter"),
+    ("driftwood_actor_traps_total", "counter"),
+    ("driftwood_cluster_claims_total", "counter"),
+    ("driftwood_cluster_commits_total", "counter"),
+    ("driftwood_cluster_fenced_total", "counter"),
+    ("driftwood_cluster_owned_elsewhere_total", "counter"),
+    ("driftwood_cluster_forwarded_total", "counter"),
+    ("driftwood_cluster_placed_total", "counter"),
+    ("driftwood_batched_decode_passes_total", "counter"),
+    ("driftwood_batched_decode_sequences_total", "counter"),
+    ("driftwood_decode_pass_seconds_total", "counter"),
+    ("driftwood_requests_rejected_total", "counter"),
+    ("driftwood_requests_total", "counter"),
+    ("driftwood_actors_active", "gauge"),
+    ("driftwood_actors_hibernated", "gauge"),
+    ("driftwood_queue_waiting", "gauge"),
+    ("driftwood_copy_ledger_bytes", "counter"),
+    ("driftwood_restore_seconds", "histogram"),
+    ("driftwood_decode_batch_size", "histogram"),
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_exposes_every_metric_name_and_type() {
+    let store = tempfile::tempdir().expect("tempdir");
+    let server = Server::start(config(store.path())).await.expect("server starts");
+    let client = Client::new(&server);
+    client.chat("metrics", &[user("Hello")]).await;
+    let resp = client.http.get(format!("{}/metrics", client.base)).send().await.expect("request sent");
+    assert_eq!(resp.headers()["content-type"], "text/plain; version=0.0.4");
+    let text = resp.text().await.expect("body");
+    for (name, kind) in METRICS {
+        assert!(text.lines().any(|l| l == format!("# TYPE {name} {kind}")), "{name} is not a {kind} in\n{text}");
+        assert!(text.lines().any(|l| l.starts_with(&format!("# HELP {name} "))), "{name} has no help in\n{text}");
+        let samples = text.lines().filter(|l| !l.starts_with('#') && l.starts_with(name)).count();
+        assert!(samples > 0, "{name} has no sample in\n{text}");
+    }
+    // Nothing else: each family is one of the above (a histogram's samples carry suffixes).
+    for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+        let name = line.split_whitespace().nth(2).expect("a name");
+        assert!(METRICS.iter().any(|(n, _)| *n == name), "unexpected metric {name}");
+    }
+    assert_eq!(metric(&text, "driftwood_requests_rejected_total{reason=\"queue_full\"}"), 0.0);
+    assert_eq!(metric(&text, "driftwood_requests_total{endpoint=\"chat_completions\",status=\"200\"}"), 1.0);
+    assert_eq!(metric(&text, "driftwood_restore_seconds_bucket{le=\"+Inf\"}"), 0.0);
+    assert_eq!(metric(&text, "driftwood_snapshots_written_total"), 1.0);
+    server.shutdown().await.expect("clean shutdown");
+}
