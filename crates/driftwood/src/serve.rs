@@ -23,7 +23,9 @@ pub struct ServeArgs {
     model_id: Option<String>,
     /// The actor module each session runs (default: the bundled chat actor). It must export the serving
     /// protocol of the chat actor (`init`, `set_sampling`, `set_stop_list`, `chat_messages`, `generate`, `stat`,
-    /// `alloc`, `dealloc`).
+    /// `alloc`, `dealloc`). A module exporting `serve_protocol` returning 2 and `set_logprobs` also reports
+    /// log-probabilities (requests with `logprobs`); one without speaks protocol 1, and such requests get a
+    /// 400. A later protocol version is refused at start.
     #[arg(long, value_name = "FILE")]
     actor: Option<PathBuf>,
     /// Where session snapshots live: a folder (sessions found in it are served again), `file:///PATH`,

@@ -369,7 +369,8 @@ async fn chat_completions(
         let body = body_or_error(body)?;
         let req: api::ChatRequest = api::parse_body(&body)?;
         check_model(&state, req.params.model.as_deref())?;
-        let sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        let mut sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        sampling.logprobs = req.params.chat_logprobs()?;
         let messages = api::template_messages(&req.messages)?;
         let model = state.sessions.model();
         let rendered = model
@@ -398,7 +399,8 @@ async fn completions(
         let body = body_or_error(body)?;
         let req: api::CompletionRequest = api::parse_body(&body)?;
         check_model(&state, req.params.model.as_deref())?;
-        let sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        let mut sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        sampling.logprobs = req.params.completion_logprobs()?;
         let prompt = api::completion_prompt(&req.prompt)?;
         let tokens = state
             .sessions
@@ -503,22 +505,37 @@ async fn run(
         let gone = node_gone(state.clone(), elsewhere.node.clone(), elsewhere.lease);
         return forwarder.forward(&address, &request, state.sessions.retry_after_secs(), gone).await;
     }
+    if sampling.logprobs.is_some() && state.sessions.protocol() < 2 {
+        return Err(crate::sessions::logprobs_unsupported());
+    }
     let permit = state.scheduler.admit(&state.sessions.metrics).await?;
     let id = request_id(kind);
     let created = now_secs();
     let model_id = state.model_id.clone();
     // The turn's thread runs inside the request's span, so that its restore and snapshot spans nest in it.
     let span = tracing::Span::current();
+    let want_logprobs = sampling.logprobs.is_some();
+    // Legacy completion offsets count characters from the start of the prompt.
+    let prompt_chars = match &input {
+        Input::Completion(prompt) => prompt.chars().count(),
+        Input::Chat(_) => 0,
+    };
     if !sampling.stream {
         let state2 = state.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
             let _span = span.enter();
-            state2.sessions.run_turn(claim.as_ref(), &input, &sampling, |_| Ok(()))
+            state2.sessions.run_turn(claim.as_ref(), &input, &sampling, |_, _| Ok(()))
         })
         .await
         .map_err(|e| ApiError::server("internal", format!("the turn's thread failed: {e}")))??;
         log.turn(&outcome);
+        let model = state.sessions.model();
+        let logprobs = match kind {
+            _ if !want_logprobs => Value::Null,
+            Kind::Chat => crate::logprobs::chat(model, &outcome.logprobs),
+            Kind::Completion => crate::logprobs::completion(model, &outcome.logprobs, prompt_chars),
+        };
         let body = match kind {
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model_id,
@@ -526,14 +543,14 @@ async fn run(
                     "index": 0,
                     "message": {"role": "assistant", "content": outcome.text},
                     "finish_reason": outcome.finish_reason,
-                    "logprobs": null,
+                    "logprobs": logprobs,
                 }],
                 "usage": usage(&outcome),
                 "driftwood": extension(&key, &outcome),
             }),
             Kind::Completion => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model_id,
-                "choices": [{"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": null}],
+                "choices": [{"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": logprobs}],
                 "usage": usage(&outcome),
                 "driftwood": extension(&key, &outcome),
             }),
@@ -581,9 +598,22 @@ async fn run(
         let _permit = permit;
         let _span = span.enter();
         let sink = {
-            let (tx, chunk, queued) = (tx.clone(), chunk.clone(), queued2.clone());
-            move |piece: &str| {
-                let cost = piece.len() + STREAM_EVENT_BYTES;
+            let (tx, chunk, queued, state) = (tx.clone(), chunk.clone(), queued2.clone(), state2.clone());
+            let mut offset = prompt_chars;
+            move |piece: &str, tokens: &[crate::logprobs::TokenLogprob]| {
+                // Each chunk carries the log-probabilities of the tokens chosen since the previous one.
+                let model = state.sessions.model();
+                let logprobs = match kind {
+                    _ if !want_logprobs => Value::Null,
+                    Kind::Chat => crate::logprobs::chat(model, tokens),
+                    Kind::Completion => crate::logprobs::completion(model, tokens, offset),
+                };
+                offset += tokens
+                    .iter()
+                    .map(|t| model.detokenize(&[t.token], false).unwrap_or_default().chars().count())
+                    .sum::<usize>();
+                let extra = if want_logprobs { logprobs.to_string().len() } else { 0 };
+                let cost = piece.len() + STREAM_EVENT_BYTES + extra;
                 let waiting = queued.load(Ordering::Relaxed);
                 if waiting.saturating_add(cost) > allowance {
                     return Err(format!(
@@ -592,8 +622,11 @@ async fn run(
                     ));
                 }
                 let choice = match kind {
+                    Kind::Chat if want_logprobs => {
+                        json!({"index": 0, "delta": {"content": piece}, "finish_reason": null, "logprobs": logprobs})
+                    }
                     Kind::Chat => json!({"index": 0, "delta": {"content": piece}, "finish_reason": null}),
-                    Kind::Completion => json!({"index": 0, "text": piece, "finish_reason": null, "logprobs": null}),
+                    Kind::Completion => json!({"index": 0, "text": piece, "finish_reason": null, "logprobs": logprobs}),
                 };
                 queued.fetch_add(cost, Ordering::Relaxed);
                 let _ = tx.send((cost, Ok(chunk(choice, None))));

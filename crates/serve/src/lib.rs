@@ -24,6 +24,10 @@
 //! letters, digits, `-`, `_`). Without one, the request runs in a fresh actor that is discarded afterwards.
 //! A second request on a session while one runs is answered 409.
 //!
+//! Requests may ask for each generated token's log-probability (`logprobs`, `top_logprobs`): the actor
+//! computes the log-softmax of the model's logits before sampling and emits it beside the text (serving
+//! protocol 2, [`driftwood_abi::serve`]); [`logprobs`] shapes it as OpenAI does.
+//!
 //! Logs are `tracing` events, one line per request at `info` ([`logging`]); `/metrics` is the `prometheus`
 //! crate's text exposition ([`metrics`]).
 //!
@@ -49,6 +53,7 @@ pub mod api;
 mod forward;
 mod http;
 pub mod logging;
+pub mod logprobs;
 pub mod metrics;
 mod placement;
 mod request_log;
