@@ -1,7 +1,8 @@
 //! The one source of truth for the host ABI between Driftwood and its actors: the version both sides check, the
 //! import module's name, the dtype codes, and the [`ModelInfo`] record `driftwood.model_info` writes. The host
 //! (`driftwood-host`) and the guest SDK (`driftwood-guest`, built for wasm32) both depend on this crate, so the
-//! two cannot disagree on a word's meaning. `no_std`, no dependencies.
+//! two cannot disagree on a word's meaning. `no_std`, no dependencies. [`serve`] holds the serving
+//! protocol's version and frames, the exports `driftwood serve` calls beyond the host ABI.
 //!
 //! Version history:
 //! - **1**: the KV cache has a dtype. `model_info` writes [`MODEL_INFO_WORDS`] words, among them the dtype the
@@ -12,6 +13,8 @@
 
 #![no_std]
 #![warn(missing_docs)]
+
+pub mod serve;
 
 /// The ABI version. The host refuses a module whose `driftwood_abi_version` export returns another.
 pub const ABI_VERSION: u32 = 1;

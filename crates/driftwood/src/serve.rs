@@ -23,7 +23,9 @@ pub struct ServeArgs {
     model_id: Option<String>,
     /// The actor module each session runs (default: the bundled chat actor). It must export the serving
     /// protocol of the chat actor (`init`, `set_sampling`, `set_stop_list`, `chat_messages`, `generate`, `stat`,
-    /// `alloc`, `dealloc`).
+    /// `alloc`, `dealloc`). A module exporting `serve_protocol` returning 2 and `set_logprobs` also reports
+    /// log-probabilities (requests with `logprobs`); one without speaks protocol 1, and such requests get a
+    /// 400. A later protocol version is refused at start.
     #[arg(long, value_name = "FILE")]
     actor: Option<PathBuf>,
     /// Where session snapshots live: a folder (sessions found in it are served again), `file:///PATH`,
@@ -108,8 +110,10 @@ fn secs(flag: &str, value: f64, max: f64) -> anyhow::Result<Duration> {
 ///
 /// # Errors
 ///
-/// A flag out of its range (named in the message), or any error of [`driftwood_serve::run_until_signal`].
+/// A flag out of its range (named in the message), a `RUST_LOG` that is not a log filter, or any error of
+/// [`driftwood_serve::run_until_signal`].
 pub fn run(args: ServeArgs) -> anyhow::Result<()> {
+    driftwood_serve::logging::init()?;
     let hibernate_after = secs("--hibernate-after-secs", args.hibernate_after_secs, MAX_HIBERNATE_AFTER_SECS)?;
     let gpu = args.backend != driftwood_backend::BackendKind::Cpu && driftwood_backend::cuda::is_available();
     let batch_window_ms = args.batch_window_ms.unwrap_or(if gpu { 2.0 } else { 0.0 });
@@ -151,6 +155,6 @@ pub fn run(args: ServeArgs) -> anyhow::Result<()> {
     }
     let store = args.store.display().to_string();
     driftwood_serve::run_until_signal(config, |addr| {
-        eprintln!("driftwood serve: listening on http://{addr} (store {store}); SIGTERM or Ctrl-C to stop");
+        tracing::info!(store = %store, "listening on http://{addr} (SIGTERM or Ctrl-C to stop)");
     })
 }

@@ -157,8 +157,12 @@ pub struct CommonParams {
     pub presence_penalty: Option<f64>,
     /// Accepted for compatibility (-2 to 2) and not applied.
     pub frequency_penalty: Option<f64>,
-    /// Log probabilities are not supported; `true` is refused.
+    /// Chat: `true` answers each generated token's log-probability. Completions: the number of
+    /// alternatives per token, 0 to 5 (the legacy form). See [`CommonParams::chat_logprobs`] and
+    /// [`CommonParams::completion_logprobs`].
     pub logprobs: Option<Value>,
+    /// Chat: alternatives per token, 0 to 20, with `logprobs: true`.
+    pub top_logprobs: Option<Value>,
     /// The session key, as an alternative to the `X-Session-Id` header.
     pub session_id: Option<String>,
 }
@@ -200,6 +204,25 @@ pub struct Sampling {
     pub stream: bool,
     /// Send the usage in a last stream chunk.
     pub include_usage: bool,
+    /// Report each generated token's log-probability with this many alternatives; `None`: do not.
+    pub logprobs: Option<u32>,
+}
+
+/// Most alternatives per token a chat request may ask for (`top_logprobs`).
+pub const MAX_CHAT_TOP_LOGPROBS: u32 = driftwood_abi::serve::MAX_TOP_LOGPROBS;
+
+/// Most alternatives per token a completion request may ask for (`logprobs`, the legacy form).
+pub const MAX_COMPLETION_LOGPROBS: u32 = 5;
+
+/// `value` as an integer from 0 to `max`, for `param`.
+fn count(param: &'static str, value: &Value, max: u32) -> Result<u32, ApiError> {
+    value.as_u64().filter(|&n| n <= u64::from(max)).map(|n| n as u32).ok_or_else(|| {
+        ApiError::invalid(
+            Some(param),
+            "invalid_value",
+            format!("{param} must be an integer from 0 to {max}, got {value}"),
+        )
+    })
 }
 
 /// Parses a JSON body into `T`, answering a clear 400 for malformed JSON or wrong types.
@@ -291,12 +314,6 @@ impl CommonParams {
                 ));
             }
         }
-        match &self.logprobs {
-            None | Some(Value::Null) | Some(Value::Bool(false)) => {}
-            Some(_) => {
-                return Err(ApiError::invalid(Some("logprobs"), "unsupported_parameter", "logprobs are not supported"));
-            }
-        }
         let stops = match &self.stop {
             None => vec![],
             Some(Stop::One(s)) => vec![s.clone()],
@@ -332,7 +349,60 @@ impl CommonParams {
             stops,
             stream: self.stream,
             include_usage: self.stream_options.as_ref().is_some_and(|o| o.include_usage),
+            logprobs: None,
         })
+    }
+
+    /// The alternatives per token a chat request asks for: `None` without `logprobs: true`, else
+    /// `top_logprobs` (0 when absent).
+    ///
+    /// # Errors
+    ///
+    /// A 400 naming the parameter when `logprobs` is not a boolean, `top_logprobs` is not an integer from 0
+    /// to [`MAX_CHAT_TOP_LOGPROBS`], or `top_logprobs` comes without `logprobs: true`.
+    pub fn chat_logprobs(&self) -> Result<Option<u32>, ApiError> {
+        let on = match &self.logprobs {
+            None | Some(Value::Null) => false,
+            Some(Value::Bool(b)) => *b,
+            Some(other) => {
+                return Err(ApiError::invalid(
+                    Some("logprobs"),
+                    "invalid_value",
+                    format!("logprobs must be true or false, got {other}"),
+                ));
+            }
+        };
+        let top = match &self.top_logprobs {
+            None | Some(Value::Null) => None,
+            Some(v) => Some(count("top_logprobs", v, MAX_CHAT_TOP_LOGPROBS)?),
+        };
+        match (on, top) {
+            (true, top) => Ok(Some(top.unwrap_or(0))),
+            (false, None) => Ok(None),
+            (false, Some(_)) => {
+                Err(ApiError::invalid(Some("top_logprobs"), "invalid_value", "top_logprobs needs logprobs set to true"))
+            }
+        }
+    }
+
+    /// The alternatives per token a completion request asks for: its `logprobs`, an integer from 0 to
+    /// [`MAX_COMPLETION_LOGPROBS`] (`None` when absent or null).
+    ///
+    /// # Errors
+    ///
+    /// A 400 naming the parameter for anything else (`top_logprobs` belongs to chat requests).
+    pub fn completion_logprobs(&self) -> Result<Option<u32>, ApiError> {
+        if !matches!(self.top_logprobs, None | Some(Value::Null)) {
+            return Err(ApiError::invalid(
+                Some("top_logprobs"),
+                "invalid_value",
+                "top_logprobs is a chat parameter; completions take logprobs as the number of alternatives",
+            ));
+        }
+        match &self.logprobs {
+            None | Some(Value::Null) => Ok(None),
+            Some(v) => count("logprobs", v, MAX_COMPLETION_LOGPROBS).map(Some),
+        }
     }
 }
 
@@ -428,7 +498,6 @@ mod tests {
             r#"{"stop": ["a","b","c","d","e"]}"#,
             r#"{"stop": ""}"#,
             r#"{"presence_penalty": 7}"#,
-            r#"{"logprobs": true}"#,
         ] {
             let err = params(bad).sampling(1024, 128).expect_err(bad);
             assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
@@ -436,6 +505,33 @@ mod tests {
         }
         let s = params(r#"{"top_p": 0, "temperature": 0.7, "seed": -1, "stop": "\n"}"#).sampling(1024, 128).unwrap();
         assert_eq!((s.temperature, s.seed, s.stops.as_slice()), (0.0, u64::MAX, ["\n".to_string()].as_slice()));
+    }
+
+    #[test]
+    fn logprobs_are_checked() {
+        assert_eq!(params("{}").chat_logprobs().unwrap(), None);
+        assert_eq!(params(r#"{"logprobs": false}"#).chat_logprobs().unwrap(), None);
+        assert_eq!(params(r#"{"logprobs": true}"#).chat_logprobs().unwrap(), Some(0));
+        assert_eq!(params(r#"{"logprobs": true, "top_logprobs": 20}"#).chat_logprobs().unwrap(), Some(20));
+        for bad in [
+            r#"{"logprobs": true, "top_logprobs": 21}"#,
+            r#"{"logprobs": true, "top_logprobs": -1}"#,
+            r#"{"logprobs": true, "top_logprobs": 2.5}"#,
+            r#"{"logprobs": true, "top_logprobs": "3"}"#,
+            r#"{"top_logprobs": 3}"#,
+            r#"{"logprobs": 3}"#,
+        ] {
+            let err = params(bad).chat_logprobs().expect_err(bad);
+            assert_eq!((err.status, err.code), (StatusCode::BAD_REQUEST, "invalid_value"), "{bad}");
+            assert!(err.param.is_some() && err.message.contains("logprobs"), "{bad}: {}", err.message);
+        }
+        assert_eq!(params(r#"{"logprobs": 5}"#).completion_logprobs().unwrap(), Some(5));
+        assert_eq!(params(r#"{"logprobs": 0}"#).completion_logprobs().unwrap(), Some(0));
+        assert_eq!(params(r#"{"logprobs": null}"#).completion_logprobs().unwrap(), None);
+        for bad in [r#"{"logprobs": 6}"#, r#"{"logprobs": true}"#, r#"{"logprobs": 1, "top_logprobs": 1}"#] {
+            let err = params(bad).completion_logprobs().expect_err(bad);
+            assert_eq!(err.status, StatusCode::BAD_REQUEST, "{bad}");
+        }
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
-use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
@@ -19,6 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 
 use crate::AppState;
+use crate::request_log::{self, RequestLog};
 
 /// Bytes a streamed text event is charged beyond its text (the JSON around it), against the actor's host
 /// allowance for events the client has not yet read.
@@ -77,7 +78,7 @@ impl Scheduler {
         }
         if self.waiting.fetch_add(1, Ordering::AcqRel) >= self.queue {
             self.waiting.fetch_sub(1, Ordering::AcqRel);
-            metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+            metrics.rejected_queue_full.inc();
             let mut e = ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "rate_limit_error",
@@ -106,6 +107,7 @@ pub(crate) fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/metrics", get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(axum::middleware::from_fn(request_log::middleware))
         .with_state(state)
 }
 
@@ -221,7 +223,7 @@ async fn models(State(state): State<Arc<AppState>>) -> Response {
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let (live, hibernated) = state.sessions.counts();
     let text = state.sessions.metrics.render(state.sessions.runtime(), live, hibernated, state.scheduler.waiting());
-    ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], text).into_response()
+    ([(header::CONTENT_TYPE, crate::metrics::CONTENT_TYPE)], text).into_response()
 }
 
 fn check_key(key: &str) -> Result<(), ApiError> {
@@ -359,6 +361,7 @@ impl Kind {
 
 async fn chat_completions(
     State(state): State<Arc<AppState>>,
+    Extension(log): Extension<RequestLog>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -366,7 +369,8 @@ async fn chat_completions(
         let body = body_or_error(body)?;
         let req: api::ChatRequest = api::parse_body(&body)?;
         check_model(&state, req.params.model.as_deref())?;
-        let sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        let mut sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        sampling.logprobs = req.params.chat_logprobs()?;
         let messages = api::template_messages(&req.messages)?;
         let model = state.sessions.model();
         let rendered = model
@@ -379,7 +383,7 @@ async fn chat_completions(
         let key = session_key(&headers, req.params.session_id.as_deref())?;
         let json = serde_json::to_string(&messages).map_err(|e| ApiError::server("internal", e.to_string()))?;
         let request = Forwardable { path: "/v1/chat/completions", headers, body };
-        run(&state, Kind::Chat, key, Input::Chat(json), sampling, request).await
+        run(&state, &log, Kind::Chat, key, Input::Chat(json), sampling, request).await
     }
     .await;
     respond(&state, Kind::Chat, result)
@@ -387,6 +391,7 @@ async fn chat_completions(
 
 async fn completions(
     State(state): State<Arc<AppState>>,
+    Extension(log): Extension<RequestLog>,
     headers: HeaderMap,
     body: Result<Bytes, BytesRejection>,
 ) -> Response {
@@ -394,7 +399,8 @@ async fn completions(
         let body = body_or_error(body)?;
         let req: api::CompletionRequest = api::parse_body(&body)?;
         check_model(&state, req.params.model.as_deref())?;
-        let sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        let mut sampling = req.params.sampling(state.max_seq, state.default_max_tokens)?;
+        sampling.logprobs = req.params.completion_logprobs()?;
         let prompt = api::completion_prompt(&req.prompt)?;
         let tokens = state
             .sessions
@@ -410,7 +416,7 @@ async fn completions(
         }
         let key = session_key(&headers, req.params.session_id.as_deref())?;
         let request = Forwardable { path: "/v1/completions", headers, body };
-        run(&state, Kind::Completion, key, Input::Completion(prompt), sampling, request).await
+        run(&state, &log, Kind::Completion, key, Input::Completion(prompt), sampling, request).await
     }
     .await;
     respond(&state, Kind::Completion, result)
@@ -471,12 +477,16 @@ async fn node_gone(state: Arc<AppState>, id: String, lease: i64) {
 /// cluster, a request for a session another node owns is forwarded there instead (`request`).
 async fn run(
     state: &Arc<AppState>,
+    log: &RequestLog,
     kind: Kind,
     key: Option<String>,
     input: Input,
     sampling: Sampling,
     request: Forwardable,
 ) -> Result<Response, ApiError> {
+    if let Some(k) = &key {
+        log.session(k);
+    }
     let claim: Option<Claim> = key.as_deref().map(|k| state.sessions.claim(k)).transpose()?;
     // In a cluster: only the session's owner runs its turns; a request for another node's session goes there.
     let located = match claim.as_ref() {
@@ -491,22 +501,41 @@ async fn run(
         };
         // The local claim kept this node's own requests for the session apart; the owner does that now.
         drop(claim);
-        state.sessions.metrics.cluster_forwarded.fetch_add(1, Ordering::Relaxed);
+        state.sessions.metrics.cluster_forwarded.inc();
         let gone = node_gone(state.clone(), elsewhere.node.clone(), elsewhere.lease);
         return forwarder.forward(&address, &request, state.sessions.retry_after_secs(), gone).await;
+    }
+    if sampling.logprobs.is_some() && state.sessions.protocol() < 2 {
+        return Err(crate::sessions::logprobs_unsupported());
     }
     let permit = state.scheduler.admit(&state.sessions.metrics).await?;
     let id = request_id(kind);
     let created = now_secs();
     let model_id = state.model_id.clone();
+    // The turn's thread runs inside the request's span, so that its restore and snapshot spans nest in it.
+    let span = tracing::Span::current();
+    let want_logprobs = sampling.logprobs.is_some();
+    // Legacy completion offsets count characters from the start of the prompt.
+    let prompt_chars = match &input {
+        Input::Completion(prompt) => prompt.chars().count(),
+        Input::Chat(_) => 0,
+    };
     if !sampling.stream {
         let state2 = state.clone();
         let outcome = tokio::task::spawn_blocking(move || {
             let _permit = permit;
-            state2.sessions.run_turn(claim.as_ref(), &input, &sampling, |_| Ok(()))
+            let _span = span.enter();
+            state2.sessions.run_turn(claim.as_ref(), &input, &sampling, |_, _| Ok(()))
         })
         .await
         .map_err(|e| ApiError::server("internal", format!("the turn's thread failed: {e}")))??;
+        log.turn(&outcome);
+        let model = state.sessions.model();
+        let logprobs = match kind {
+            _ if !want_logprobs => Value::Null,
+            Kind::Chat => crate::logprobs::chat(model, &outcome.logprobs),
+            Kind::Completion => crate::logprobs::completion(model, &outcome.logprobs, prompt_chars),
+        };
         let body = match kind {
             Kind::Chat => json!({
                 "id": id, "object": "chat.completion", "created": created, "model": model_id,
@@ -514,14 +543,14 @@ async fn run(
                     "index": 0,
                     "message": {"role": "assistant", "content": outcome.text},
                     "finish_reason": outcome.finish_reason,
-                    "logprobs": null,
+                    "logprobs": logprobs,
                 }],
                 "usage": usage(&outcome),
                 "driftwood": extension(&key, &outcome),
             }),
             Kind::Completion => json!({
                 "id": id, "object": "text_completion", "created": created, "model": model_id,
-                "choices": [{"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": null}],
+                "choices": [{"index": 0, "text": outcome.text, "finish_reason": outcome.finish_reason, "logprobs": logprobs}],
                 "usage": usage(&outcome),
                 "driftwood": extension(&key, &outcome),
             }),
@@ -564,12 +593,27 @@ async fn run(
     let state2 = state.clone();
     let include_usage = sampling.include_usage;
     let queued2 = queued.clone();
+    let log = log.clone();
     tokio::task::spawn_blocking(move || {
         let _permit = permit;
+        let _span = span.enter();
         let sink = {
-            let (tx, chunk, queued) = (tx.clone(), chunk.clone(), queued2.clone());
-            move |piece: &str| {
-                let cost = piece.len() + STREAM_EVENT_BYTES;
+            let (tx, chunk, queued, state) = (tx.clone(), chunk.clone(), queued2.clone(), state2.clone());
+            let mut offset = prompt_chars;
+            move |piece: &str, tokens: &[crate::logprobs::TokenLogprob]| {
+                // Each chunk carries the log-probabilities of the tokens chosen since the previous one.
+                let model = state.sessions.model();
+                let logprobs = match kind {
+                    _ if !want_logprobs => Value::Null,
+                    Kind::Chat => crate::logprobs::chat(model, tokens),
+                    Kind::Completion => crate::logprobs::completion(model, tokens, offset),
+                };
+                offset += tokens
+                    .iter()
+                    .map(|t| model.detokenize(&[t.token], false).unwrap_or_default().chars().count())
+                    .sum::<usize>();
+                let extra = if want_logprobs { logprobs.to_string().len() } else { 0 };
+                let cost = piece.len() + STREAM_EVENT_BYTES + extra;
                 let waiting = queued.load(Ordering::Relaxed);
                 if waiting.saturating_add(cost) > allowance {
                     return Err(format!(
@@ -578,8 +622,11 @@ async fn run(
                     ));
                 }
                 let choice = match kind {
+                    Kind::Chat if want_logprobs => {
+                        json!({"index": 0, "delta": {"content": piece}, "finish_reason": null, "logprobs": logprobs})
+                    }
                     Kind::Chat => json!({"index": 0, "delta": {"content": piece}, "finish_reason": null}),
-                    Kind::Completion => json!({"index": 0, "text": piece, "finish_reason": null, "logprobs": null}),
+                    Kind::Completion => json!({"index": 0, "text": piece, "finish_reason": null, "logprobs": logprobs}),
                 };
                 queued.fetch_add(cost, Ordering::Relaxed);
                 let _ = tx.send((cost, Ok(chunk(choice, None))));
@@ -588,6 +635,7 @@ async fn run(
         };
         match state2.sessions.run_turn(claim.as_ref(), &input, &sampling, sink) {
             Ok(outcome) => {
+                log.turn(&outcome);
                 let last = match kind {
                     Kind::Chat => json!({"index": 0, "delta": {}, "finish_reason": outcome.finish_reason}),
                     Kind::Completion => {
@@ -602,6 +650,7 @@ async fn run(
                 }
             }
             Err(e) => {
+                log.failed(e.code);
                 let _ = tx.send((0, Ok(Event::default().data(e.body().to_string()))));
             }
         }
@@ -629,7 +678,7 @@ mod tests {
             (refused.status, refused.code, refused.retry_after),
             (StatusCode::TOO_MANY_REQUESTS, "queue_full", Some(1))
         );
-        assert_eq!(metrics.rejected_queue_full.load(Ordering::Relaxed), 1);
+        assert_eq!(metrics.rejected_queue_full.get(), 1);
         drop(held);
         let again = scheduler.admit(&metrics).await.expect("the worker is free again");
         drop(again);

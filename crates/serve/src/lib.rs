@@ -24,6 +24,13 @@
 //! letters, digits, `-`, `_`). Without one, the request runs in a fresh actor that is discarded afterwards.
 //! A second request on a session while one runs is answered 409.
 //!
+//! Requests may ask for each generated token's log-probability (`logprobs`, `top_logprobs`): the actor
+//! computes the log-softmax of the model's logits before sampling and emits it beside the text (serving
+//! protocol 2, [`driftwood_abi::serve`]); [`logprobs`] shapes it as OpenAI does.
+//!
+//! Logs are `tracing` events, one line per request at `info` ([`logging`]); `/metrics` is the `prometheus`
+//! crate's text exposition ([`metrics`]).
+//!
 //! Turns run on blocking threads, at most `workers` at once; their decode steps are batched: steps of turns
 //! running at the same time are evaluated as one forward pass, each on its own actor's KV cache and logits
 //! ([`ServeConfig::batch_window`]).
@@ -45,8 +52,11 @@
 pub mod api;
 mod forward;
 mod http;
+pub mod logging;
+pub mod logprobs;
 pub mod metrics;
 mod placement;
+mod request_log;
 pub mod sessions;
 
 use std::net::SocketAddr;
@@ -323,9 +333,11 @@ impl Server {
             let started = std::time::Instant::now();
             let sizes = runtime.warm_decode(&model, max_seq as usize, max_live)?;
             if sizes > 0 {
-                eprintln!(
-                    "driftwood serve: batched decode prepared for {sizes} batch sizes up to {max_live} in {:.2} s",
-                    started.elapsed().as_secs_f64()
+                tracing::info!(
+                    sizes,
+                    max_batch = max_live,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "batched decode prepared"
                 );
             }
         }
@@ -459,9 +471,9 @@ pub fn run_until_signal(config: ServeConfig, on_ready: impl FnOnce(SocketAddr)) 
         let server = Server::start(config).await?;
         on_ready(server.addr());
         wait_for_signal().await?;
-        eprintln!("driftwood serve: shutting down; snapshotting live actors");
+        tracing::info!("shutting down; snapshotting live actors");
         let saved = server.shutdown().await?;
-        eprintln!("driftwood serve: {saved} live actors snapshotted; bye");
+        tracing::info!(snapshotted = saved, "live actors snapshotted; stopped");
         Ok(())
     })
 }

@@ -13,6 +13,7 @@ use driftwood_host::{Actor, ActorError, Runtime};
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, Sampling};
+use crate::logprobs::{self, TokenLogprob};
 use crate::metrics::Metrics;
 use crate::placement::Placement;
 
@@ -40,6 +41,8 @@ pub struct TurnOutcome {
     pub text: String,
     /// Whether the session's actor was restored from its snapshot for this turn.
     pub restored: bool,
+    /// Each generated token's log-probability, when the request asked for them.
+    pub logprobs: Vec<TokenLogprob>,
 }
 
 /// Settings of the session table.
@@ -115,6 +118,8 @@ pub struct Sessions {
     config: SessionConfig,
     table: Mutex<HashMap<String, Arc<Slot>>>,
     live: AtomicUsize,
+    /// The serving protocol the actor module speaks (1 without a `serve_protocol` export).
+    protocol: u32,
     /// In a cluster: where new sessions go, and whether this node drains.
     pub(crate) placement: Placement,
     /// The server's counters.
@@ -172,6 +177,7 @@ impl Sessions {
             config,
             table: Mutex::new(HashMap::new()),
             live: AtomicUsize::new(0),
+            protocol: 1,
             placement: Placement::default(),
             metrics,
         };
@@ -181,7 +187,20 @@ impl Sessions {
         if let Some(missing) = REQUIRED_EXPORTS.iter().find(|name| !exports.contains(name)) {
             anyhow::bail!("the actor module has no export `{missing}`; serving needs {}", REQUIRED_EXPORTS.join(", "));
         }
-        drop(sessions.new_actor().map_err(|e| anyhow::anyhow!("{}", e.message))?);
+        let mut actor = sessions.new_actor().map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        let mut sessions = sessions;
+        if exports.contains(&"serve_protocol") {
+            let version: u32 = actor.call("serve_protocol", ()).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let newest = driftwood_abi::serve::SERVE_PROTOCOL_VERSION;
+            if version == 0 || version > newest {
+                anyhow::bail!("the actor module speaks serving protocol {version}; this server speaks 1 to {newest}");
+            }
+            if version >= 2 && !exports.contains(&"set_logprobs") {
+                anyhow::bail!("the actor module speaks serving protocol {version} but has no export `set_logprobs`");
+            }
+            sessions.protocol = version;
+        }
+        drop(actor);
         // In a cluster etcd knows the sessions; the store's listing would be every node's.
         let known = if sessions.config.cluster.is_some() {
             vec![]
@@ -197,6 +216,12 @@ impl Sessions {
             }
         }
         Ok(sessions)
+    }
+
+    /// The serving protocol the actor module speaks: 1, or 2 with log-probabilities (see
+    /// [`driftwood_abi::serve`]).
+    pub fn protocol(&self) -> u32 {
+        self.protocol
     }
 
     /// The runtime actors run in.
@@ -234,7 +259,7 @@ impl Sessions {
     pub fn claim(&self, key: &str) -> Result<Claim, ApiError> {
         let slot = self.table.lock().unwrap_or_else(|p| p.into_inner()).entry(key.to_string()).or_default().clone();
         if slot.busy.compare_exchange(false, true, Ordering::AcqRel, Ordering::Acquire).is_err() {
-            self.metrics.rejected_busy.fetch_add(1, Ordering::Relaxed);
+            self.metrics.rejected_busy.inc();
             return Err(ApiError::new(
                 StatusCode::CONFLICT,
                 "invalid_request_error",
@@ -288,7 +313,7 @@ impl Sessions {
                 (Some(owner), _) if owner.node != node.id() => return Ok(Some(self.elsewhere(node, owner).await)),
                 (Some(_), _) => {}
                 (None, Some(peer)) => {
-                    self.metrics.cluster_placed.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.cluster_placed.inc();
                     return Ok(Some(OwnedElsewhere {
                         node: peer.id,
                         lease: peer.lease,
@@ -328,7 +353,7 @@ impl Sessions {
                     state.saved = pointer.is_some();
                     state.object = pointer;
                 }
-                self.metrics.cluster_claims.fetch_add(1, Ordering::Relaxed);
+                self.metrics.cluster_claims.inc();
                 // Other nodes place new sessions by what this node owns: tell them now, not at the next refresh.
                 let _ = self.placement.publish(node, self.load()).await;
                 Ok(None)
@@ -340,7 +365,7 @@ impl Sessions {
 
     /// The session is `owner`'s: where to find it.
     async fn elsewhere(&self, node: &Node, owner: Owner) -> OwnedElsewhere {
-        self.metrics.cluster_owned_elsewhere.fetch_add(1, Ordering::Relaxed);
+        self.metrics.cluster_owned_elsewhere.inc();
         let address = node.address_of(&owner.node).await.ok().flatten();
         OwnedElsewhere { node: owner.node, lease: owner.lease, address, placed: false }
     }
@@ -443,7 +468,7 @@ impl Sessions {
         claim: Option<&Claim>,
         input: &Input,
         sampling: &Sampling,
-        sink: impl FnMut(&str) -> Result<(), String> + Send + 'static,
+        sink: impl FnMut(&str, &[TokenLogprob]) -> Result<(), String> + Send + 'static,
     ) -> Result<TurnOutcome, ApiError> {
         let Some(claim) = claim else {
             let mut actor = self.new_actor()?;
@@ -453,11 +478,19 @@ impl Sessions {
         let mut restored = false;
         if state.actor.is_none() {
             let actor = if state.saved {
+                let _span = tracing::info_span!("restore", session_id = %claim.key).entered();
                 let started = Instant::now();
                 let actor = self.wake(&claim.key, &mut state).map_err(|e| {
+                    tracing::warn!(error = format!("{e:#}"), "restore failed");
                     ApiError::server("restore_failed", format!("session `{}` cannot be restored: {e:#}", claim.key))
                 })?;
-                self.metrics.restored(started.elapsed());
+                let took = started.elapsed();
+                tracing::debug!(
+                    object = state.object.as_ref().map(ObjectName::path),
+                    ms = took.as_secs_f64() * 1e3,
+                    "restored"
+                );
+                self.metrics.restored(took);
                 state.restores += 1;
                 restored = true;
                 actor
@@ -477,7 +510,7 @@ impl Sessions {
                 outcome.restored = restored;
                 if restored {
                     let saved = outcome.prompt_tokens.saturating_sub(outcome.evaluated_tokens);
-                    self.metrics.restore_prefill_saved_tokens.fetch_add(saved as u64, Ordering::Relaxed);
+                    self.metrics.restore_prefill_saved_tokens.inc_by(saved as u64);
                 }
                 state.turns += 1;
                 // The session keeps the turn's counts, not its text (up to the host allowance, held for as long
@@ -487,7 +520,7 @@ impl Sessions {
                     if let Err(e) = self.save(&claim.key, &mut state) {
                         return Err(self.unsaved(&mut state, e));
                     }
-                    self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.snapshots.inc();
                 }
                 if self.config.hibernate_after.is_zero() {
                     self.release(&mut state);
@@ -496,7 +529,7 @@ impl Sessions {
             }
             Err(err) => {
                 if err.code == "actor_trap" {
-                    self.metrics.traps.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.traps.inc();
                 }
                 // The actor's state after a failed call is unknown: continue from the last snapshot.
                 if state.actor.take().is_some() {
@@ -529,6 +562,22 @@ impl Sessions {
     /// commits it in etcd; then deletes the earlier objects. The session's state is unchanged if the write
     /// fails.
     fn save(&self, key: &str, state: &mut SlotState) -> Result<(), SaveError> {
+        let _span = tracing::info_span!("snapshot", session_id = key).entered();
+        let started = Instant::now();
+        let saved = self.write_snapshot(key, state);
+        match &saved {
+            Ok(()) => tracing::debug!(
+                object = state.object.as_ref().map(ObjectName::path),
+                ms = started.elapsed().as_secs_f64() * 1e3,
+                "snapshot written"
+            ),
+            Err(e) => tracing::warn!(error = %e, "snapshot not kept"),
+        }
+        saved
+    }
+
+    /// [`save`](Self::save), without its span and log lines.
+    fn write_snapshot(&self, key: &str, state: &mut SlotState) -> Result<(), SaveError> {
         let Some(actor) = state.actor.as_mut() else {
             return Err(SaveError::Other(anyhow::anyhow!("session `{key}` has no live actor")));
         };
@@ -554,9 +603,9 @@ impl Sessions {
         self.tokio.block_on(self.store.put_new(&next, write)).map_err(|e| SaveError::Other(e.into()))?;
         if let Some((node, _)) = cluster {
             match self.tokio.block_on(node.commit(fence, &next)) {
-                Ok(()) => self.metrics.cluster_commits.fetch_add(1, Ordering::Relaxed),
+                Ok(()) => self.metrics.cluster_commits.inc(),
                 Err(e @ ClusterError::Fenced { .. }) => {
-                    self.metrics.cluster_fenced.fetch_add(1, Ordering::Relaxed);
+                    self.metrics.cluster_fenced.inc();
                     // Garbage: no pointer names it. The session's owner collects it after its next commit.
                     let _ = self.tokio.block_on(self.store.delete(&next));
                     return Err(SaveError::Fenced(e));
@@ -569,7 +618,7 @@ impl Sessions {
         state.object = Some(next.clone());
         // Earlier snapshots are garbage now; one left by a failure here is collected after the next turn.
         if let Err(e) = self.tokio.block_on(self.store.collect(&next)) {
-            eprintln!("driftwood serve: collecting earlier snapshots of `{key}`: {e}");
+            tracing::warn!(session_id = key, error = %e, "collecting earlier snapshots failed");
         }
         Ok(())
     }
@@ -617,25 +666,56 @@ impl Sessions {
         actor: &mut Actor,
         input: &Input,
         sampling: &Sampling,
-        mut sink: impl FnMut(&str) -> Result<(), String> + Send + 'static,
+        sink: impl FnMut(&str, &[TokenLogprob]) -> Result<(), String> + Send + 'static,
     ) -> Result<TurnOutcome, ApiError> {
-        let text = Arc::new(Mutex::new(String::new()));
+        let turn = Arc::new(Mutex::new(Emitted::default()));
+        let framed = sampling.logprobs.is_some();
+        // Shared with the emit sink, to flush what is left after the turn.
+        let sink = Arc::new(Mutex::new(sink));
         {
-            let text = text.clone();
-            // The turn's text is kept for the response: at most the actor's host allowance of it.
+            let (turn, sink) = (turn.clone(), sink.clone());
+            // The turn's text and log-probabilities are kept for the response: at most the actor's host
+            // allowance of them.
             let allowance = actor.limits().host_bytes;
             actor.set_emit_sink(move |piece| {
-                let mut text = text.lock().unwrap_or_else(|p| p.into_inner());
-                if text.len().saturating_add(piece.len()) > allowance {
+                let mut turn = turn.lock().unwrap_or_else(|p| p.into_inner());
+                if turn.bytes.saturating_add(piece.len()) > allowance {
                     return Err(format!(
                         "the turn's text would pass the actor's {allowance}-byte host allowance (it has {} bytes, \
                          the piece {})",
-                        text.len(),
+                        turn.bytes,
                         piece.len()
                     ));
                 }
-                text.push_str(piece);
-                sink(piece)
+                turn.bytes += piece.len();
+                // With log-probabilities on, each piece is a frame: a token's record, or text.
+                let text = match framed.then(|| piece.split_at_checked(1)).flatten() {
+                    None if !framed => piece,
+                    Some(("T", text)) => text,
+                    Some(("L", record)) => {
+                        let t = logprobs::parse_frame(record)?;
+                        // The record kept may be larger than its frame: charge the larger.
+                        let kept = std::mem::size_of::<TokenLogprob>() + std::mem::size_of_val(t.top.as_slice());
+                        turn.bytes += kept.saturating_sub(piece.len());
+                        if turn.bytes > allowance {
+                            return Err(format!(
+                                "the turn's log-probabilities would pass the actor's {allowance}-byte host allowance"
+                            ));
+                        }
+                        turn.pending += 1;
+                        turn.logprobs.push(t);
+                        return Ok(());
+                    }
+                    _ => {
+                        return Err(format!("the actor emitted {piece:?}, which is not a frame of serving protocol 2"));
+                    }
+                };
+                turn.text.push_str(text);
+                // A piece of text goes out with the tokens chosen since the last one.
+                let from = turn.logprobs.len() - turn.pending;
+                turn.pending = 0;
+                let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+                (*sink)(text, &turn.logprobs[from..])
             });
         }
         let result = self.drive_calls(actor, input, sampling);
@@ -643,7 +723,7 @@ impl Sessions {
         actor.set_emit_sink(|_| Ok(()));
         // Nobody reads captured log lines after the turn: they are printed, and their host memory freed.
         for line in actor.take_logs() {
-            eprintln!("[actor log {}] {}", line.level, line.text);
+            crate::logging::actor_line(&line);
         }
         let generated = result?;
         let stat = |actor: &mut Actor, i: u32| actor.call::<u32, u32>("stat", i).map_err(actor_error);
@@ -654,11 +734,17 @@ impl Sessions {
             _ => "length",
         };
         let m = &self.metrics;
-        m.prompt_tokens.fetch_add(prompt_tokens as u64, Ordering::Relaxed);
-        m.prefill_tokens.fetch_add(evaluated_tokens as u64, Ordering::Relaxed);
-        m.prefill_saved_tokens.fetch_add(prompt_tokens.saturating_sub(evaluated_tokens) as u64, Ordering::Relaxed);
-        m.completion_tokens.fetch_add(generated as u64, Ordering::Relaxed);
-        let text = std::mem::take(&mut *text.lock().unwrap_or_else(|p| p.into_inner()));
+        m.prompt_tokens.inc_by(prompt_tokens as u64);
+        m.prefill_tokens.inc_by(evaluated_tokens as u64);
+        m.prefill_saved_tokens.inc_by(prompt_tokens.saturating_sub(evaluated_tokens) as u64);
+        m.completion_tokens.inc_by(generated as u64);
+        let Emitted { text, logprobs, pending, .. } =
+            std::mem::take(&mut *turn.lock().unwrap_or_else(|p| p.into_inner()));
+        // Tokens whose text never came (cut at a stop string) are sent on their own.
+        if pending > 0 {
+            let mut sink = sink.lock().unwrap_or_else(|p| p.into_inner());
+            (*sink)("", &logprobs[logprobs.len() - pending..]).map_err(|e| ApiError::server("actor_trap", e))?;
+        }
         Ok(TurnOutcome {
             prompt_tokens,
             evaluated_tokens,
@@ -666,11 +752,19 @@ impl Sessions {
             finish_reason,
             text,
             restored: false,
+            logprobs,
         })
     }
 
     fn drive_calls(&self, actor: &mut Actor, input: &Input, s: &Sampling) -> Result<u32, ApiError> {
         let (top_k, min_p, repetition_penalty) = (0u32, 0f32, 1f32);
+        // Set on every turn: a session's actor keeps the setting of its previous one.
+        if self.protocol >= 2 {
+            let top = s.logprobs.map_or(-1, |n| n.min(driftwood_abi::serve::MAX_TOP_LOGPROBS) as i32);
+            actor.call::<i32, ()>("set_logprobs", top).map_err(actor_error)?;
+        } else if s.logprobs.is_some() {
+            return Err(logprobs_unsupported());
+        }
         actor
             .call::<(f32, u32, f32, f32, f32, u64), ()>(
                 "set_sampling",
@@ -702,7 +796,7 @@ impl Sessions {
     fn release(&self, state: &mut SlotState) {
         if state.actor.take().is_some() {
             self.live.fetch_sub(1, Ordering::Relaxed);
-            self.metrics.hibernations.fetch_add(1, Ordering::Relaxed);
+            self.metrics.hibernations.inc();
         }
     }
 
@@ -758,7 +852,7 @@ impl Sessions {
                 match self.save(&key, &mut state) {
                     Ok(()) => {
                         saved += 1;
-                        self.metrics.snapshots.fetch_add(1, Ordering::Relaxed);
+                        self.metrics.snapshots.inc();
                     }
                     // Another node owns the session now: what this node held of it was not its to keep.
                     Err(SaveError::Fenced(_)) => self.forget(&mut state),
@@ -845,6 +939,27 @@ impl Sessions {
         self.table.lock().unwrap_or_else(|p| p.into_inner()).remove(key);
         Ok(())
     }
+}
+
+/// What a turn's actor emitted so far.
+#[derive(Default)]
+struct Emitted {
+    text: String,
+    logprobs: Vec<TokenLogprob>,
+    /// Of `logprobs`, the last ones whose text has not come yet.
+    pending: usize,
+    /// Bytes emitted, frames included (charged to the host allowance).
+    bytes: usize,
+}
+
+/// The 400 for log-probabilities asked of an actor that cannot report them.
+pub fn logprobs_unsupported() -> ApiError {
+    ApiError::invalid(
+        Some("logprobs"),
+        "unsupported_parameter",
+        "the actor module this server runs does not report log-probabilities (it speaks serving protocol 1; \
+         logprobs need protocol 2)",
+    )
 }
 
 /// Why a snapshot was not kept.

@@ -19,12 +19,15 @@
 #![warn(missing_docs)]
 
 pub mod llm;
+pub mod logprobs;
 pub mod sample;
 
 /// The host ABI version this SDK speaks (`driftwood-abi`). The host refuses modules built for another version.
 pub const ABI_VERSION: u32 = driftwood_abi::ABI_VERSION;
 
 pub use driftwood_abi::DTypeCode;
+/// The serving protocol's version and frames (what `driftwood serve` expects of an actor).
+pub use driftwood_abi::serve;
 
 /// Raw imports of the `driftwood` module. Prefer the safe wrappers; these are public so that tests can
 /// exercise the host's validation with deliberately bad arguments.

@@ -223,11 +223,31 @@ pub struct Generated {
 pub fn generate(
     session: &mut crate::llm::Session,
     sampler: &mut Sampler,
+    logits: Vec<f32>,
+    max_tokens: u32,
+    stops: &[String],
+    on_text: impl FnMut(&str),
+) -> Generated {
+    generate_with_logprobs(session, sampler, logits, max_tokens, stops, None, on_text, |_| {})
+}
+
+/// [`generate`], also computing each generated token's log-probability when `top_logprobs` is given (with
+/// that many alternatives) and passing it to `on_token` as soon as the token is chosen, before its text.
+/// The log-probabilities are those of the model's logits, before penalties and temperature (see
+/// [`log_softmax_at`](crate::logprobs::log_softmax_at)). An end-of-sequence token is not passed.
+#[allow(clippy::too_many_arguments)]
+pub fn generate_with_logprobs(
+    session: &mut crate::llm::Session,
+    sampler: &mut Sampler,
     mut logits: Vec<f32>,
     max_tokens: u32,
     stops: &[String],
+    top_logprobs: Option<u32>,
     mut on_text: impl FnMut(&str),
+    mut on_token: impl FnMut(&crate::logprobs::TokenLogprob),
 ) -> Generated {
+    // The sampler changes the logits it is given: the model's own are kept for the log-probabilities.
+    let mut raw: Vec<f32> = Vec::new();
     let model = session.model().clone();
     let eos = model.info().eos.clone();
     let mut tokens = Vec::new();
@@ -235,10 +255,17 @@ pub fn generate(
     let mut text = String::new();
     let mut stop = StopReason::MaxTokens;
     while (tokens.len() as u32) < max_tokens {
+        if top_logprobs.is_some() {
+            raw.clear();
+            raw.extend_from_slice(&logits);
+        }
         let next = sampler.sample(&mut logits, session.tokens());
         if eos.contains(&next) {
             stop = StopReason::Eos;
             break;
+        }
+        if let Some(top) = top_logprobs {
+            on_token(&crate::logprobs::log_softmax_at(&raw, next, top));
         }
         tokens.push(next);
         text = model.detokenize(&tokens, true);

@@ -9,7 +9,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 /// Starts `driftwood serve` on a free loopback port on the CPU with 256-token caches, plus `args`; returns the
-/// process and its address. Its standard error is drained so that it never blocks on it.
+/// process and its address. Its standard error (its logs, at `info`) is drained so that it never blocks on it.
 pub fn spawn_serve<I, S>(args: I) -> (Child, String)
 where
     I: IntoIterator<Item = S>,
@@ -18,6 +18,8 @@ where
     let mut child = Command::new(env!("CARGO_BIN_EXE_driftwood"))
         .args(["serve", "--addr", "127.0.0.1:0", "--backend", "cpu", "--max-seq", "256"])
         .args(args)
+        // The address is an `info` line; whatever the test's environment says, the server logs at `info`.
+        .env("RUST_LOG", "info")
         .stderr(Stdio::piped())
         .spawn()
         .expect("driftwood serve starts");

@@ -10,11 +10,17 @@
 //! A server speaking the chat-completions protocol uses `chat_messages(ptr, len, max_tokens)`: the whole
 //! conversation as JSON each time. The actor remembers the text and tokens of the conversation it has seen,
 //! so a request that extends it evaluates only the tokens of the new messages.
+//!
+//! Serving protocol 2 (`driftwood_abi::serve`): `serve_protocol()` returns 2, and `set_logprobs(top)` makes
+//! the following calls emit frames, text and each generated token's log-probability (the log-softmax of
+//! the model's logits, before penalties and temperature) with `top` alternatives.
 
 use std::cell::RefCell;
 
 use driftwood_guest::llm::{Model, Session};
+use driftwood_guest::logprobs;
 use driftwood_guest::sample::{self, Sampler, SamplerConfig};
+use driftwood_guest::serve::{FRAME_TEXT, MAX_TOP_LOGPROBS, SERVE_PROTOCOL_VERSION};
 
 struct Actor {
     model: Model,
@@ -32,6 +38,9 @@ struct Actor {
     /// For `chat_messages`: the conversation seen so far as rendered text and the tokens it was evaluated
     /// as (the prompt plus the generated reply), when the two are known to agree.
     known: Option<(String, Vec<u32>)>,
+    /// Log-probabilities with this many alternatives per token, framed in what is emitted (serving protocol
+    /// 2); `None`: plain text.
+    top_logprobs: Option<u32>,
 }
 
 thread_local! {
@@ -83,6 +92,7 @@ pub extern "C" fn init(max_seq: u32) {
         pending: None,
         reply: (String::new(), Vec::new()),
         known: None,
+        top_logprobs: None,
     };
     ACTOR.with(|a| *a.borrow_mut() = Some(actor));
 }
@@ -92,6 +102,28 @@ pub extern "C" fn init(max_seq: u32) {
 pub extern "C" fn set_sampling(temperature: f32, top_k: u32, top_p: f32, min_p: f32, repetition_penalty: f32, seed: u64) {
     let config = SamplerConfig { temperature, top_k, top_p, min_p, repetition_penalty, seed };
     with_actor(|a| a.sampler = Sampler::new(config));
+}
+
+/// The serving protocol this actor speaks (see `driftwood_abi::serve`).
+#[unsafe(no_mangle)]
+pub extern "C" fn serve_protocol() -> u32 {
+    SERVE_PROTOCOL_VERSION
+}
+
+/// For the following calls: `-1` emits plain text; `0..=20` emits frames, text and each generated token's
+/// log-probability with `top` alternatives (values past 20 are taken as 20).
+#[unsafe(no_mangle)]
+pub extern "C" fn set_logprobs(top: i32) {
+    let top = u32::try_from(top).ok().map(|t| t.min(MAX_TOP_LOGPROBS));
+    with_actor(|a| a.top_logprobs = top);
+}
+
+/// Emits a text frame.
+fn emit_text_frame(text: &str) {
+    let mut frame = String::with_capacity(text.len() + 1);
+    frame.push(FRAME_TEXT as char);
+    frame.push_str(text);
+    driftwood_guest::emit(&frame);
 }
 
 /// Sets stop strings: the text at `ptr`, one per line.
@@ -115,7 +147,19 @@ fn run(a: &mut Actor, prompt: &[u32], max_tokens: u32) -> i32 {
         return -1; // the prompt does not fit in the session
     };
     let stops = a.stops.clone();
-    let out = sample::generate(&mut a.session, &mut a.sampler, logits, max_tokens, &stops, driftwood_guest::emit);
+    let out = match a.top_logprobs {
+        None => sample::generate(&mut a.session, &mut a.sampler, logits, max_tokens, &stops, driftwood_guest::emit),
+        top => sample::generate_with_logprobs(
+            &mut a.session,
+            &mut a.sampler,
+            logits,
+            max_tokens,
+            &stops,
+            top,
+            emit_text_frame,
+            |t| driftwood_guest::emit(&logprobs::frame(t)),
+        ),
+    };
     a.stats = [prompt.len() as u32, (prompt.len() - reused) as u32, out.tokens.len() as u32, out.stop as u32];
     a.pending = (a.session.tokens().len() < prompt.len() + out.tokens.len()).then(|| out.tokens.last().copied()).flatten();
     if a.messages.last().is_some_and(|(role, _)| role == "user") {
