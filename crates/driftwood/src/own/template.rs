@@ -34,8 +34,10 @@ pub fn files(name: &str) -> Vec<File> {
         file("driftwood-guest/src/lib.rs", include_str!("../../../../guest/sdk/src/lib.rs").into()),
         file("driftwood-guest/src/llm.rs", include_str!("../../../../guest/sdk/src/llm.rs").into()),
         file("driftwood-guest/src/sample.rs", include_str!("../../../../guest/sdk/src/sample.rs").into()),
+        file("driftwood-guest/src/logprobs.rs", include_str!("../../../../guest/sdk/src/logprobs.rs").into()),
         file("driftwood-abi/Cargo.toml", ABI_TOML.into()),
         file("driftwood-abi/src/lib.rs", include_str!("../../../abi/src/lib.rs").into()),
+        file("driftwood-abi/src/serve.rs", include_str!("../../../abi/src/serve.rs").into()),
     ]
 }
 
@@ -181,3 +183,22 @@ The protocol `driftwood run` speaks: the module exports `alloc(len: u32) -> u32`
 `run(ptr: u32, len: u32) -> i32` (0 on success); it imports the `driftwood` host module through
 `driftwood-guest` (copied into this crate, with `driftwood-abi`); its output is what it emits.
 "#;
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    #[test]
+    fn every_source_file_of_the_sdk_and_the_abi_is_copied() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let files = super::files("demo");
+        for (dir, into) in [("guest/sdk/src", "driftwood-guest/src"), ("crates/abi/src", "driftwood-abi/src")] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap().flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                let copied = files.iter().find(|f| f.path == format!("{into}/{name}"));
+                let source = std::fs::read_to_string(entry.path()).unwrap();
+                assert_eq!(copied.map(|f| &f.contents), Some(&source), "{dir}/{name} is not copied as it is");
+            }
+        }
+    }
+}
