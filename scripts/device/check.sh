@@ -28,7 +28,8 @@
 #   resume    a session saved on the GPU resumes on the CPU and one saved on the CPU on the GPU; whole actors
 #             (managed and pinned) saved and resumed on the GPU: $out/resume.txt
 #   serve     (not in the default set) 64 sessions x 5 turns through the server's continuous batching on the
-#             GPU (serve_load), beside `bench gpu` at 32 and 64 sequences x 256 tokens: $out/serve-cuda.json,
+#             GPU (serve_load), then 16 x 3 with every turn restored from its snapshot (--hibernate), beside
+#             `bench gpu` at 32 and 64 sequences x 256 tokens: $out/serve-cuda.json, serve-cuda-hibernate.json,
 #             $out/gpu-serve-raw.json
 #   ttft      time to first token through `driftwood serve --backend cuda` (Llama-3.2-1B-shaped model) for a
 #             1024-token prompt in a fresh actor (scripts/device/serve_ttft.py): $out/ttft.json
@@ -154,6 +155,13 @@ for stage in $stages; do
         run "${SERVE_LOAD_BIN:-target/device/serve_load}" --backend cuda --model "$models/llama1b" --sessions 64 \
             --turns 5 --workers 64 --max-tokens 32 --max-seq 2048 --memory-mib 160 --out "$out/serve-cuda.json" > /dev/null 2> "$out/serve-cuda.log"
         tail -2 "$out/serve-cuda.log" >&2
+        # Every turn from a snapshot: actors are released after each turn and restored for the next, so the
+        # snapshots (KV rows copied from the device) are read back under load.
+        step "serve_load --hibernate --backend cuda (16 sessions x 3 turns, restored every turn)"
+        run "${SERVE_LOAD_BIN:-target/device/serve_load}" --backend cuda --model "$models/llama1b" --sessions 16 \
+            --turns 3 --workers 16 --max-tokens 32 --max-seq 2048 --memory-mib 160 --hibernate \
+            --out "$out/serve-cuda-hibernate.json" > /dev/null 2> "$out/serve-cuda-hibernate.log"
+        tail -2 "$out/serve-cuda-hibernate.log" >&2
         step "bench gpu: 32 and 64 sequences x 256 tokens"
         run "$bin" bench gpu --model "$models/llama1b" --skip-cpu --prompt-tokens 16 --gen-tokens 16 \
             --prefill-tokens 24 --prefill-check-tokens 16 --prefill-reps 1 --batch 32,64 --context 256 \
