@@ -256,7 +256,7 @@ impl TurnStats {
     }
 }
 
-fn stream_to_stdout(actor: &mut Actor) {
+pub(crate) fn stream_to_stdout(actor: &mut Actor) {
     actor.set_emit_sink(|piece| {
         let mut out = std::io::stdout().lock();
         let _ = out.write_all(piece.as_bytes());

@@ -8,7 +8,7 @@
 
 mod template;
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
@@ -173,12 +173,7 @@ pub fn run(args: &RunArgs) -> anyhow::Result<()> {
         Some(path) => runtime.restore_actor(path, &wasm)?,
         None => runtime.instantiate(&wasm).with_context(|| format!("cannot start {}", args.actor.display()))?,
     };
-    actor.set_emit_sink(|piece| {
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(piece.as_bytes());
-        let _ = out.flush();
-        Ok(())
-    });
+    crate::llm::stream_to_stdout(&mut actor);
     let status = run_once(&mut actor, &input).with_context(|| format!("{} failed", args.actor.display()))?;
     if status < 0 {
         let why = actor.take_host_error().map(|e| format!(": {e}")).unwrap_or_default();
