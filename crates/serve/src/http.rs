@@ -534,7 +534,10 @@ async fn run(
         let logprobs = match kind {
             _ if !want_logprobs => Value::Null,
             Kind::Chat => crate::logprobs::chat(model, &outcome.logprobs),
-            Kind::Completion => crate::logprobs::completion(model, &outcome.logprobs, prompt_chars),
+            Kind::Completion => {
+                let mut offset = prompt_chars;
+                crate::logprobs::completion(model, &outcome.logprobs, &mut offset)
+            }
         };
         let body = match kind {
             Kind::Chat => json!({
@@ -606,12 +609,8 @@ async fn run(
                 let logprobs = match kind {
                     _ if !want_logprobs => Value::Null,
                     Kind::Chat => crate::logprobs::chat(model, tokens),
-                    Kind::Completion => crate::logprobs::completion(model, tokens, offset),
+                    Kind::Completion => crate::logprobs::completion(model, tokens, &mut offset),
                 };
-                offset += tokens
-                    .iter()
-                    .map(|t| model.detokenize(&[t.token], false).unwrap_or_default().chars().count())
-                    .sum::<usize>();
                 let extra = if want_logprobs { logprobs.to_string().len() } else { 0 };
                 let cost = piece.len() + STREAM_EVENT_BYTES + extra;
                 let waiting = queued.load(Ordering::Relaxed);

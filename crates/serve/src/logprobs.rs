@@ -100,14 +100,14 @@ pub fn chat(model: &Model, tokens: &[TokenLogprob]) -> Value {
 
 /// A completion choice's legacy `logprobs`: `{"tokens", "token_logprobs", "top_logprobs", "text_offset"}`,
 /// offsets in characters counted from `offset` (the length of the text before these tokens, prompt
-/// included, as OpenAI counts them).
-pub fn completion(model: &Model, tokens: &[TokenLogprob], mut offset: usize) -> Value {
+/// included, as OpenAI counts them), which is advanced past these tokens for the next chunk of a stream.
+pub fn completion(model: &Model, tokens: &[TokenLogprob], offset: &mut usize) -> Value {
     let mut texts = Vec::with_capacity(tokens.len());
     let mut offsets = Vec::with_capacity(tokens.len());
     for t in tokens {
         let s = text(model, t.token);
-        offsets.push(offset);
-        offset += s.chars().count();
+        offsets.push(*offset);
+        *offset += s.chars().count();
         texts.push(s);
     }
     let top: Vec<Value> = tokens
