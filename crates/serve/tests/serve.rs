@@ -305,9 +305,11 @@ async fn bad_input_gets_clear_openai_errors() {
     server.shutdown().await.expect("shutdown");
 }
 
-/// An actor that follows the serving protocol but traps in `chat_messages` and never returns from
-/// `generate`.
-const FAULTY_ACTOR: &str = r#"(module
+/// A module that speaks the serving protocol with do-nothing calls, plus `imports` (first: the text format
+/// puts imports before definitions) and `defs`, which define `chat_messages` and `generate`.
+fn protocol_actor(imports: &str, defs: &str) -> Vec<u8> {
+    format!(
+        r#"(module {imports}
   (memory (export "memory") 2)
   (global $next (mut i32) (i32.const 1024))
   (func (export "driftwood_abi_version") (result i32) i32.const 1)
@@ -319,15 +321,30 @@ const FAULTY_ACTOR: &str = r#"(module
   (func (export "init") (param i32))
   (func (export "set_sampling") (param f32 i32 f32 f32 f32 i64))
   (func (export "set_stop_list") (param i32 i32))
+  (func (export "stat") (param i32) (result i32) i32.const 0)
+  {defs})"#
+    )
+    .into_bytes()
+}
+
+/// An actor that follows the serving protocol but traps in `chat_messages` and never returns from
+/// `generate`; `exports` adds more.
+fn faulty_actor(exports: &str) -> Vec<u8> {
+    protocol_actor(
+        "",
+        &format!(
+            r#"{exports}
   (func (export "chat_messages") (param i32 i32 i32) (result i32) unreachable)
-  (func (export "generate") (param i32 i32 i32) (result i32) (loop $spin br $spin) i32.const 0)
-  (func (export "stat") (param i32) (result i32) i32.const 0))"#;
+  (func (export "generate") (param i32 i32 i32) (result i32) (loop $spin br $spin) i32.const 0)"#
+        ),
+    )
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_trapping_actor_gets_a_500_and_the_server_keeps_serving() {
     let store = tempfile::tempdir().expect("tempdir");
     let mut c = config(store.path());
-    c.actor_wasm = Some(FAULTY_ACTOR.as_bytes().to_vec());
+    c.actor_wasm = Some(faulty_actor(""));
     c.limits.deadline = Duration::from_millis(300);
     let server = Server::start(c).await.expect("server starts");
     let client = Client::new(&server);
@@ -642,7 +659,7 @@ async fn the_serving_protocol_version_is_checked() {
     let store = tempfile::tempdir().expect("tempdir");
     // A protocol-1 module serves requests without logprobs, and refuses those with them.
     let mut c = config(store.path());
-    c.actor_wasm = Some(FAULTY_ACTOR.as_bytes().to_vec());
+    c.actor_wasm = Some(faulty_actor(""));
     let server = Server::start(c).await.expect("server starts");
     assert_eq!(server.sessions().protocol(), 1);
     let client = Client::new(&server);
@@ -653,7 +670,6 @@ async fn the_serving_protocol_version_is_checked() {
     server.shutdown().await.expect("shutdown");
 
     // A later version, or version 2 without `set_logprobs`, is refused at start.
-    let with = |exports: &str| FAULTY_ACTOR.replacen("(module", &format!("(module {exports}"), 1).into_bytes();
     for (exports, says) in [
         (
             r#"(func (export "serve_protocol") (result i32) i32.const 3) (func (export "set_logprobs") (param i32))"#,
@@ -662,33 +678,22 @@ async fn the_serving_protocol_version_is_checked() {
         (r#"(func (export "serve_protocol") (result i32) i32.const 2)"#, "set_logprobs"),
     ] {
         let mut c = config(store.path());
-        c.actor_wasm = Some(with(exports));
+        c.actor_wasm = Some(faulty_actor(exports));
         let err = Server::start(c).await.err().expect("refused");
         assert!(err.to_string().contains(says), "{err}");
     }
 
     // A protocol-2 module that emits something else than a frame traps its turn, with a message saying so.
-    let bad_frame = r#"(module
-  (import "driftwood" "emit" (func $emit (param i32 i32)))
-  (memory (export "memory") 2)
-  (data (i32.const 16) "Lnot a frame")
-  (global $next (mut i32) (i32.const 1024))
-  (func (export "driftwood_abi_version") (result i32) i32.const 1)
+    let bad_frame = protocol_actor(
+        r#"(import "driftwood" "emit" (func $emit (param i32 i32)))"#,
+        r#"(data (i32.const 16) "Lnot a frame")
   (func (export "serve_protocol") (result i32) i32.const 2)
   (func (export "set_logprobs") (param i32))
-  (func (export "alloc") (param i32) (result i32) (local $p i32)
-    global.get $next local.set $p
-    global.get $next local.get 0 i32.add i32.const 8 i32.add global.set $next
-    local.get $p)
-  (func (export "dealloc") (param i32 i32))
-  (func (export "init") (param i32))
-  (func (export "set_sampling") (param f32 i32 f32 f32 f32 i64))
-  (func (export "set_stop_list") (param i32 i32))
   (func (export "chat_messages") (param i32 i32 i32) (result i32) (call $emit (i32.const 16) (i32.const 12)) i32.const 1)
-  (func (export "generate") (param i32 i32 i32) (result i32) i32.const 0)
-  (func (export "stat") (param i32) (result i32) i32.const 0))"#;
+  (func (export "generate") (param i32 i32 i32) (result i32) i32.const 0)"#,
+    );
     let mut c = config(store.path());
-    c.actor_wasm = Some(bad_frame.as_bytes().to_vec());
+    c.actor_wasm = Some(bad_frame);
     let server = Server::start(c).await.expect("server starts");
     assert_eq!(server.sessions().protocol(), 2);
     let client = Client::new(&server);
